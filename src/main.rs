@@ -1,0 +1,102 @@
+//! The `kscore` command line: parses arguments and hands over to the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use clap::{Parser, Subcommand};
+use kscore::cluster::ClusterArgs;
+use kscore::telemetry::{self, LogFormat};
+
+/// Exactly-once Kafka stream processor that scores events with ONNX Runtime models.
+#[derive(Debug, Parser)]
+#[command(name = "kscore", version, about)]
+struct Cli {
+    /// Log format on stderr (filter with RUST_LOG, default `info`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Produce simulated card payments (with labelled fraud) to a topic.
+    Simulate {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        #[command(flatten)]
+        args: kscore::simulator::SimulateArgs,
+    },
+    /// Read a topic of payments, decode them and print a running summary.
+    Tail {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        #[command(flatten)]
+        args: kscore::inspect::TailArgs,
+    },
+    /// Serve the Schema Registry stand-in used on the local stack.
+    Registry {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: SocketAddr,
+        /// Where the registry keeps its state.
+        #[arg(long, default_value = ".local/data/registry")]
+        data_dir: PathBuf,
+    },
+}
+
+/// A flag set on Ctrl-C or SIGTERM, for commands that stop cleanly.
+fn stop_flag() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    tokio::spawn(async move {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
+        }
+        tracing::info!("stop requested");
+        flag.store(true, Ordering::Relaxed);
+    });
+    stop
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Simulate { cluster, args } => {
+            tracing::info!("connecting: {}", cluster.describe());
+            kscore::simulator::run(&cluster, &args, stop_flag()).await?;
+        }
+        Command::Tail { cluster, args } => {
+            kscore::inspect::run(&cluster, &args, stop_flag()).await?;
+        }
+        Command::Registry { listen, data_dir } => {
+            kscore::registry_standin::run(listen, &data_dir).await?;
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init_logs(cli.log_format);
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("kscore: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

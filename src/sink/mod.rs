@@ -1,0 +1,5 @@
+//! Where scored events leave: Avro encoding in Confluent's wire format.
+
+pub mod encode;
+
+pub use encode::{EncodeError, FramedEncoder};
