@@ -11,6 +11,8 @@
 # Ports and locations come from the environment (defaults in brackets):
 #   KSCORE_KAFKA_PORT [9092]  KSCORE_REGISTRY_PORT [8081]  KSCORE_STACK_DIR [<repo>/.local]
 #   KSCORE_PROFILE [debug|release: which build of kscore serves the registry; default debug]
+#   KSCORE_STACK_NAME [default]: a second stack (say `test`) keeps its own pids, logs and data,
+#                     so the test suite never touches a running demo's broker.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,8 +25,9 @@ NOIDA_VERSION="0.2.3"
 ORT_VERSION="1.31.1"
 
 VENV="$STACK/venv"
-RUN="$STACK/run"       # pid files and logs
-DATA="$STACK/data"     # broker and registry state
+NAME="${KSCORE_STACK_NAME:-default}"
+RUN="$STACK/$NAME/run"    # pid files and logs
+DATA="$STACK/$NAME/data"  # broker and registry state
 ORT_DIR="$STACK/onnxruntime"
 ORT_LIB="$ORT_DIR/lib/libonnxruntime.so.$ORT_VERSION"
 
@@ -160,7 +163,7 @@ status() {
   for name in broker registry; do
     if pid_alive "$name"; then echo "$name: running, pid $(cat "$RUN/$name.pid"), log $RUN/$name.log"; else echo "$name: stopped"; fi
   done
-  [[ -f "$ORT_LIB" ]] && echo "onnxruntime: $ORT_LIB" || echo "onnxruntime: not installed"
+  if [[ -f "$ORT_LIB" ]]; then echo "onnxruntime: $ORT_LIB"; else echo "onnxruntime: not installed"; fi
 }
 
 print_env() {

@@ -285,9 +285,14 @@ mod tests {
     fn avro_round_trip_through_the_shipped_schema() {
         let schema = schemas::payment().expect("schema");
         let p = sample();
-        let bytes = apache_avro::to_avro_datum(schema, p.to_value()).expect("encodes");
-        let back =
-            apache_avro::from_avro_datum(schema, &mut bytes.as_slice(), None).expect("decodes");
+        let writer = apache_avro::writer::datum::GenericDatumWriter::builder(schema)
+            .build()
+            .expect("writer");
+        let bytes = writer.write_value_to_vec(p.to_value()).expect("encodes");
+        let reader = apache_avro::reader::datum::GenericDatumReader::builder(schema)
+            .build()
+            .expect("reader");
+        let back = reader.read_value(&mut bytes.as_slice()).expect("decodes");
         assert_eq!(Payment::from_value(&back), Ok(p));
     }
 }

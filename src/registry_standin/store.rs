@@ -417,10 +417,10 @@ impl Store {
         let (compact, parsed) = normalise(schema)?;
         let existing_id = self.find_id(&compact);
         let live: Vec<&SubjectVersion> = self.live_versions(subject).unwrap_or_default();
-        if let Some(id) = existing_id {
-            if live.iter().any(|v| v.id == id) {
-                return Ok(id);
-            }
+        if let Some(id) = existing_id
+            && live.iter().any(|v| v.id == id)
+        {
+            return Ok(id);
         }
         if let Some(why) =
             self.incompatibility(self.effective_compatibility(subject), &parsed, &live)?

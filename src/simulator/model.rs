@@ -873,9 +873,8 @@ impl Simulator {
                             * self.rng.random_range(1.0..3.0);
                         self.amount_minor(eur, country)
                     };
-                    let mode = if atm {
-                        EntryMode::Magstripe
-                    } else if self.rng.random_bool(0.6) {
+                    // Skimmed cards are cloned onto magnetic stripes.
+                    let mode = if atm || self.rng.random_bool(0.6) {
                         EntryMode::Magstripe
                     } else {
                         EntryMode::Chip
