@@ -13,6 +13,7 @@ use crate::cluster::ClusterArgs;
 use crate::payments::Payment;
 use crate::schemas;
 use crate::source::Decoder;
+use crate::telemetry::metrics as names;
 
 /// Options of `kscore tail`.
 #[derive(Debug, Clone, clap::Args)]
@@ -93,6 +94,7 @@ pub async fn run(
                     .map(|d| Payment::from_value(&d.value))
                 {
                     Ok(Ok(p)) => {
+                        metrics::counter!(names::TAIL_RECORDS, "outcome" => "decoded").increment(1);
                         let lag_ms = std::time::SystemTime::now()
                             .duration_since(std::time::UNIX_EPOCH)
                             .map_or(0, |d| d.as_millis() as i64)
@@ -110,6 +112,8 @@ pub async fn run(
                     }
                     Ok(Err(e)) => {
                         summary.errors += 1;
+                        metrics::counter!(names::TAIL_RECORDS, "outcome" => "undecodable")
+                            .increment(1);
                         tracing::warn!(
                             partition = msg.partition(),
                             offset = msg.offset(),
@@ -118,6 +122,8 @@ pub async fn run(
                     }
                     Err(e) => {
                         summary.errors += 1;
+                        metrics::counter!(names::TAIL_RECORDS, "outcome" => "undecodable")
+                            .increment(1);
                         tracing::warn!(
                             partition = msg.partition(),
                             offset = msg.offset(),

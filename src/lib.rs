@@ -12,6 +12,7 @@ pub mod inspect;
 pub mod payments;
 pub mod registry_standin;
 pub mod schemas;
+pub mod scorer;
 pub mod simulator;
 pub mod sink;
 pub mod source;

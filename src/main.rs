@@ -17,6 +17,9 @@ struct Cli {
     /// Log format on stderr (filter with RUST_LOG, default `info`).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Serve Prometheus metrics on this address (e.g. `127.0.0.1:9464`).
+    #[arg(long, global = true, env = "KSCORE_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     #[command(subcommand)]
     command: Command,
 }
@@ -36,6 +39,12 @@ enum Command {
         cluster: ClusterArgs,
         #[command(flatten)]
         args: kscore::inspect::TailArgs,
+    },
+    /// Load ONNX Runtime and report its build and execution providers.
+    CheckRuntime {
+        /// The ONNX Runtime shared library; defaults to ORT_DYLIB_PATH.
+        #[arg(long)]
+        onnxruntime: Option<PathBuf>,
     },
     /// Serve the Schema Registry stand-in used on the local stack.
     Registry {
@@ -72,6 +81,10 @@ fn stop_flag() -> Arc<AtomicBool> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(addr) = cli.metrics_listen {
+        kscore::telemetry::metrics::install_exporter(addr).map_err(anyhow::Error::msg)?;
+        tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+    }
     match cli.command {
         Command::Simulate { cluster, args } => {
             tracing::info!("connecting: {}", cluster.describe());
@@ -79,6 +92,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Tail { cluster, args } => {
             kscore::inspect::run(&cluster, &args, stop_flag()).await?;
+        }
+        Command::CheckRuntime { onnxruntime } => {
+            let info = kscore::scorer::runtime::init(onnxruntime.as_deref())?;
+            println!("ONNX Runtime loaded from {}", info.path.display());
+            println!("{}", info.build);
+            println!(
+                "execution providers: cpu yes, cuda {}",
+                if info.cuda_compiled_in {
+                    "compiled in (a GPU is still needed at run time)"
+                } else {
+                    "not in this build"
+                }
+            );
         }
         Command::Registry { listen, data_dir } => {
             kscore::registry_standin::run(listen, &data_dir).await?;
@@ -95,7 +121,6 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
-            eprintln!("kscore: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -21,6 +21,7 @@ pub use model::{Label, Pattern, SimConfig, Simulator};
 use crate::cluster::ClusterArgs;
 use crate::schemas;
 use crate::sink::FramedEncoder;
+use crate::telemetry::metrics as names;
 
 /// Options of `kscore simulate`.
 #[derive(Debug, Clone, clap::Args)]
@@ -117,6 +118,7 @@ impl ProducerContext for DeliveryCounter {
             }
             Err((e, _)) => {
                 self.0.failed.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(names::SIMULATOR_DELIVERY_FAILURES).increment(1);
                 let mut first = self.0.first_error.lock().unwrap_or_else(|p| p.into_inner());
                 first.get_or_insert_with(|| e.to_string());
             }
@@ -242,6 +244,7 @@ fn produce(
         if label.pattern.is_some() {
             fraud += 1;
         }
+        metrics::counter!(names::SIMULATOR_EVENTS, "pattern" => label.pattern.map_or("none", Pattern::name)).increment(1);
         if let Some(w) = labels.as_mut() {
             writeln!(w, "{}", label.csv_line())?;
         }

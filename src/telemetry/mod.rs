@@ -1,5 +1,7 @@
-//! Logs and, later, metrics. Logs go to stderr through `tracing`, filtered by `RUST_LOG`
-//! (default `info`), as text or JSON lines.
+//! Logs and metrics. Logs go to stderr through `tracing`, filtered by `RUST_LOG` (default
+//! `info`), as text or JSON lines; metrics are served for Prometheus (see [`metrics`]).
+
+pub mod metrics;
 
 use tracing_subscriber::EnvFilter;
 
