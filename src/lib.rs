@@ -17,4 +17,5 @@ pub mod simulator;
 pub mod sink;
 pub mod source;
 pub mod telemetry;
+pub mod topology;
 pub mod wire;

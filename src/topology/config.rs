@@ -1,0 +1,342 @@
+//! The topology file, as serde structs. These structs are the reference for the file format:
+//! every field is documented here, unknown fields are rejected, durations are written as
+//! `"100ms"`, `"5m"`, `"7d"`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A pipeline: where events come from, the features kept per key, the models that score them,
+/// and where the results go.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Topology {
+    /// Name of the pipeline; appears in metrics, logs and the scored events.
+    pub name: String,
+    /// The input stream.
+    pub input: Input,
+    /// Limits on per-key feature state.
+    #[serde(default)]
+    pub state: StateLimits,
+    /// Rolling features, computed per key on event time, in this order.
+    #[serde(default, rename = "feature")]
+    pub features: Vec<Feature>,
+    /// Models that score each event.
+    #[serde(default, rename = "model")]
+    pub models: Vec<Model>,
+    /// Alert rules on scores.
+    #[serde(default, rename = "alert")]
+    pub alerts: Vec<AlertRule>,
+    /// Output topics.
+    pub output: Output,
+    /// Delivery guarantee and commit cadence.
+    #[serde(default)]
+    pub delivery: Delivery,
+}
+
+/// The input topic and how to read its records.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Input {
+    /// Kafka topic to consume.
+    pub topic: String,
+    /// Consumer group id; instances with the same group share the partitions.
+    pub group: String,
+    /// Record field whose value keys the features (string field). The topic should be keyed by
+    /// it so that one key's events stay in one partition, in order.
+    pub key_field: String,
+    /// Record field with the event time (`long` with `timestamp-millis`, or plain `long` ms).
+    pub event_time_field: String,
+    /// Reader schema (Avro `.avsc`), relative to the topology file. Records are resolved to it.
+    pub schema: PathBuf,
+}
+
+/// Bounds on per-key state.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateLimits {
+    /// Most events kept per key. When a key has more inside its longest window, the oldest
+    /// (by event time) are dropped and windows see only the newest ones.
+    #[serde(default = "StateLimits::default_max_events")]
+    pub max_events_per_key: usize,
+    /// A key with no event for this long in event time (measured against the newest event time
+    /// seen in its partition) is evicted; its next event starts from empty windows.
+    #[serde(default = "StateLimits::default_idle", with = "humantime_serde")]
+    pub idle_key_ttl: Duration,
+}
+
+impl StateLimits {
+    const fn default_max_events() -> usize {
+        1_000
+    }
+    const fn default_idle() -> Duration {
+        Duration::from_secs(8 * 24 * 3600)
+    }
+}
+
+impl Default for StateLimits {
+    fn default() -> Self {
+        StateLimits {
+            max_events_per_key: Self::default_max_events(),
+            idle_key_ttl: Self::default_idle(),
+        }
+    }
+}
+
+/// How a feature is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Aggregation {
+    /// The event's own value of a numeric field (no window).
+    Value,
+    /// 1 if the event's field equals `equals`, else 0 (no window).
+    Equals,
+    /// 1 if the event's field differs from its `other_field`, else 0 (no window).
+    Differs,
+    /// Number of events in the window.
+    Count,
+    /// Sum of a numeric field over the window.
+    Sum,
+    /// Mean of a numeric field over the window.
+    Mean,
+    /// Population standard deviation of a numeric field over the window.
+    Std,
+    /// Minimum of a numeric field over the window.
+    Min,
+    /// Maximum of a numeric field over the window.
+    Max,
+    /// Number of distinct values of a field over the window.
+    DistinctCount,
+    /// 1 if the event's value of a field did not occur earlier in the window, else 0.
+    IsNew,
+    /// Seconds since the key's previous event (`default` when there is none).
+    TimeSinceLast,
+    /// The event's value of a numeric field divided by the field's mean over the window.
+    RatioToMean,
+}
+
+impl Aggregation {
+    /// Whether the aggregation needs `window`.
+    pub fn windowed(self) -> bool {
+        !matches!(
+            self,
+            Aggregation::Value
+                | Aggregation::Equals
+                | Aggregation::Differs
+                | Aggregation::TimeSinceLast
+        )
+    }
+    /// Whether the aggregation needs `field`.
+    pub fn needs_field(self) -> bool {
+        !matches!(self, Aggregation::Count | Aggregation::TimeSinceLast)
+    }
+    /// Whether `field` must be numeric.
+    pub fn numeric(self) -> bool {
+        matches!(
+            self,
+            Aggregation::Value
+                | Aggregation::Sum
+                | Aggregation::Mean
+                | Aggregation::Std
+                | Aggregation::Min
+                | Aggregation::Max
+                | Aggregation::RatioToMean
+        )
+    }
+}
+
+/// One rolling feature.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Feature {
+    /// Feature name, unique in the topology; models list features by it.
+    pub name: String,
+    /// How it is computed.
+    pub aggregation: Aggregation,
+    /// The record field it reads (not for `count` and `time_since_last`). For `distinct_count`
+    /// and `is_new`, the field whose values are counted.
+    pub field: Option<String>,
+    /// Window length on event time, e.g. `"1h"`. The window ends at and includes the event
+    /// being scored: it holds the key's events with time in (t - window, t].
+    #[serde(default, with = "humantime_serde")]
+    pub window: Option<Duration>,
+    /// For `equals`: the value compared with (string, or a number written as a string).
+    pub equals: Option<String>,
+    /// For `differs`: the second field.
+    pub other_field: Option<String>,
+    /// For `time_since_last`: the value when the key has no earlier event.
+    pub default: Option<f64>,
+}
+
+/// Where an execution provider runs the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecutionProvider {
+    /// ONNX Runtime's CPU provider.
+    Cpu,
+    /// NVIDIA CUDA. Refused at startup, with the reason, where ONNX Runtime cannot provide it.
+    Cuda,
+}
+
+/// Micro-batching of a model's rows.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Batching {
+    /// Most rows in one call to the model.
+    #[serde(default = "Batching::default_max_rows")]
+    pub max_rows: usize,
+    /// Longest a row waits for others after the first row of a batch arrived.
+    #[serde(default = "Batching::default_max_delay", with = "humantime_serde")]
+    pub max_delay: Duration,
+}
+
+impl Batching {
+    const fn default_max_rows() -> usize {
+        256
+    }
+    const fn default_max_delay() -> Duration {
+        Duration::from_millis(5)
+    }
+}
+
+impl Default for Batching {
+    fn default() -> Self {
+        Batching {
+            max_rows: Self::default_max_rows(),
+            max_delay: Self::default_max_delay(),
+        }
+    }
+}
+
+/// One score taken from a model output.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScoreSpec {
+    /// Score name; rules refer to it as `<model>.<name>`.
+    pub name: String,
+    /// The model output (tensor name) it is read from.
+    pub output: String,
+    /// Column of a `[rows, columns]` output (for a classifier's probabilities, 1 is the positive
+    /// class); 0 for a `[rows]` or `[rows, 1]` output.
+    #[serde(default)]
+    pub column: usize,
+}
+
+/// A model.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Model {
+    /// Model name, unique in the topology.
+    pub name: String,
+    /// ONNX file, relative to the topology file.
+    pub path: PathBuf,
+    /// The features it takes, in the order of its input tensor's columns.
+    pub features: Vec<String>,
+    /// Its scores.
+    pub scores: Vec<ScoreSpec>,
+    /// Batching of its rows.
+    #[serde(default)]
+    pub batching: Batching,
+    /// Where it runs.
+    #[serde(default = "Model::default_ep")]
+    pub execution_provider: ExecutionProvider,
+    /// Scoring threads, each with its own session.
+    #[serde(default = "Model::default_workers")]
+    pub workers: usize,
+}
+
+impl Model {
+    const fn default_ep() -> ExecutionProvider {
+        ExecutionProvider::Cpu
+    }
+    const fn default_workers() -> usize {
+        1
+    }
+}
+
+/// What a rule decides when it fires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Decision {
+    /// Let it through.
+    Allow,
+    /// Send for review.
+    Review,
+    /// Block.
+    Block,
+}
+
+/// An alert rule: fires when a score is at or above a threshold.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertRule {
+    /// Rule name, written into the scored event when it fires.
+    pub name: String,
+    /// The score, as `<model>.<score>`.
+    pub score: String,
+    /// Fires when the score is >= this.
+    pub threshold: f64,
+    /// The decision when it fires; the strongest fired decision wins.
+    #[serde(default = "AlertRule::default_decision")]
+    pub decision: Decision,
+}
+
+impl AlertRule {
+    const fn default_decision() -> Decision {
+        Decision::Review
+    }
+}
+
+/// Output topics.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Output {
+    /// Every scored event goes here, keyed like the input.
+    pub scored_topic: String,
+    /// Events for which a rule fired also go here.
+    pub alerts_topic: Option<String>,
+    /// Records that cannot be scored go here, with the reason in headers.
+    pub dead_letter_topic: String,
+}
+
+/// Delivery guarantee.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Guarantee {
+    /// Kafka transactions: outputs and input offsets commit together.
+    #[default]
+    ExactlyOnce,
+    /// Outputs first, then offsets: a crash may repeat outputs, never lose them.
+    AtLeastOnce,
+}
+
+/// Delivery settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Delivery {
+    /// The guarantee.
+    #[serde(default)]
+    pub guarantee: Guarantee,
+    /// How often outputs and offsets are committed (the transaction length).
+    #[serde(
+        default = "Delivery::default_commit_interval",
+        with = "humantime_serde"
+    )]
+    pub commit_interval: Duration,
+}
+
+impl Delivery {
+    const fn default_commit_interval() -> Duration {
+        Duration::from_millis(100)
+    }
+}
+
+impl Default for Delivery {
+    fn default() -> Self {
+        Delivery {
+            guarantee: Guarantee::default(),
+            commit_interval: Self::default_commit_interval(),
+        }
+    }
+}

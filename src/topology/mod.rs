@@ -1,0 +1,420 @@
+//! Topology files: parsing ([`config`]), validation with every problem reported by file, field
+//! path and reason, and the resolved form the pipeline is built from.
+
+pub mod config;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use apache_avro::Schema;
+use apache_avro::schema::RecordSchema;
+
+pub use config::{Aggregation, Feature, Model, Topology};
+
+/// One thing wrong with a topology.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Where, as a field path (`feature[2].window`, `model[0] (fraud).features[3]`).
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// A topology that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    /// The file could not be read.
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        /// The file.
+        file: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not a valid topology document (syntax, unknown or mistyped field).
+    #[error("{file}: {message}")]
+    Parse {
+        /// The file.
+        file: PathBuf,
+        /// The parser's message, with line, column and key.
+        message: String,
+    },
+    /// The document parsed but is inconsistent.
+    #[error("{}", render(file, problems))]
+    Invalid {
+        /// The file.
+        file: PathBuf,
+        /// Every problem found.
+        problems: Vec<Problem>,
+    },
+}
+
+fn render(file: &Path, problems: &[Problem]) -> String {
+    let mut out = format!("{}: {} problem(s)", file.display(), problems.len());
+    for p in problems {
+        out.push_str(&format!(
+            "\n  {}: {}: {}",
+            file.display(),
+            p.path,
+            p.message
+        ));
+    }
+    out
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// A validated topology with its paths resolved against the file's directory.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The file it came from.
+    pub file: PathBuf,
+    /// The topology.
+    pub topology: Topology,
+    /// The reader schema.
+    pub schema: Schema,
+    /// Its text.
+    pub schema_text: String,
+    /// Model files, resolved, in `topology.models` order.
+    pub model_paths: Vec<PathBuf>,
+}
+
+/// The kind of an Avro field as far as features care.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldKind {
+    /// int, long, float, double (optionally nullable).
+    Numeric,
+    /// string, uuid, enum, boolean (optionally nullable).
+    Categorical,
+    /// A timestamp in milliseconds.
+    TimestampMillis,
+    /// Anything else (records, arrays, maps, bytes).
+    Other,
+}
+
+/// The kind of a top-level field of a record schema, `None` if there is no such field.
+pub fn field_kind(schema: &Schema, field: &str) -> Option<FieldKind> {
+    let Schema::Record(RecordSchema { fields, .. }) = schema else {
+        return None;
+    };
+    let f = fields.iter().find(|f| f.name == field)?;
+    Some(kind(&f.schema))
+}
+
+fn kind(schema: &Schema) -> FieldKind {
+    match schema {
+        Schema::Int | Schema::Long | Schema::Float | Schema::Double => FieldKind::Numeric,
+        Schema::TimestampMillis => FieldKind::TimestampMillis,
+        Schema::String | Schema::Uuid(_) | Schema::Enum(_) | Schema::Boolean => {
+            FieldKind::Categorical
+        }
+        Schema::Union(u) => {
+            let non_null: Vec<&Schema> = u
+                .variants()
+                .iter()
+                .filter(|v| !matches!(v, Schema::Null))
+                .collect();
+            match non_null.as_slice() {
+                [one] => kind(one),
+                _ => FieldKind::Other,
+            }
+        }
+        _ => FieldKind::Other,
+    }
+}
+
+/// Reads, parses and validates a topology file (without touching a broker or the models).
+pub fn load(file: &Path) -> Result<Loaded, TopologyError> {
+    let text = std::fs::read_to_string(file).map_err(|source| TopologyError::Read {
+        file: file.to_path_buf(),
+        source,
+    })?;
+    let topology: Topology = toml::from_str(&text).map_err(|e| TopologyError::Parse {
+        file: file.to_path_buf(),
+        message: e.to_string().trim_end().to_string(),
+    })?;
+    let base = file.parent().unwrap_or(Path::new("."));
+    let mut problems = Vec::new();
+    let mut problem = |path: String, message: String| problems.push(Problem { path, message });
+
+    let non_empty = |v: &str| !v.trim().is_empty();
+    if !non_empty(&topology.name) {
+        problem("name".into(), "must not be empty".into());
+    }
+    for (path, v) in [
+        ("input.topic", &topology.input.topic),
+        ("input.group", &topology.input.group),
+        ("input.key_field", &topology.input.key_field),
+        ("input.event_time_field", &topology.input.event_time_field),
+        ("output.scored_topic", &topology.output.scored_topic),
+        (
+            "output.dead_letter_topic",
+            &topology.output.dead_letter_topic,
+        ),
+    ] {
+        if !non_empty(v) {
+            problem(path.into(), "must not be empty".into());
+        }
+    }
+    let outputs = [
+        Some(&topology.output.scored_topic),
+        topology.output.alerts_topic.as_ref(),
+        Some(&topology.output.dead_letter_topic),
+    ];
+    for (path, t) in [
+        "output.scored_topic",
+        "output.alerts_topic",
+        "output.dead_letter_topic",
+    ]
+    .iter()
+    .zip(outputs)
+    {
+        if t == Some(&topology.input.topic) {
+            problem(
+                (*path).into(),
+                format!(
+                    "must differ from the input topic `{}`",
+                    topology.input.topic
+                ),
+            );
+        }
+    }
+
+    // The reader schema.
+    let schema_path = base.join(&topology.input.schema);
+    let (schema, schema_text) = match std::fs::read_to_string(&schema_path) {
+        Err(e) => {
+            problem(
+                "input.schema".into(),
+                format!("cannot read {}: {e}", schema_path.display()),
+            );
+            (None, String::new())
+        }
+        Ok(t) => match Schema::parse_str(&t) {
+            Ok(s @ Schema::Record(_)) => (Some(s), t),
+            Ok(_) => {
+                problem(
+                    "input.schema".into(),
+                    format!("{} is not a record schema", schema_path.display()),
+                );
+                (None, t)
+            }
+            Err(e) => {
+                problem(
+                    "input.schema".into(),
+                    format!("{} is not a valid Avro schema: {e}", schema_path.display()),
+                );
+                (None, t)
+            }
+        },
+    };
+    let field = |name: &str| schema.as_ref().map(|s| field_kind(s, name));
+    match field(&topology.input.key_field) {
+        Some(None) => problem(
+            "input.key_field".into(),
+            format!("the schema has no field `{}`", topology.input.key_field),
+        ),
+        Some(Some(k)) if k != FieldKind::Categorical => problem(
+            "input.key_field".into(),
+            format!("`{}` must be a string field", topology.input.key_field),
+        ),
+        _ => {}
+    }
+    match field(&topology.input.event_time_field) {
+        Some(None) => problem(
+            "input.event_time_field".into(),
+            format!(
+                "the schema has no field `{}`",
+                topology.input.event_time_field
+            ),
+        ),
+        Some(Some(FieldKind::TimestampMillis)) => {}
+        Some(Some(FieldKind::Numeric)) => {}
+        Some(Some(_)) => problem(
+            "input.event_time_field".into(),
+            format!(
+                "`{}` must be a timestamp-millis or long field",
+                topology.input.event_time_field
+            ),
+        ),
+        None => {}
+    }
+
+    // Features.
+    let mut names = HashSet::new();
+    let mut longest_window = std::time::Duration::ZERO;
+    for (i, f) in topology.features.iter().enumerate() {
+        let at = |k: &str| format!("feature[{i}] ({}).{k}", f.name);
+        if !non_empty(&f.name) {
+            problem(format!("feature[{i}].name"), "must not be empty".into());
+        } else if !names.insert(f.name.clone()) {
+            problem(at("name"), "is used by an earlier feature".into());
+        }
+        let a = f.aggregation;
+        match (&f.field, a.needs_field()) {
+            (None, true) => problem(at("field"), format!("`{a:?}` needs a field").to_lowercase()),
+            (Some(_), false) => problem(at("field"), "not used by this aggregation".into()),
+            (Some(name), true) => match field(name) {
+                Some(None) => problem(at("field"), format!("the schema has no field `{name}`")),
+                Some(Some(k)) if a.numeric() && k != FieldKind::Numeric => problem(
+                    at("field"),
+                    format!("`{name}` is not numeric (int, long, float or double)"),
+                ),
+                Some(Some(FieldKind::Other)) => {
+                    problem(at("field"), format!("`{name}` is not a scalar field"))
+                }
+                _ => {}
+            },
+            (None, false) => {}
+        }
+        match (f.window, a.windowed()) {
+            (None, true) => problem(
+                at("window"),
+                "this aggregation needs a window, e.g. \"1h\"".into(),
+            ),
+            (Some(w), true) if w.is_zero() => {
+                problem(at("window"), "must be longer than zero".into())
+            }
+            (Some(w), true) => longest_window = longest_window.max(w),
+            (Some(_), false) => problem(at("window"), "not used by this aggregation".into()),
+            (None, false) => {}
+        }
+        if (a == config::Aggregation::Equals) != f.equals.is_some() {
+            problem(
+                at("equals"),
+                if f.equals.is_some() {
+                    "only used by `equals`"
+                } else {
+                    "`equals` needs the value to compare with"
+                }
+                .into(),
+            );
+        }
+        match (&f.other_field, a == config::Aggregation::Differs) {
+            (None, true) => problem(at("other_field"), "`differs` needs the second field".into()),
+            (Some(_), false) => problem(at("other_field"), "only used by `differs`".into()),
+            (Some(o), true) => {
+                if field(o) == Some(None) {
+                    problem(at("other_field"), format!("the schema has no field `{o}`"));
+                }
+            }
+            (None, false) => {}
+        }
+        if f.default.is_some() && a != config::Aggregation::TimeSinceLast {
+            problem(at("default"), "only used by `time_since_last`".into());
+        }
+        if f.default.is_some_and(|d| !d.is_finite()) {
+            problem(at("default"), "must be a finite number".into());
+        }
+    }
+    if topology.state.max_events_per_key == 0 {
+        problem(
+            "state.max_events_per_key".into(),
+            "must be at least 1".into(),
+        );
+    }
+    if topology.state.idle_key_ttl < longest_window {
+        problem(
+            "state.idle_key_ttl".into(),
+            format!(
+                "{} is shorter than the longest window ({}): keys would be evicted while still inside a window",
+                humantime::format_duration(topology.state.idle_key_ttl),
+                humantime::format_duration(longest_window)
+            ),
+        );
+    }
+
+    // Models.
+    let mut model_names = HashSet::new();
+    let mut score_names = HashSet::new();
+    let mut model_paths = Vec::new();
+    for (i, m) in topology.models.iter().enumerate() {
+        let at = |k: &str| format!("model[{i}] ({}).{k}", m.name);
+        if !non_empty(&m.name) {
+            problem(format!("model[{i}].name"), "must not be empty".into());
+        } else if !model_names.insert(m.name.clone()) {
+            problem(at("name"), "is used by an earlier model".into());
+        }
+        let path = base.join(&m.path);
+        if !path.is_file() {
+            problem(at("path"), format!("{} does not exist", path.display()));
+        }
+        model_paths.push(path);
+        if m.features.is_empty() {
+            problem(at("features"), "a model needs at least one feature".into());
+        }
+        for (j, f) in m.features.iter().enumerate() {
+            if !names.contains(f) {
+                problem(
+                    at(&format!("features[{j}]")),
+                    format!("no feature named `{f}`"),
+                );
+            }
+        }
+        if m.scores.is_empty() {
+            problem(at("scores"), "a model needs at least one score".into());
+        }
+        for (j, s) in m.scores.iter().enumerate() {
+            if !score_names.insert(format!("{}.{}", m.name, s.name)) {
+                problem(
+                    at(&format!("scores[{j}].name")),
+                    format!("`{}` is used twice", s.name),
+                );
+            }
+        }
+        if m.batching.max_rows == 0 {
+            problem(at("batching.max_rows"), "must be at least 1".into());
+        }
+        if m.workers == 0 {
+            problem(at("workers"), "must be at least 1".into());
+        }
+    }
+
+    // Rules.
+    for (i, r) in topology.alerts.iter().enumerate() {
+        let at = |k: &str| format!("alert[{i}] ({}).{k}", r.name);
+        if !score_names.contains(&r.score) {
+            problem(
+                at("score"),
+                format!("no score `{}` (write `<model>.<score>`)", r.score),
+            );
+        }
+        if !r.threshold.is_finite() {
+            problem(at("threshold"), "must be a finite number".into());
+        }
+    }
+    if !topology.alerts.is_empty() && topology.output.alerts_topic.is_none() {
+        problem(
+            "output.alerts_topic".into(),
+            "alert rules are defined but no alerts topic".into(),
+        );
+    }
+    if topology.delivery.commit_interval.is_zero() {
+        problem(
+            "delivery.commit_interval".into(),
+            "must be longer than zero".into(),
+        );
+    }
+
+    match (problems.is_empty(), schema) {
+        (true, Some(schema)) => Ok(Loaded {
+            file: file.to_path_buf(),
+            topology,
+            schema,
+            schema_text,
+            model_paths,
+        }),
+        _ => Err(TopologyError::Invalid {
+            file: file.to_path_buf(),
+            problems,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests;
