@@ -8,6 +8,7 @@
 //! on the local stack.
 
 pub mod cluster;
+pub mod features;
 pub mod inspect;
 pub mod payments;
 pub mod registry_standin;

@@ -57,7 +57,8 @@ pub struct Input {
 #[serde(deny_unknown_fields)]
 pub struct StateLimits {
     /// Most events kept per key. When a key has more inside its longest window, the oldest
-    /// (by event time) are dropped and windows see only the newest ones.
+    /// (by event time) are dropped: a window then sees at most this many earlier events plus
+    /// the event being scored.
     #[serde(default = "StateLimits::default_max_events")]
     pub max_events_per_key: usize,
     /// A key with no event for this long in event time (measured against the newest event time

@@ -1,0 +1,270 @@
+use std::collections::HashSet;
+use std::path::Path;
+
+use super::*;
+use crate::payments::Payment;
+use crate::simulator::{SimConfig, Simulator};
+use crate::topology;
+
+const TOPOLOGY: &str = r#"
+name = "t"
+[input]
+topic = "in"
+group = "g"
+key_field = "card_id"
+event_time_field = "event_time"
+schema = "payment.avsc"
+[state]
+max_events_per_key = 100000
+idle_key_ttl = "2h"
+[[feature]]
+name = "amount"
+aggregation = "value"
+field = "amount_minor"
+[[feature]]
+name = "count_1h"
+aggregation = "count"
+window = "1h"
+[[feature]]
+name = "sum_1h"
+aggregation = "sum"
+field = "amount_minor"
+window = "1h"
+[[feature]]
+name = "mean_30m"
+aggregation = "mean"
+field = "amount_minor"
+window = "30m"
+[[feature]]
+name = "std_1h"
+aggregation = "std"
+field = "amount_minor"
+window = "1h"
+[[feature]]
+name = "min_1h"
+aggregation = "min"
+field = "amount_minor"
+window = "1h"
+[[feature]]
+name = "max_1h"
+aggregation = "max"
+field = "amount_minor"
+window = "1h"
+[[feature]]
+name = "merchants_1h"
+aggregation = "distinct_count"
+field = "merchant_id"
+window = "1h"
+[[feature]]
+name = "new_merchant_1h"
+aggregation = "is_new"
+field = "merchant_id"
+window = "1h"
+[[feature]]
+name = "since_last"
+aggregation = "time_since_last"
+default = -1.0
+[[feature]]
+name = "ratio_1h"
+aggregation = "ratio_to_mean"
+field = "amount_minor"
+window = "1h"
+[[feature]]
+name = "online"
+aggregation = "equals"
+field = "channel"
+equals = "ECOMMERCE"
+[[feature]]
+name = "abroad"
+aggregation = "differs"
+field = "merchant_country"
+other_field = "card_country"
+[output]
+scored_topic = "s"
+dead_letter_topic = "d"
+"#;
+
+fn feature_set(toml: &str) -> FeatureSet {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("payment.avsc"),
+        crate::schemas::PAYMENT_AVSC,
+    )
+    .expect("schema");
+    let file = dir.path().join("t.toml");
+    std::fs::write(&file, toml).expect("topology");
+    let loaded = topology::load(Path::new(&file)).expect("valid topology");
+    FeatureSet::new(&loaded.topology, &loaded.schema)
+}
+
+/// The straightforward definition, from the payments themselves: every feature of event `i`
+/// over the events of its card that arrived before it (or are it), within the window, and
+/// still retained (time after the card's newest earlier event time minus the longest window).
+fn reference(events: &[Payment], i: usize) -> Vec<f64> {
+    let e = &events[i];
+    let t = e.event_time;
+    let earlier: Vec<&Payment> = events[..i]
+        .iter()
+        .filter(|p| p.card_id == e.card_id)
+        .collect();
+    let newest = earlier
+        .iter()
+        .map(|p| p.event_time)
+        .max()
+        .unwrap_or(i64::MIN);
+    let retained: Vec<&Payment> = earlier
+        .iter()
+        .copied()
+        .filter(|p| p.event_time > newest.saturating_sub(3_600_000))
+        .collect();
+    let window = |ms: i64| -> Vec<&Payment> {
+        let mut w: Vec<&Payment> = retained
+            .iter()
+            .copied()
+            .filter(|p| p.event_time > t - ms && p.event_time <= t)
+            .collect();
+        w.push(e);
+        w
+    };
+    let amounts = |w: &[&Payment]| {
+        w.iter()
+            .map(|p| p.amount_minor as f64)
+            .collect::<Vec<f64>>()
+    };
+    let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
+    let h = 3_600_000;
+    let w1 = window(h);
+    let a1 = amounts(&w1);
+    let m1 = mean(&a1);
+    let prev = retained
+        .iter()
+        .filter(|p| p.event_time <= t)
+        .map(|p| p.event_time)
+        .max();
+    vec![
+        e.amount_minor as f64,
+        w1.len() as f64,
+        a1.iter().sum(),
+        mean(&amounts(&window(h / 2))),
+        (a1.iter().map(|a| (a - m1).powi(2)).sum::<f64>() / a1.len() as f64).sqrt(),
+        a1.iter().copied().fold(f64::INFINITY, f64::min),
+        a1.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        w1.iter()
+            .map(|p| p.merchant_id.as_str())
+            .collect::<HashSet<_>>()
+            .len() as f64,
+        f64::from(u8::from(
+            !w1[..w1.len() - 1]
+                .iter()
+                .any(|p| p.merchant_id == e.merchant_id),
+        )),
+        match prev {
+            Some(p) if t - p <= 2 * h => (t - p) as f64 / 1000.0,
+            _ => -1.0,
+        },
+        e.amount_minor as f64 / m1,
+        f64::from(u8::from(e.channel == crate::payments::Channel::Ecommerce)),
+        f64::from(u8::from(e.merchant_country != e.card_country)),
+    ]
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0)
+}
+
+#[test]
+fn features_match_the_straightforward_definition_including_late_events() {
+    let set = feature_set(TOPOLOGY);
+    assert_eq!(set.names().len(), 13);
+    // Few cards and a slow clock so cards have many events per hour; then delay some events
+    // by up to 40 minutes to make them arrive out of order.
+    let cfg = SimConfig {
+        cards: 25,
+        merchants: 40,
+        events_per_sec: 0.05,
+        incidents_per_10k: 200.0,
+        ..SimConfig::default()
+    };
+    let mut events: Vec<Payment> = Simulator::new(cfg)
+        .expect("sim")
+        .take(4_000)
+        .map(|(p, _)| p)
+        .collect();
+    for i in (0..events.len()).step_by(7) {
+        let j = (i + 37).min(events.len() - 1);
+        events.swap(i, j);
+    }
+    let late = events
+        .windows(2)
+        .filter(|w| w[1].event_time < w[0].event_time)
+        .count();
+    assert!(late > 100, "the test needs out-of-order events, got {late}");
+
+    let mut state = FeatureState::default();
+    for (i, p) in events.iter().enumerate() {
+        let got = state
+            .update(&set, set.extract(&p.to_value()).expect("extract"))
+            .expect("features");
+        let want = reference(&events, i);
+        assert!(
+            got.iter().zip(&want).all(|(a, b)| close(*a, *b)),
+            "event {i}: got {got:?}, want {want:?}"
+        );
+    }
+}
+
+#[test]
+fn a_key_never_holds_more_than_the_cap_and_idle_keys_are_evicted() {
+    let set =
+        feature_set(&TOPOLOGY.replace("max_events_per_key = 100000", "max_events_per_key = 3"));
+    let mut state = FeatureState::default();
+    let base = Simulator::new(SimConfig::default())
+        .expect("sim")
+        .next()
+        .expect("event")
+        .0;
+    let at = |card: &str, t: i64, amount: i64| {
+        let mut p = base.clone();
+        p.card_id = card.into();
+        p.event_time = t;
+        p.amount_minor = amount;
+        set.extract(&p.to_value()).expect("extract")
+    };
+    for (k, amount) in [100, 200, 300, 400, 500].into_iter().enumerate() {
+        let f = state
+            .update(&set, at("a", 1_000 * k as i64, amount))
+            .expect("features");
+        // A window sees at most 3 earlier events plus the current one: the oldest are dropped.
+        assert_eq!(f[1], (k + 1).min(4) as f64);
+    }
+    assert_eq!(state.events(), 3);
+    // Another key, 3 hours later: "a" is idle for longer than 2h and goes at the next sweep.
+    state
+        .update(&set, at("b", 3 * 3_600_000, 100))
+        .expect("features");
+    state.sweep(&set);
+    assert_eq!(state.keys(), 1);
+    // Its next event starts afresh, exactly as if it had been kept (gap > idle TTL → default).
+    let f = state
+        .update(&set, at("a", 3 * 3_600_000 + 1, 700))
+        .expect("features");
+    assert_eq!((f[1], f[9]), (1.0, -1.0));
+}
+
+#[test]
+fn a_non_finite_feature_is_an_error_and_leaves_state_unchanged() {
+    let set = feature_set(TOPOLOGY);
+    let mut state = FeatureState::default();
+    let mut p = Simulator::new(SimConfig::default())
+        .expect("sim")
+        .next()
+        .expect("event")
+        .0;
+    p.amount_minor = 0; // ratio to a zero mean
+    let err = state
+        .update(&set, set.extract(&p.to_value()).expect("extract"))
+        .expect_err("non-finite");
+    assert_eq!(err, FeatureError::NotFinite("ratio_1h".into()));
+    assert_eq!(err.reason(), "non_finite_feature");
+    assert_eq!((state.keys(), state.events()), (0, 0));
+}
