@@ -20,5 +20,13 @@ trap 'scripts/stack.sh stop' EXIT
 scripts/stack.sh start
 eval "$(scripts/stack.sh env)"
 
-cargo test --locked --all-targets "$@"
-cargo test --locked --doc
+LOG="$(mktemp)"
+status=0
+{ cargo test --locked --doc && cargo test --locked --all-targets "$@"; } 2>&1 | tee "$LOG" || status=$?
+scripts/stack.sh stop
+trap - EXIT
+# One closing line for the whole suite, summed over every test binary.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "%d passed, %d failed\n", p, f }' "$LOG"
+rm -f "$LOG"
+exit "$status"

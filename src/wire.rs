@@ -22,6 +22,13 @@ pub enum FrameError {
 }
 
 /// Splits a payload into the writer schema id and the Avro datum.
+///
+/// ```
+/// use kscore::wire::{parse, FrameError};
+///
+/// assert_eq!(parse(Some(&[0, 0, 0, 0, 42, 2, 4])), Ok((42, &[2u8, 4][..])));
+/// assert_eq!(parse(Some(b"{}")), Err(FrameError::TooShort(2)));
+/// ```
 pub fn parse(payload: Option<&[u8]>) -> Result<(u32, &[u8]), FrameError> {
     let payload = payload.ok_or(FrameError::Missing)?;
     let (header, datum) = match payload.split_first_chunk::<HEADER_LEN>() {
