@@ -40,6 +40,16 @@ enum Command {
         #[command(flatten)]
         args: kscore::inspect::TailArgs,
     },
+    /// Compute a topology's features over a file of events, offline (for training).
+    Features {
+        #[command(flatten)]
+        args: kscore::features::offline::FeaturesArgs,
+    },
+    /// Check a topology file without a broker; reports every problem.
+    Validate {
+        /// The topology file.
+        topology: PathBuf,
+    },
     /// Load ONNX Runtime and report its build and execution providers.
     CheckRuntime {
         /// The ONNX Runtime shared library; defaults to ORT_DYLIB_PATH.
@@ -92,6 +102,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Tail { cluster, args } => {
             kscore::inspect::run(&cluster, &args, stop_flag()).await?;
+        }
+        Command::Features { args } => {
+            tokio::task::spawn_blocking(move || kscore::features::offline::run(&args)).await??;
+        }
+        Command::Validate { topology } => {
+            let loaded = kscore::topology::load(&topology)?;
+            println!(
+                "{}: ok ({} features, {} models, {} alert rules)",
+                topology.display(),
+                loaded.topology.features.len(),
+                loaded.topology.models.len(),
+                loaded.topology.alerts.len()
+            );
         }
         Command::CheckRuntime { onnxruntime } => {
             let info = kscore::scorer::runtime::init(onnxruntime.as_deref())?;

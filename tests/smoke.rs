@@ -41,6 +41,7 @@ fn sim_args(topic: &str, count: u64, labels: std::path::PathBuf) -> SimulateArgs
         merchants: 200,
         fraud_per_10k: 100.0,
         labels: Some(labels),
+        output_file: None,
         progress: Duration::from_secs(60),
     }
 }

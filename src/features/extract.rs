@@ -53,6 +53,10 @@ fn field<'v>(
     }
 }
 
+fn has_field(fields: &[(String, Value)], index: usize, name: &str) -> bool {
+    matches!(fields.get(index), Some((n, _)) if n == name) || fields.iter().any(|(n, _)| n == name)
+}
+
 /// A field value as a number.
 pub fn numeric(fields: &[(String, Value)], index: usize, name: &str) -> Result<f64, ExtractError> {
     let x = match field(fields, index, name)? {
@@ -81,13 +85,22 @@ pub fn hash_str(s: &str) -> u64 {
     h.finish()
 }
 
-/// A field value as a category: a stable hash of its text form.
+/// The category of a null value (an optional field left empty): a value of its own.
+const NULL_CATEGORY: &str = "\u{0}null";
+
+/// A field value as a category: a stable hash of its text form. Null is a category of its own.
 pub fn categorical(
     fields: &[(String, Value)],
     index: usize,
     name: &str,
 ) -> Result<u64, ExtractError> {
-    Ok(match field(fields, index, name)? {
+    let v = match field(fields, index, name) {
+        Err(ExtractError::Missing(_)) if has_field(fields, index, name) => {
+            return Ok(hash_str(NULL_CATEGORY));
+        }
+        other => other?,
+    };
+    Ok(match v {
         Value::String(s) => hash_str(s),
         Value::Enum(_, s) => hash_str(s),
         Value::Uuid(u) => hash_str(&u.to_string()),

@@ -20,6 +20,7 @@
 //! training and serving cannot drift.
 
 pub mod extract;
+pub mod offline;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 

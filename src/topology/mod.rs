@@ -130,6 +130,12 @@ fn kind(schema: &Schema) -> FieldKind {
 
 /// Reads, parses and validates a topology file (without touching a broker or the models).
 pub fn load(file: &Path) -> Result<Loaded, TopologyError> {
+    load_with(file, true)
+}
+
+/// As [`load`]; `require_models: false` accepts model files that do not exist yet (computing
+/// the features to train them with).
+pub fn load_with(file: &Path, require_models: bool) -> Result<Loaded, TopologyError> {
     let text = std::fs::read_to_string(file).map_err(|source| TopologyError::Read {
         file: file.to_path_buf(),
         source,
@@ -341,7 +347,7 @@ pub fn load(file: &Path) -> Result<Loaded, TopologyError> {
             problem(at("name"), "is used by an earlier model".into());
         }
         let path = base.join(&m.path);
-        if !path.is_file() {
+        if require_models && !path.is_file() {
             problem(at("path"), format!("{} does not exist", path.display()));
         }
         model_paths.push(path);
