@@ -108,6 +108,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Validate { topology } => {
             let loaded = kscore::topology::load(&topology)?;
+            // The models are checked against their entries with ONNX Runtime itself.
+            kscore::scorer::runtime::init(None).map_err(|e| {
+                anyhow::anyhow!("{}: cannot check the models: {e}", topology.display())
+            })?;
+            let problems = kscore::scorer::check_models(&loaded);
+            if !problems.is_empty() {
+                return Err(kscore::topology::TopologyError::Invalid {
+                    file: topology.clone(),
+                    problems,
+                }
+                .into());
+            }
             println!(
                 "{}: ok ({} features, {} models, {} alert rules)",
                 topology.display(),

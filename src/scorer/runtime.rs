@@ -49,6 +49,11 @@ pub struct RuntimeInfo {
     pub cuda_compiled_in: bool,
 }
 
+/// The process's ONNX Runtime environment, once [`init`] succeeded.
+pub fn environment() -> Result<&'static Environment, RuntimeError> {
+    ENVIRONMENT.get().ok_or(RuntimeError::NotConfigured)
+}
+
 /// The library path: `explicit`, else `ORT_DYLIB_PATH`.
 pub fn library_path(explicit: Option<&Path>) -> Result<PathBuf, RuntimeError> {
     let path = match explicit {

@@ -1,0 +1,269 @@
+//! One model's ONNX Runtime session, owned by one scoring worker (`Session::run` takes
+//! `&mut self`; sharing one behind a lock would serialise the workers). Opening a session checks
+//! the model against its topology entry: one float input of `[rows, features]` with as many
+//! columns as features listed, and every output a score names.
+
+use std::path::{Path, PathBuf};
+
+use ndarray::ArrayView2;
+use ort::ep::{self, ExecutionProvider as _};
+use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::value::TensorRef;
+
+use super::runtime;
+use crate::topology::config::{ExecutionProvider, Model};
+
+/// A model that cannot be opened or run.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ScorerError {
+    /// ONNX Runtime is not loaded.
+    #[error(transparent)]
+    Runtime(#[from] std::sync::Arc<runtime::RuntimeError>),
+    /// CUDA was asked for and cannot be provided.
+    #[error("model {model}: execution provider `cuda` unavailable: {reason}")]
+    Cuda {
+        /// The model.
+        model: String,
+        /// Why.
+        reason: String,
+    },
+    /// The file does not load as an ONNX model.
+    #[error("model {model}: cannot load {path}: {reason}")]
+    Load {
+        /// The model.
+        model: String,
+        /// The file.
+        path: PathBuf,
+        /// ONNX Runtime's message.
+        reason: String,
+    },
+    /// The model does not fit its topology entry.
+    #[error("model {model}: {problem}")]
+    Mismatch {
+        /// The model.
+        model: String,
+        /// What does not fit; `field` says which topology field.
+        problem: String,
+        /// The topology field the problem is about (`features`, `scores[0].output`, ...).
+        field: String,
+    },
+    /// A run failed.
+    #[error("model {model}: inference failed: {reason}")]
+    Run {
+        /// The model.
+        model: String,
+        /// ONNX Runtime's message.
+        reason: String,
+    },
+}
+
+/// What a model is, as the processor reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelInfo {
+    /// Name from the topology.
+    pub name: String,
+    /// The model's `version` metadata, else `sha256:` and the first 12 hex digits of the file.
+    pub version: String,
+    /// Input tensor name.
+    pub input: String,
+    /// Number of input columns.
+    pub width: usize,
+}
+
+/// One model's session and how its outputs become scores.
+pub struct ScoringSession {
+    session: Session,
+    info: ModelInfo,
+    /// (output name, column) per score, in topology order.
+    scores: Vec<(String, usize)>,
+}
+
+fn file_digest(path: &Path) -> String {
+    use std::hash::Hasher;
+    // A cheap, stable fingerprint; models without version metadata still get a changing version.
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let mut h = std::hash::DefaultHasher::new();
+    h.write(&bytes);
+    format!("digest-{:016x}", h.finish())
+}
+
+impl ScoringSession {
+    /// Opens `path` for `model`, with its execution provider. ONNX Runtime must be loaded.
+    pub fn open(model: &Model, path: &Path) -> Result<Self, ScorerError> {
+        let env =
+            runtime::environment().map_err(|e| ScorerError::Runtime(std::sync::Arc::new(e)))?;
+        let name = model.name.clone();
+        let load_err = |reason: String| ScorerError::Load {
+            model: name.clone(),
+            path: path.to_path_buf(),
+            reason,
+        };
+        let mut builder = Session::builder(env)
+            .and_then(|b| {
+                b.with_optimization_level(GraphOptimizationLevel::Level3)
+                    .map_err(Into::into)
+            })
+            // One thread per session: parallelism comes from workers, each owning a session.
+            .and_then(|b| b.with_intra_threads(1).map_err(Into::into))
+            .map_err(|e| load_err(e.to_string()))?;
+        if model.execution_provider == ExecutionProvider::Cuda {
+            let compiled = ep::CUDA::is_available().unwrap_or(false);
+            if !compiled {
+                return Err(ScorerError::Cuda {
+                    model: name,
+                    reason: "this ONNX Runtime build has no CUDA execution provider (use the onnxruntime-gpu build, with CUDA 13 and cuDNN 9, via ORT_DYLIB_PATH)".into(),
+                });
+            }
+            builder = builder
+                .with_execution_providers([ep::CUDA::default().build().error_on_failure()])
+                .map_err(|e| ScorerError::Cuda {
+                    model: name.clone(),
+                    reason: e.to_string(),
+                })?;
+        }
+        let session = builder
+            .commit_from_file(path)
+            .map_err(|e| load_err(e.to_string()))?;
+        let mismatch = |field: &str, problem: String| ScorerError::Mismatch {
+            model: name.clone(),
+            problem,
+            field: field.into(),
+        };
+
+        let [input] = session.inputs() else {
+            return Err(mismatch(
+                "path",
+                format!(
+                    "the model has {} inputs; kscore feeds exactly one `[rows, features]` float tensor",
+                    session.inputs().len()
+                ),
+            ));
+        };
+        let shape = input
+            .dtype()
+            .tensor_shape()
+            .map(|s| s.to_vec())
+            .unwrap_or_default();
+        let width = match shape.as_slice() {
+            [_, w] if *w > 0 => *w as usize,
+            other => {
+                return Err(mismatch(
+                    "path",
+                    format!(
+                        "input `{}` has shape {other:?}; expected [rows, features]",
+                        input.name()
+                    ),
+                ));
+            }
+        };
+        if width != model.features.len() {
+            return Err(mismatch(
+                "features",
+                format!(
+                    "the model's input `{}` takes {width} columns but {} features are listed",
+                    input.name(),
+                    model.features.len()
+                ),
+            ));
+        }
+        let mut scores = Vec::new();
+        for (i, s) in model.scores.iter().enumerate() {
+            let Some(out) = session.outputs().iter().find(|o| o.name() == s.output) else {
+                let names: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
+                return Err(mismatch(
+                    &format!("scores[{i}].output"),
+                    format!("no output `{}` (the model has {names:?})", s.output),
+                ));
+            };
+            let shape = out
+                .dtype()
+                .tensor_shape()
+                .map(|s| s.to_vec())
+                .unwrap_or_default();
+            let columns = match shape.as_slice() {
+                [_] => 1,
+                [_, c] if *c > 0 => *c as usize,
+                other => {
+                    return Err(mismatch(
+                        &format!("scores[{i}].output"),
+                        format!(
+                            "output `{}` has shape {other:?}; expected [rows] or [rows, columns]",
+                            s.output
+                        ),
+                    ));
+                }
+            };
+            if s.column >= columns {
+                return Err(mismatch(
+                    &format!("scores[{i}].column"),
+                    format!(
+                        "output `{}` has {columns} column(s); column {} does not exist",
+                        s.output, s.column
+                    ),
+                ));
+            }
+            scores.push((s.output.clone(), s.column));
+        }
+        let version = session
+            .metadata()
+            .ok()
+            .and_then(|m| m.custom("version"))
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| file_digest(path));
+        let info = ModelInfo {
+            name,
+            version,
+            input: input.name().to_string(),
+            width,
+        };
+        Ok(ScoringSession {
+            session,
+            info,
+            scores,
+        })
+    }
+
+    /// The model.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// Scores `rows` (row-major, `width` columns). Returns one vector per score, one value per row.
+    pub fn score(&mut self, rows: &[f32]) -> Result<Vec<Vec<f64>>, ScorerError> {
+        let n = rows.len() / self.info.width.max(1);
+        let run_err = |reason: String| ScorerError::Run {
+            model: self.info.name.clone(),
+            reason,
+        };
+        let view = ArrayView2::from_shape((n, self.info.width), rows)
+            .map_err(|e| run_err(e.to_string()))?;
+        let tensor = TensorRef::from_array_view(view).map_err(|e| run_err(e.to_string()))?;
+        let outputs = self
+            .session
+            .run(ort::inputs![self.info.input.as_str() => tensor])
+            .map_err(|e| ScorerError::Run {
+                model: self.info.name.clone(),
+                reason: e.to_string(),
+            })?;
+        let mut result = Vec::with_capacity(self.scores.len());
+        for (output, column) in &self.scores {
+            let (shape, data) = outputs[output.as_str()]
+                .try_extract_tensor::<f32>()
+                .map_err(|e| ScorerError::Run {
+                    model: self.info.name.clone(),
+                    reason: format!("output {output}: {e}"),
+                })?;
+            let columns = if shape.len() == 2 {
+                shape[1] as usize
+            } else {
+                1
+            };
+            let values: Vec<f64> = (0..n)
+                .map(|r| f64::from(data.get(r * columns + column).copied().unwrap_or(f32::NAN)))
+                .collect();
+            result.push(values);
+        }
+        Ok(result)
+    }
+}
