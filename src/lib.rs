@@ -7,10 +7,12 @@
 //! Kafka and the registry), `telemetry`, the event `simulator` and the `registry_standin` used
 //! on the local stack.
 
+pub mod batcher;
 pub mod cluster;
 pub mod features;
 pub mod inspect;
 pub mod payments;
+pub mod pipeline;
 pub mod registry_standin;
 pub mod schemas;
 pub mod scorer;

@@ -40,6 +40,23 @@ enum Command {
         #[command(flatten)]
         args: kscore::inspect::TailArgs,
     },
+    /// Run the processor: consume, featurise, score, publish (exactly once by default).
+    Run {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        /// The topology file.
+        #[arg(long, env = "KSCORE_TOPOLOGY")]
+        topology: PathBuf,
+        /// Stable id of this instance (part of the transactional id: reuse it on restart).
+        #[arg(long, env = "KSCORE_INSTANCE_ID", default_value = "0")]
+        instance_id: String,
+        /// Print a one-line summary this often (e.g. `1s`).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        summary_every: Option<std::time::Duration>,
+        /// Stop after this long.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<std::time::Duration>,
+    },
     /// Compute a topology's features over a file of events, offline (for training).
     Features {
         #[command(flatten)]
@@ -102,6 +119,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Tail { cluster, args } => {
             kscore::inspect::run(&cluster, &args, stop_flag()).await?;
+        }
+        Command::Run {
+            cluster,
+            topology,
+            instance_id,
+            summary_every,
+            duration,
+        } => {
+            tracing::info!("connecting: {}", cluster.describe());
+            let loaded = kscore::topology::load(&topology)?;
+            let stop = stop_flag();
+            if let Some(d) = duration {
+                let flag = stop.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(d).await;
+                    flag.store(true, Ordering::Relaxed);
+                });
+            }
+            let opts = kscore::pipeline::RunOptions {
+                instance_id,
+                summary_every,
+                ..Default::default()
+            };
+            let rt = tokio::runtime::Handle::current();
+            tokio::task::spawn_blocking(move || {
+                kscore::pipeline::run(&cluster, &loaded, &opts, rt, stop)
+            })
+            .await??;
         }
         Command::Features { args } => {
             tokio::task::spawn_blocking(move || kscore::features::offline::run(&args)).await??;

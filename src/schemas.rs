@@ -45,7 +45,7 @@ mod tests {
             serde_json::from_str(SCORED_PAYMENT_AVSC).expect("scored schema is JSON");
         let payment: serde_json::Value =
             serde_json::from_str(PAYMENT_AVSC).expect("payment schema is JSON");
-        assert_eq!(scored["fields"][0]["name"], "payment");
+        assert_eq!(scored["fields"][0]["name"], "event");
         assert_eq!(scored["fields"][0]["type"], payment);
     }
 }

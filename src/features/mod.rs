@@ -38,6 +38,12 @@ pub enum FeatureError {
     /// A field the features read is missing or unusable.
     #[error(transparent)]
     Extract(#[from] ExtractError),
+    /// The key field is missing or unusable.
+    #[error("key: {0}")]
+    Key(ExtractError),
+    /// The event-time field is missing or unusable.
+    #[error("event time: {0}")]
+    EventTime(ExtractError),
     /// A feature came out NaN or infinite (for example a ratio to a zero mean).
     #[error("feature `{0}` is not a finite number")]
     NotFinite(String),
@@ -47,6 +53,8 @@ impl FeatureError {
     /// A short, fixed label for metrics and dead-letter headers.
     pub fn reason(&self) -> &'static str {
         match self {
+            FeatureError::Key(_) => "missing_key",
+            FeatureError::EventTime(_) => "missing_event_time",
             FeatureError::Extract(ExtractError::Missing(_)) => "missing_field",
             FeatureError::Extract(_) => "bad_field",
             FeatureError::NotFinite(_) => "non_finite_feature",
@@ -165,8 +173,10 @@ impl FeatureSet {
     /// Reads key, event time and feature inputs from a record.
     pub fn extract(&self, value: &Value) -> Result<Event, FeatureError> {
         let fields = extract::record(value)?;
-        let key = extract::text(fields, self.key_field.1, &self.key_field.0)?;
-        let time = extract::time_ms(fields, self.time_field.1, &self.time_field.0)?;
+        let key = extract::text(fields, self.key_field.1, &self.key_field.0)
+            .map_err(FeatureError::Key)?;
+        let time = extract::time_ms(fields, self.time_field.1, &self.time_field.0)
+            .map_err(FeatureError::EventTime)?;
         let nums = self
             .num_fields
             .iter()
@@ -212,13 +222,18 @@ struct KeyState {
     newest: i64,
 }
 
-/// Feature state of one partition: every key's recent events.
+/// Feature state of one partition: every key's recent events, and an undo log of the keys
+/// changed since the last [`FeatureState::checkpoint`], so an aborted transaction can take its
+/// changes back ([`FeatureState::rollback`]).
 #[derive(Debug, Clone)]
 pub struct FeatureState {
     keys: HashMap<String, KeyState>,
     seq: u64,
     watermark: i64,
     since_sweep: u64,
+    /// Key → its state at the last checkpoint (`None`: it did not exist).
+    undo: HashMap<String, Option<KeyState>>,
+    at_checkpoint: (u64, i64, u64),
 }
 
 const SWEEP_EVERY: u64 = 10_000;
@@ -230,11 +245,39 @@ impl Default for FeatureState {
             seq: 0,
             watermark: i64::MIN,
             since_sweep: 0,
+            undo: HashMap::new(),
+            at_checkpoint: (0, i64::MIN, 0),
         }
     }
 }
 
 impl FeatureState {
+    /// Forgets the undo log: everything so far is committed.
+    pub fn checkpoint(&mut self) {
+        self.undo.clear();
+        self.at_checkpoint = (self.seq, self.watermark, self.since_sweep);
+    }
+
+    /// Takes back every change since the last checkpoint.
+    pub fn rollback(&mut self) {
+        for (key, original) in self.undo.drain() {
+            match original {
+                Some(s) => {
+                    self.keys.insert(key, s);
+                }
+                None => {
+                    self.keys.remove(&key);
+                }
+            }
+        }
+        (self.seq, self.watermark, self.since_sweep) = self.at_checkpoint;
+    }
+
+    /// Keys changed since the last checkpoint.
+    pub fn changed_keys(&self) -> usize {
+        self.undo.len()
+    }
+
     /// Number of keys held.
     pub fn keys(&self) -> usize {
         self.keys.len()
@@ -255,6 +298,9 @@ impl FeatureState {
             nums,
             cats,
         } = event;
+        if !self.undo.contains_key(&key) {
+            self.undo.insert(key.clone(), self.keys.get(&key).cloned());
+        }
         let mut fresh = None;
         let state = match self.keys.get_mut(&key) {
             Some(s) => s,
@@ -304,7 +350,14 @@ impl FeatureState {
         self.since_sweep = 0;
         let ttl = set.limits.idle_key_ttl.as_millis() as i64;
         let cutoff = self.watermark.saturating_sub(ttl);
-        self.keys.retain(|_, k| k.newest >= cutoff);
+        let undo = &mut self.undo;
+        self.keys.retain(|key, k| {
+            let keep = k.newest >= cutoff;
+            if !keep && !undo.contains_key(key) {
+                undo.insert(key.clone(), Some(k.clone()));
+            }
+            keep
+        });
     }
 }
 

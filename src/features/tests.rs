@@ -268,3 +268,37 @@ fn a_non_finite_feature_is_an_error_and_leaves_state_unchanged() {
     assert_eq!(err.reason(), "non_finite_feature");
     assert_eq!((state.keys(), state.events()), (0, 0));
 }
+
+#[test]
+fn rollback_takes_back_everything_since_the_checkpoint() {
+    let set = feature_set(TOPOLOGY);
+    let events: Vec<Payment> = Simulator::new(SimConfig {
+        cards: 5,
+        events_per_sec: 0.05,
+        ..SimConfig::default()
+    })
+    .expect("sim")
+    .take(40)
+    .map(|(p, _)| p)
+    .collect();
+    let run = |state: &mut FeatureState, range: std::ops::Range<usize>| -> Vec<Vec<f64>> {
+        range
+            .map(|i| {
+                state
+                    .update(&set, set.extract(&events[i].to_value()).expect("extract"))
+                    .expect("features")
+            })
+            .collect()
+    };
+    let mut straight = FeatureState::default();
+    let want = run(&mut straight, 0..40);
+
+    let mut state = FeatureState::default();
+    let first = run(&mut state, 0..20);
+    state.checkpoint();
+    let _discarded = run(&mut state, 20..35);
+    assert!(state.changed_keys() > 0);
+    state.rollback();
+    let again = run(&mut state, 20..40);
+    assert_eq!([first, again].concat(), want);
+}

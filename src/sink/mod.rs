@@ -1,5 +1,6 @@
 //! Where scored events leave: Avro encoding in Confluent's wire format.
 
 pub mod encode;
+pub mod output;
 
 pub use encode::{EncodeError, FramedEncoder};

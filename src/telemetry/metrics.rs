@@ -13,6 +13,33 @@ pub const SIMULATOR_DELIVERY_FAILURES: &str = "kscore_simulator_delivery_failure
 /// Records `tail` read, labelled `outcome` (`decoded`, `undecodable`).
 pub const TAIL_RECORDS: &str = "kscore_tail_records_total";
 
+/// Records read from the input, labelled `topic`.
+pub const CONSUMED: &str = "kscore_records_consumed_total";
+/// Events scored and published, labelled `topic`.
+pub const SCORED: &str = "kscore_records_scored_total";
+/// Records sent to the dead-letter topic, labelled `reason`.
+pub const DEAD_LETTERED: &str = "kscore_records_dead_lettered_total";
+/// Alerts published, labelled `rule`.
+pub const ALERTS: &str = "kscore_alerts_total";
+/// Transactions (or at-least-once commits) committed.
+pub const COMMITS: &str = "kscore_commits_total";
+/// Transactions aborted, labelled `reason`.
+pub const ABORTS: &str = "kscore_transactions_aborted_total";
+/// Rows per model call, labelled `model`.
+pub const BATCH_ROWS: &str = "kscore_batch_rows";
+/// Seconds per model call, labelled `model`.
+pub const SCORING_SECONDS: &str = "kscore_scoring_seconds";
+/// Seconds from an event's event time to the commit that published it.
+pub const EVENT_TO_COMMIT_SECONDS: &str = "kscore_event_time_to_commit_seconds";
+/// Seconds a commit took.
+pub const COMMIT_SECONDS: &str = "kscore_commit_seconds";
+/// Consumer lag in records, labelled `topic` and `partition`.
+pub const CONSUMER_LAG: &str = "kscore_consumer_lag";
+/// Keys held in feature state.
+pub const STATE_KEYS: &str = "kscore_feature_state_keys";
+/// Registry calls retried because the registry was unreachable.
+pub const REGISTRY_RETRIES: &str = "kscore_registry_retries_total";
+
 /// Serves `/metrics` on `addr` from a background thread.
 pub fn install_exporter(addr: SocketAddr) -> Result<(), String> {
     PrometheusBuilder::new()

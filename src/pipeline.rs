@@ -1,0 +1,768 @@
+//! `kscore run`: wires the stages into the processor and runs its commit loop.
+//!
+//! One consumer and one producer per instance. Work proceeds in cycles of at most
+//! `commit_interval` (and at most `max_cycle_records` records, which bounds memory):
+//!
+//! 1. poll records; decode each (source), compute its features (features), hand its rows to
+//!    the models' batchers (batcher → scorer threads), or set it aside for the dead-letter
+//!    topic with the reason;
+//! 2. at the end of the cycle, flush the batchers and wait for every score;
+//! 3. in one Kafka transaction: the scored events (and alerts) in input order, the dead
+//!    letters, and the input offsets (next offset to read, with the consumer's group
+//!    metadata), then commit. Feature state is checkpointed only when the commit succeeded.
+//!
+//! If the transaction must be aborted, the feature state changes of the cycle are rolled back
+//! and the consumer is rewound to the cycle's first offsets, so the cycle is redone exactly;
+//! if the producer hits a fatal error it is rebuilt with the same `transactional.id`, which
+//! fences the old one and aborts whatever it left open. A rebalance discards the cycle in
+//! progress (nothing of it was sent) and the feature state of the partitions revoked.
+//! `at_least_once` sends the same records without a transaction, then commits the offsets.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use apache_avro::types::Value;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::statistics::Statistics;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::runtime::Handle;
+
+use crate::batcher::{self, ModelBatcher, Scored};
+use crate::cluster::ClusterArgs;
+use crate::features::{FeatureSet, FeatureState};
+use crate::schemas;
+use crate::sink::FramedEncoder;
+use crate::sink::output::{self, Provenance, ScoreValue};
+use crate::source::Decoder;
+use crate::telemetry::metrics as names;
+use crate::topology::Loaded;
+use crate::topology::config::Guarantee;
+
+/// Options of `kscore run` besides the topology.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Stable id of this instance: part of the `transactional.id`, so a restarted instance
+    /// fences its predecessor and aborts the transaction it left open.
+    pub instance_id: String,
+    /// Most records in one cycle (one transaction).
+    pub max_cycle_records: usize,
+    /// How often to print the one-line summary (`None`: never).
+    pub summary_every: Option<Duration>,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            instance_id: "0".into(),
+            max_cycle_records: 20_000,
+            summary_every: None,
+        }
+    }
+}
+
+/// Totals of a run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunSummary {
+    /// Records read (and committed).
+    pub consumed: u64,
+    /// Scored events published.
+    pub scored: u64,
+    /// Alerts published.
+    pub alerts: u64,
+    /// Records dead-lettered.
+    pub dead_lettered: u64,
+    /// Transactions committed.
+    pub commits: u64,
+    /// Transactions aborted.
+    pub aborts: u64,
+}
+
+/// Consumer callbacks: note revocations, export lag.
+struct SourceContext {
+    revoked: AtomicBool,
+}
+
+impl ClientContext for SourceContext {
+    fn stats(&self, stats: Statistics) {
+        for (topic, t) in stats.topics {
+            for (partition, p) in t.partitions {
+                if partition >= 0 && p.consumer_lag >= 0 {
+                    metrics::gauge!(names::CONSUMER_LAG, "topic" => topic.clone(), "partition" => partition.to_string())
+                        .set(p.consumer_lag as f64);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for SourceContext {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            tracing::info!(partitions = tpl.count(), "partitions revoked");
+            self.revoked.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            tracing::info!(partitions = tpl.count(), "partitions assigned");
+        }
+    }
+}
+
+/// A record of the cycle, waiting for its scores or set aside as a dead letter.
+struct Pending {
+    partition: i32,
+    offset: i64,
+    key: Option<Vec<u8>>,
+    outcome: Outcome,
+}
+
+enum Outcome {
+    Scored {
+        event: Value,
+        schema_id: u32,
+        event_time: i64,
+        features: Vec<f64>,
+        /// Per model, its scores once they arrived.
+        scores: Vec<Option<Vec<f64>>>,
+    },
+    Dead {
+        payload: Option<Vec<u8>>,
+        reason: &'static str,
+        error: String,
+    },
+}
+
+struct Outputs {
+    scored: FramedEncoder,
+    scored_topic: String,
+    alerts_topic: Option<String>,
+    dlq_topic: String,
+}
+
+/// Runs the processor until `stop` is set. Blocking: call it from a thread of its own.
+pub fn run(
+    cluster: &ClusterArgs,
+    loaded: &Loaded,
+    opts: &RunOptions,
+    rt: Handle,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<RunSummary> {
+    let t = &loaded.topology;
+    crate::scorer::runtime::init(None)?;
+    let sr = cluster.registry()?;
+    let decoder = Decoder::new(sr.clone(), loaded.schema.clone());
+    let scored_avsc = output::scored_schema(&loaded.schema_text).map_err(anyhow::Error::msg)?;
+
+    // Output topics, with as many partitions as the input.
+    let meta_consumer: BaseConsumer = cluster.client_config()?.create()?;
+    let metadata = meta_consumer.fetch_metadata(Some(&t.input.topic), Duration::from_secs(10))?;
+    let partitions = metadata
+        .topics()
+        .first()
+        .map_or(0, |m| m.partitions().len()) as i32;
+    if partitions == 0 {
+        anyhow::bail!("input topic {} does not exist", t.input.topic);
+    }
+    drop(meta_consumer);
+    let mut out_topics = vec![
+        t.output.scored_topic.clone(),
+        t.output.dead_letter_topic.clone(),
+    ];
+    out_topics.extend(t.output.alerts_topic.clone());
+    for topic in &out_topics {
+        rt.block_on(cluster.ensure_topic(topic, partitions))?;
+    }
+    let scored = rt.block_on(FramedEncoder::register(
+        &sr,
+        &schemas::value_subject(&t.output.scored_topic),
+        &scored_avsc,
+    ))?;
+    if let Some(alerts) = &t.output.alerts_topic {
+        rt.block_on(FramedEncoder::register(
+            &sr,
+            &schemas::value_subject(alerts),
+            &scored_avsc,
+        ))?;
+    }
+    let outputs = Outputs {
+        scored,
+        scored_topic: t.output.scored_topic.clone(),
+        alerts_topic: t.output.alerts_topic.clone(),
+        dlq_topic: t.output.dead_letter_topic.clone(),
+    };
+
+    let set = FeatureSet::new(t, &loaded.schema);
+    let feature_names = set.names();
+    let model_columns: Vec<Vec<usize>> = t
+        .models
+        .iter()
+        .map(|m| {
+            m.features
+                .iter()
+                .map(|f| feature_names.iter().position(|n| n == f).unwrap_or(0))
+                .collect()
+        })
+        .collect();
+    let (batchers, results) = batcher::start_all(&t.models, &loaded.model_paths)?;
+    let versions: Vec<String> = batchers.iter().map(|b| b.info().version.clone()).collect();
+    for b in &batchers {
+        tracing::info!(model = %b.info().name, version = %b.info().version, "model loaded");
+    }
+
+    let consumer: BaseConsumer<SourceContext> = cluster
+        .client_config()?
+        .set("group.id", &t.input.group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", "read_committed")
+        .set("auto.offset.reset", "earliest")
+        .set("statistics.interval.ms", "5000")
+        .create_with_context(SourceContext {
+            revoked: AtomicBool::new(false),
+        })?;
+    consumer.subscribe(&[&t.input.topic])?;
+
+    let transactional = t.delivery.guarantee == Guarantee::ExactlyOnce;
+    let txn_id = format!("kscore-{}-{}", t.input.group, opts.instance_id);
+    let make_producer = || -> anyhow::Result<ThreadedProducer<DefaultProducerContext>> {
+        let mut cfg = cluster.client_config()?;
+        cfg.set("enable.idempotence", "true")
+            .set("linger.ms", "5")
+            .set("partitioner", "murmur2_random");
+        if transactional {
+            cfg.set("transactional.id", &txn_id)
+                .set("transaction.timeout.ms", "60000");
+        }
+        let p: ThreadedProducer<DefaultProducerContext> = cfg.create()?;
+        if transactional {
+            // Fences an earlier producer with this id and aborts what it left open.
+            p.init_transactions(Duration::from_secs(60))?;
+        }
+        Ok(p)
+    };
+    let mut producer = make_producer()?;
+    tracing::info!(topology = %t.name, input = %t.input.topic, group = %t.input.group, transactional_id = %txn_id,
+        guarantee = ?t.delivery.guarantee, "processor running");
+
+    let mut states: HashMap<i32, FeatureState> = HashMap::new();
+    let mut summary = RunSummary::default();
+    let mut reporter = Reporter::new(opts.summary_every, &t.name);
+
+    while !stop.load(Ordering::Relaxed) {
+        // 1. Gather a cycle.
+        let started = Instant::now();
+        let mut pending: Vec<Pending> = Vec::new();
+        let mut first_offsets: BTreeMap<i32, i64> = BTreeMap::new();
+        let mut next_offsets: BTreeMap<i32, i64> = BTreeMap::new();
+        let mut outstanding = 0usize;
+        let mut discarded = false;
+        while started.elapsed() < t.delivery.commit_interval
+            && pending.len() < opts.max_cycle_records
+            && !stop.load(Ordering::Relaxed)
+        {
+            let wait = t
+                .delivery
+                .commit_interval
+                .saturating_sub(started.elapsed())
+                .min(Duration::from_millis(50));
+            let msg = consumer.poll(wait);
+            if consumer.context().revoked.swap(false, Ordering::SeqCst) {
+                discarded = true;
+                break;
+            }
+            let msg = match msg {
+                None => continue,
+                Some(Err(e)) => {
+                    tracing::warn!("consumer: {e}");
+                    continue;
+                }
+                Some(Ok(m)) => m,
+            };
+            first_offsets.entry(msg.partition()).or_insert(msg.offset());
+            next_offsets.insert(msg.partition(), msg.offset() + 1);
+            metrics::counter!(names::CONSUMED, "topic" => t.input.topic.clone()).increment(1);
+            let p = take(
+                &msg,
+                &decoder,
+                &rt,
+                &set,
+                states.entry(msg.partition()).or_default(),
+                &stop,
+            );
+            if let Outcome::Scored { features, .. } = &p.outcome {
+                let ticket = pending.len() as u64;
+                for (b, cols) in batchers.iter().zip(&model_columns) {
+                    let row: Vec<f32> = cols.iter().map(|&c| features[c] as f32).collect();
+                    b.submit(ticket, row);
+                    outstanding += 1;
+                }
+            }
+            pending.push(p);
+        }
+        if discarded {
+            wait_scores(&results, &mut pending, outstanding, &batchers);
+            tracing::info!(
+                records = pending.len(),
+                "rebalance: discarding the cycle in progress and the revoked partitions' state"
+            );
+            // Eager rebalancing revokes every partition; their state is rebuilt from the input.
+            states.clear();
+            continue;
+        }
+        if pending.is_empty() {
+            reporter.tick(&summary);
+            continue;
+        }
+
+        // 2. Every score.
+        for b in &batchers {
+            b.flush();
+        }
+        wait_scores(&results, &mut pending, outstanding, &batchers);
+
+        // 3. Publish and commit.
+        let commit_started = Instant::now();
+        let result = publish(
+            &producer,
+            &consumer,
+            &outputs,
+            loaded,
+            &feature_names,
+            &versions,
+            opts,
+            &pending,
+            &next_offsets,
+            transactional,
+        );
+        match result {
+            Ok(counts) => {
+                for s in states.values_mut() {
+                    s.checkpoint();
+                }
+                let now = now_ms();
+                for p in &pending {
+                    if let Outcome::Scored { event_time, .. } = &p.outcome {
+                        let secs = (now - event_time) as f64 / 1000.0;
+                        metrics::histogram!(names::EVENT_TO_COMMIT_SECONDS).record(secs);
+                        reporter.latency(secs);
+                    }
+                }
+                metrics::counter!(names::COMMITS).increment(1);
+                metrics::histogram!(names::COMMIT_SECONDS)
+                    .record(commit_started.elapsed().as_secs_f64());
+                metrics::gauge!(names::STATE_KEYS)
+                    .set(states.values().map(FeatureState::keys).sum::<usize>() as f64);
+                summary.consumed += pending.len() as u64;
+                summary.scored += counts.0;
+                summary.alerts += counts.1;
+                summary.dead_lettered += counts.2;
+                summary.commits += 1;
+            }
+            Err(e) => {
+                summary.aborts += 1;
+                let (reason, fatal) = classify(&e);
+                metrics::counter!(names::ABORTS, "reason" => reason).increment(1);
+                tracing::warn!(error = %e, fatal, "cycle failed; rolling back feature state and rewinding to the cycle's first offsets");
+                if transactional && !fatal {
+                    if let Err(e) = producer.abort_transaction(Duration::from_secs(30)) {
+                        tracing::warn!("abort_transaction: {e}; rebuilding the producer");
+                        producer = make_producer()?;
+                    }
+                } else if transactional {
+                    producer = make_producer()?;
+                }
+                for s in states.values_mut() {
+                    s.rollback();
+                }
+                for (partition, offset) in &first_offsets {
+                    if let Err(e) = consumer.seek(
+                        &t.input.topic,
+                        *partition,
+                        Offset::Offset(*offset),
+                        Duration::from_secs(10),
+                    ) {
+                        tracing::warn!(
+                            partition,
+                            offset,
+                            "seek after abort failed: {e}; discarding the partition's state"
+                        );
+                        states.remove(partition);
+                    }
+                }
+            }
+        }
+        reporter.tick(&summary);
+    }
+    for b in batchers {
+        b.shutdown();
+    }
+    tracing::info!(?summary, "processor stopped");
+    Ok(summary)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Decodes and featurises one record.
+fn take(
+    msg: &BorrowedMessage<'_>,
+    decoder: &Decoder,
+    rt: &Handle,
+    set: &FeatureSet,
+    state: &mut FeatureState,
+    stop: &AtomicBool,
+) -> Pending {
+    let dead = |reason: &'static str, error: String| Outcome::Dead {
+        payload: msg.payload().map(<[u8]>::to_vec),
+        reason,
+        error,
+    };
+    let mut backoff = Duration::from_millis(100);
+    let decoded = loop {
+        match rt.block_on(decoder.decode(msg.payload())) {
+            Err(e) if e.is_retriable() && !stop.load(Ordering::Relaxed) => {
+                // The registry being down says nothing about the record: wait, do not dead-letter.
+                metrics::counter!(names::REGISTRY_RETRIES).increment(1);
+                tracing::warn!(
+                    partition = msg.partition(),
+                    offset = msg.offset(),
+                    "registry unavailable, retrying in {backoff:?}: {e}"
+                );
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+            other => break other,
+        }
+    };
+    let outcome = match decoded {
+        Err(e) => dead(e.reason(), e.to_string()),
+        Ok(d) => match set.extract(&d.value) {
+            Err(e) => dead(e.reason(), e.to_string()),
+            Ok(ev) => {
+                let event_time = ev.time;
+                match state.update(set, ev) {
+                    Err(e) => dead(e.reason(), e.to_string()),
+                    Ok(features) => Outcome::Scored {
+                        event: d.value,
+                        schema_id: d.schema_id,
+                        event_time,
+                        features,
+                        scores: Vec::new(),
+                    },
+                }
+            }
+        },
+    };
+    Pending {
+        partition: msg.partition(),
+        offset: msg.offset(),
+        key: msg.key().map(<[u8]>::to_vec),
+        outcome,
+    }
+}
+
+fn wait_scores(
+    results: &std::sync::mpsc::Receiver<Scored>,
+    pending: &mut [Pending],
+    mut outstanding: usize,
+    batchers: &[ModelBatcher],
+) {
+    for p in pending.iter_mut() {
+        if let Outcome::Scored { scores, .. } = &mut p.outcome {
+            scores.resize(batchers.len(), None);
+        }
+    }
+    let mut failures: Vec<(u64, String)> = Vec::new();
+    while outstanding > 0 {
+        let Ok(batch) = results.recv() else { break };
+        match batch.rows {
+            Ok(rows) => {
+                outstanding -= rows.len();
+                for (ticket, values) in rows {
+                    if let Some(Pending {
+                        outcome: Outcome::Scored { scores, .. },
+                        ..
+                    }) = pending.get_mut(ticket as usize)
+                    {
+                        scores[batch.model] = Some(values);
+                    }
+                }
+            }
+            Err((tickets, e)) => {
+                outstanding -= tickets.len();
+                failures.extend(tickets.into_iter().map(|t| (t, e.to_string())));
+            }
+        }
+    }
+    for (ticket, error) in failures {
+        if let Some(p) = pending.get_mut(ticket as usize) {
+            p.outcome = Outcome::Dead {
+                payload: None,
+                reason: "scoring_failed",
+                error,
+            };
+        }
+    }
+}
+
+/// (scored, alerts, dead letters) published.
+type Counts = (u64, u64, u64);
+
+#[allow(clippy::too_many_arguments)]
+fn publish(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    consumer: &BaseConsumer<SourceContext>,
+    out: &Outputs,
+    loaded: &Loaded,
+    feature_names: &[&str],
+    versions: &[String],
+    opts: &RunOptions,
+    pending: &[Pending],
+    next_offsets: &BTreeMap<i32, i64>,
+    transactional: bool,
+) -> Result<Counts, KafkaError> {
+    let t = &loaded.topology;
+    if transactional {
+        producer.begin_transaction()?;
+    }
+    let now = now_ms();
+    let mut counts = (0, 0, 0);
+    let mut buf = Vec::with_capacity(1024);
+    for p in pending {
+        match &p.outcome {
+            Outcome::Scored {
+                event,
+                schema_id,
+                features,
+                scores,
+                ..
+            } => {
+                let mut values = Vec::new();
+                for (m, model) in t.models.iter().enumerate() {
+                    let got = scores.get(m).cloned().flatten().unwrap_or_default();
+                    for (s, spec) in model.scores.iter().enumerate() {
+                        values.push(ScoreValue {
+                            model: model.name.clone(),
+                            version: versions[m].clone(),
+                            score: spec.name.clone(),
+                            qualified: format!("{}.{}", model.name, spec.name),
+                            value: got.get(s).copied().unwrap_or(f64::NAN),
+                        });
+                    }
+                }
+                if let Some(bad) = values.iter().find(|v| !v.value.is_finite()) {
+                    let error = format!("score {} is not a finite number", bad.qualified);
+                    send_dead(producer, out, t, p, None, "non_finite_score", &error)?;
+                    counts.2 += 1;
+                    continue;
+                }
+                let (decision, fired) = output::decide(&t.alerts, &values);
+                let prov = Provenance {
+                    processor: &opts.instance_id,
+                    topology: &t.name,
+                    topic: &t.input.topic,
+                    partition: p.partition,
+                    offset: p.offset,
+                    schema_id: *schema_id,
+                    processed_at: now,
+                };
+                let record = output::scored_record(
+                    event.clone(),
+                    feature_names,
+                    features,
+                    &values,
+                    decision,
+                    &fired,
+                    &prov,
+                );
+                buf.clear();
+                if let Err(e) = out.scored.encode_into(record, &mut buf) {
+                    send_dead(producer, out, t, p, None, "unencodable", &e.to_string())?;
+                    counts.2 += 1;
+                    continue;
+                }
+                send(producer, &out.scored_topic, p.key.as_deref(), &buf, None)?;
+                counts.0 += 1;
+                if let Some(alerts) = out.alerts_topic.as_ref().filter(|_| !fired.is_empty()) {
+                    send(producer, alerts, p.key.as_deref(), &buf, None)?;
+                    counts.1 += 1;
+                    for r in &fired {
+                        metrics::counter!(names::ALERTS, "rule" => r.clone()).increment(1);
+                    }
+                }
+                metrics::counter!(names::SCORED, "topic" => t.input.topic.clone()).increment(1);
+            }
+            Outcome::Dead {
+                payload,
+                reason,
+                error,
+            } => {
+                send_dead(producer, out, t, p, payload.as_deref(), reason, error)?;
+                counts.2 += 1;
+            }
+        }
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (partition, next) in next_offsets {
+        tpl.add_partition_offset(&t.input.topic, *partition, Offset::Offset(*next))?;
+    }
+    if transactional {
+        let cgm = consumer
+            .group_metadata()
+            .ok_or_else(|| KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownMemberId))?;
+        producer.send_offsets_to_transaction(&tpl, &cgm, Duration::from_secs(30))?;
+        producer.commit_transaction(Duration::from_secs(60))?;
+    } else {
+        producer.flush(Duration::from_secs(60))?;
+        consumer.commit(&tpl, rdkafka::consumer::CommitMode::Sync)?;
+    }
+    Ok(counts)
+}
+
+fn send(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    topic: &str,
+    key: Option<&[u8]>,
+    payload: &[u8],
+    headers: Option<OwnedHeaders>,
+) -> Result<(), KafkaError> {
+    let mut record = BaseRecord::<[u8], [u8]>::to(topic).payload(payload);
+    if let Some(k) = key {
+        record = record.key(k);
+    }
+    if let Some(h) = headers {
+        record = record.headers(h);
+    }
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
+/// The dead letter: the original key and bytes, the reason and where it came from in headers.
+fn send_dead(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    out: &Outputs,
+    t: &crate::topology::Topology,
+    p: &Pending,
+    payload: Option<&[u8]>,
+    reason: &str,
+    error: &str,
+) -> Result<(), KafkaError> {
+    metrics::counter!(names::DEAD_LETTERED, "reason" => reason.to_string()).increment(1);
+    let partition = p.partition.to_string();
+    let offset = p.offset.to_string();
+    let headers = OwnedHeaders::new()
+        .insert(Header {
+            key: "kscore.reason",
+            value: Some(reason),
+        })
+        .insert(Header {
+            key: "kscore.error",
+            value: Some(error),
+        })
+        .insert(Header {
+            key: "kscore.source.topic",
+            value: Some(&t.input.topic),
+        })
+        .insert(Header {
+            key: "kscore.source.partition",
+            value: Some(&partition),
+        })
+        .insert(Header {
+            key: "kscore.source.offset",
+            value: Some(&offset),
+        })
+        .insert(Header {
+            key: "kscore.topology",
+            value: Some(&t.name),
+        });
+    send(
+        producer,
+        &out.dlq_topic,
+        p.key.as_deref(),
+        payload.unwrap_or_default(),
+        Some(headers),
+    )
+}
+
+/// A short reason label, and whether the producer must be rebuilt.
+fn classify(e: &KafkaError) -> (&'static str, bool) {
+    match e {
+        KafkaError::Transaction(t) if t.is_fatal() => ("fatal", true),
+        KafkaError::Transaction(t) if t.txn_requires_abort() => ("abortable", false),
+        KafkaError::Transaction(_) => ("transaction", false),
+        KafkaError::MessageProduction(_) => ("produce", false),
+        _ => ("other", false),
+    }
+}
+
+/// The live one-line summary.
+struct Reporter {
+    every: Option<Duration>,
+    name: String,
+    last: Instant,
+    last_consumed: u64,
+    latencies: Vec<f64>,
+}
+
+impl Reporter {
+    fn new(every: Option<Duration>, name: &str) -> Self {
+        Reporter {
+            every,
+            name: name.to_string(),
+            last: Instant::now(),
+            last_consumed: 0,
+            latencies: Vec::new(),
+        }
+    }
+
+    fn latency(&mut self, secs: f64) {
+        if self.every.is_some() {
+            self.latencies.push(secs);
+        }
+    }
+
+    fn tick(&mut self, s: &RunSummary) {
+        let Some(every) = self.every else { return };
+        if self.last.elapsed() < every {
+            return;
+        }
+        let rate = (s.consumed - self.last_consumed) as f64 / self.last.elapsed().as_secs_f64();
+        self.latencies.sort_by(f64::total_cmp);
+        let p99 = self
+            .latencies
+            .get(((self.latencies.len() as f64) * 0.99) as usize)
+            .or(self.latencies.last())
+            .copied();
+        println!(
+            "[kscore {}] {rate:.0} events/s | scored {} | alerts {} | dead letters {} | event-time→commit p99 {} | commits {} aborts {}",
+            self.name,
+            s.scored,
+            s.alerts,
+            s.dead_lettered,
+            p99.map_or("-".to_string(), |x| format!("{:.0} ms", x * 1000.0)),
+            s.commits,
+            s.aborts
+        );
+        self.last = Instant::now();
+        self.last_consumed = s.consumed;
+        self.latencies.clear();
+    }
+}
