@@ -53,6 +53,9 @@ pub struct RunOptions {
     pub max_cycle_records: usize,
     /// How often to print the one-line summary (`None`: never).
     pub summary_every: Option<Duration>,
+    /// Testing aid: abort the n-th transaction (once) after all its records were sent, to show
+    /// that an aborted cycle is redone and its records never reach `read_committed`.
+    pub abort_once_at: Option<u64>,
 }
 
 impl Default for RunOptions {
@@ -61,6 +64,7 @@ impl Default for RunOptions {
             instance_id: "0".into(),
             max_cycle_records: 20_000,
             summary_every: None,
+            abort_once_at: None,
         }
     }
 }
@@ -254,6 +258,7 @@ pub fn run(
     let mut states: HashMap<i32, FeatureState> = HashMap::new();
     let mut summary = RunSummary::default();
     let mut reporter = Reporter::new(opts.summary_every, &t.name);
+    let mut cycles = 0u64;
 
     while !stop.load(Ordering::Relaxed) {
         // 1. Gather a cycle.
@@ -329,6 +334,8 @@ pub fn run(
 
         // 3. Publish and commit.
         let commit_started = Instant::now();
+        cycles += 1;
+        let inject = transactional && opts.abort_once_at == Some(cycles);
         let result = publish(
             &producer,
             &consumer,
@@ -340,6 +347,7 @@ pub fn run(
             &pending,
             &next_offsets,
             transactional,
+            inject,
         );
         match result {
             Ok(counts) => {
@@ -370,12 +378,14 @@ pub fn run(
                 let (reason, fatal) = classify(&e);
                 metrics::counter!(names::ABORTS, "reason" => reason).increment(1);
                 tracing::warn!(error = %e, fatal, "cycle failed; rolling back feature state and rewinding to the cycle's first offsets");
-                if transactional && !fatal {
-                    if let Err(e) = producer.abort_transaction(Duration::from_secs(30)) {
-                        tracing::warn!("abort_transaction: {e}; rebuilding the producer");
-                        producer = make_producer()?;
+                if transactional {
+                    if !fatal && let Err(e) = producer.abort_transaction(Duration::from_secs(30)) {
+                        tracing::warn!("abort_transaction: {e}");
                     }
-                } else if transactional {
+                    // A fresh producer with the same transactional.id: init_transactions fences
+                    // the old one and settles whatever it left open. Readers of the local
+                    // stand-in broker only move past an aborted transaction after this; aborts
+                    // are rare, so it is done after every one.
                     producer = make_producer()?;
                 }
                 for s in states.values_mut() {
@@ -530,6 +540,7 @@ fn publish(
     pending: &[Pending],
     next_offsets: &BTreeMap<i32, i64>,
     transactional: bool,
+    inject_abort: bool,
 ) -> Result<Counts, KafkaError> {
     let t = &loaded.topology;
     if transactional {
@@ -620,6 +631,11 @@ fn publish(
         let cgm = consumer
             .group_metadata()
             .ok_or_else(|| KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownMemberId))?;
+        if inject_abort {
+            // Make sure the records reached the broker, so the abort is visible to readers.
+            producer.flush(Duration::from_secs(30))?;
+            return Err(KafkaError::Canceled);
+        }
         producer.send_offsets_to_transaction(&tpl, &cgm, Duration::from_secs(30))?;
         producer.commit_transaction(Duration::from_secs(60))?;
     } else {
@@ -709,6 +725,7 @@ fn classify(e: &KafkaError) -> (&'static str, bool) {
         KafkaError::Transaction(t) if t.txn_requires_abort() => ("abortable", false),
         KafkaError::Transaction(_) => ("transaction", false),
         KafkaError::MessageProduction(_) => ("produce", false),
+        KafkaError::Canceled => ("injected", false),
         _ => ("other", false),
     }
 }

@@ -1,0 +1,558 @@
+//! The processor end to end on the local stack, exactly once: simulated payments over several
+//! partitions and many cards plus injected bad records go in; a `read_committed` reader of the
+//! outputs sees exactly one scored record per good input (none missing, none twice), every
+//! feature equal to a straightforward computation written here, every score equal to the
+//! model's score for those features, alerts exactly where a rule fires, and each bad record in
+//! the dead-letter topic with its reason. The third transaction is aborted on purpose after
+//! its records were sent: a `read_uncommitted` reader sees them, the `read_committed` one never.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use apache_avro::types::Value;
+use kscore::cluster::ClusterArgs;
+use kscore::payments::{Channel, EntryMode, Payment};
+use kscore::pipeline::{self, RunOptions};
+use kscore::scorer::{ScoringSession, runtime};
+use kscore::simulator::{self, SimulateArgs, Simulator};
+use kscore::sink::FramedEncoder;
+use kscore::source::Decoder;
+use kscore::{schemas, topology};
+use rdkafka::Message;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+const N: u64 = 1_200;
+
+struct Record {
+    key: Option<Vec<u8>>,
+    payload: Vec<u8>,
+    headers: HashMap<String, String>,
+}
+
+fn read(
+    cluster: &ClusterArgs,
+    topic: &str,
+    isolation: &str,
+    expected: usize,
+    timeout: Duration,
+) -> Vec<Record> {
+    let consumer: BaseConsumer = cluster
+        .client_config()
+        .unwrap()
+        .set(
+            "group.id",
+            format!("pipeline-reader-{}", uuid::Uuid::new_v4()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", isolation)
+        // The output topics appear when the processor starts: notice them quickly.
+        .set("topic.metadata.refresh.interval.ms", "500")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    let mut quiet_since = Instant::now();
+    while Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| {
+                                (
+                                    h.key.to_string(),
+                                    String::from_utf8_lossy(h.value.unwrap_or_default())
+                                        .into_owned(),
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.push(Record {
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: m.payload().unwrap_or_default().to_vec(),
+                    headers,
+                });
+                quiet_since = Instant::now();
+            }
+            // The processor creates its output topics when it starts; until then they are unknown.
+            Some(Err(e)) if e.to_string().contains("UnknownTopicOrPartition") => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+            Some(Err(e)) => panic!("reader: {e}"),
+            None => {}
+        }
+        // Done once the expected count is there and nothing more came for a second.
+        if out.len() >= expected && quiet_since.elapsed() > Duration::from_secs(1) {
+            break;
+        }
+    }
+    out
+}
+
+/// Waits until the group's committed offsets reach the end of every partition of `topic`.
+fn wait_committed(cluster: &ClusterArgs, topic: &str, group: &str, timeout: Duration) {
+    let consumer: BaseConsumer = cluster
+        .client_config()
+        .unwrap()
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let deadline = Instant::now() + timeout;
+    loop {
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(5))
+            .unwrap();
+        let partitions: Vec<i32> = metadata.topics()[0]
+            .partitions()
+            .iter()
+            .map(|p| p.id())
+            .collect();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for p in &partitions {
+            tpl.add_partition(topic, *p);
+        }
+        let committed = consumer
+            .committed_offsets(tpl, Duration::from_secs(5))
+            .unwrap();
+        let done = partitions.iter().all(|p| {
+            let (_, high) = consumer.fetch_watermarks(topic, *p, Duration::from_secs(5)).unwrap();
+            matches!(committed.find_partition(topic, *p).map(|e| e.offset()), Some(rdkafka::Offset::Offset(o)) if o >= high)
+        });
+        if done {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the processor did not commit the whole input in time"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn field<'v>(v: &'v Value, name: &str) -> &'v Value {
+    match v {
+        Value::Record(fields) => fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v)
+            .unwrap_or_else(|| panic!("no field {name}")),
+        other => panic!("not a record: {other:?}"),
+    }
+}
+
+/// The fraud topology's features, straight from their definitions, for event `i` of a card's
+/// in-order events.
+fn expected_features(card: &[&Payment], i: usize) -> HashMap<&'static str, f64> {
+    let e = card[i];
+    let t = e.event_time;
+    let m = 60_000i64;
+    let (h, d) = (60 * m, 24 * 60 * m);
+    let win = |ms: i64| -> Vec<&Payment> {
+        card[..=i]
+            .iter()
+            .copied()
+            .filter(|p| p.event_time > t - ms)
+            .collect()
+    };
+    let amounts = |w: &[&Payment]| w.iter().map(|p| p.amount_minor as f64).collect::<Vec<_>>();
+    let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len() as f64;
+    let distinct = |w: &[&Payment], f: fn(&Payment) -> String| {
+        w.iter().map(|p| f(p)).collect::<HashSet<_>>().len() as f64
+    };
+    let is_new = |w: &[&Payment], f: fn(&Payment) -> String| {
+        f64::from(u8::from(!w[..w.len() - 1].iter().any(|p| f(p) == f(e))))
+    };
+    let b = |x: bool| f64::from(u8::from(x));
+    let w7 = win(7 * d);
+    let a7 = amounts(&w7);
+    let m7 = mean(&a7);
+    HashMap::from([
+        ("amount", e.amount_minor as f64),
+        ("online", b(e.channel == Channel::Ecommerce)),
+        ("atm", b(e.channel == Channel::Atm)),
+        ("manual_entry", b(e.entry_mode == EntryMode::Manual)),
+        ("magstripe", b(e.entry_mode == EntryMode::Magstripe)),
+        ("abroad", b(e.merchant_country != e.card_country)),
+        ("count_10m", win(10 * m).len() as f64),
+        ("count_1h", win(h).len() as f64),
+        ("count_24h", win(d).len() as f64),
+        ("sum_1h", amounts(&win(h)).iter().sum()),
+        (
+            "max_24h",
+            amounts(&win(d)).iter().copied().fold(f64::MIN, f64::max),
+        ),
+        ("mean_7d", m7),
+        (
+            "std_7d",
+            (a7.iter().map(|a| (a - m7).powi(2)).sum::<f64>() / a7.len() as f64).sqrt(),
+        ),
+        ("amount_to_mean_7d", e.amount_minor as f64 / m7),
+        ("merchants_1h", distinct(&win(h), |p| p.merchant_id.clone())),
+        (
+            "merchants_24h",
+            distinct(&win(d), |p| p.merchant_id.clone()),
+        ),
+        (
+            "countries_24h",
+            distinct(&win(d), |p| p.merchant_country.clone()),
+        ),
+        ("new_merchant_7d", is_new(&w7, |p| p.merchant_id.clone())),
+        (
+            "new_country_7d",
+            is_new(&w7, |p| p.merchant_country.clone()),
+        ),
+        (
+            "new_device_7d",
+            is_new(&w7, |p| format!("{:?}", p.device_id)),
+        ),
+        (
+            "secs_since_last",
+            if i == 0 || t - card[i - 1].event_time > 8 * d {
+                -1.0
+            } else {
+                (t - card[i - 1].event_time) as f64 / 1000.0
+            },
+        ),
+    ])
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_one_correct_scored_record_per_input_and_bad_records_dead_lettered() {
+    runtime::init(None).expect("ONNX Runtime (ORT_DYLIB_PATH)");
+    kscore::telemetry::init_logs(kscore::telemetry::LogFormat::Text);
+    let cluster = ClusterArgs::from_env();
+    let run_id = uuid::Uuid::new_v4().simple().to_string();
+    let mut loaded = topology::load(Path::new("topologies/fraud.toml")).expect("shipped topology");
+    {
+        let t = &mut loaded.topology;
+        t.input.topic = format!("pipe-in-{run_id}");
+        t.input.group = format!("pipe-group-{run_id}");
+        t.output.scored_topic = format!("pipe-scored-{run_id}");
+        t.output.alerts_topic = Some(format!("pipe-alerts-{run_id}"));
+        t.output.dead_letter_topic = format!("pipe-dlq-{run_id}");
+    }
+    let t = loaded.topology.clone();
+
+    // Input: simulated payments over 3 partitions (40 cards, hours of event time)...
+    let args = SimulateArgs {
+        topic: t.input.topic.clone(),
+        partitions: 3,
+        count: Some(N),
+        duration: None,
+        rate: None,
+        event_rate: 0.05,
+        start: None,
+        seed: 99,
+        cards: 40,
+        merchants: 60,
+        fraud_per_10k: 150.0,
+        labels: None,
+        output_file: None,
+        progress: Duration::from_secs(60),
+    };
+    simulator::run(&cluster, &args, Arc::new(AtomicBool::new(false)))
+        .await
+        .expect("simulator");
+    let events: Vec<Payment> = Simulator::new(args.sim_config(0).unwrap())
+        .unwrap()
+        .take(N as usize)
+        .map(|(p, _)| p)
+        .collect();
+
+    // ... and bad records: not framed, unknown schema id, cut short, and a payment whose
+    // ratio-to-mean feature is 0/0.
+    let sr = cluster.registry().unwrap();
+    let encoder = FramedEncoder::register(
+        &sr,
+        &schemas::value_subject(&t.input.topic),
+        schemas::PAYMENT_AVSC,
+    )
+    .await
+    .unwrap();
+    let mut zero = events[0].clone();
+    zero.card_id = "crd_zero".into();
+    zero.event_id = uuid::Uuid::from_u128(7);
+    zero.amount_minor = 0;
+    let good = encoder.encode(events[1].to_value()).unwrap();
+    let mut unknown = good.clone();
+    unknown[1..5].copy_from_slice(&424_242u32.to_be_bytes());
+    let bad: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "bad-json",
+            br#"{"card_id":"x"}"#.to_vec(),
+            "not_confluent_framed",
+        ),
+        ("bad-id", unknown, "unknown_schema_id"),
+        ("bad-short", good[..good.len() / 3].to_vec(), "undecodable"),
+        (
+            "crd_zero",
+            encoder.encode(zero.to_value()).unwrap(),
+            "non_finite_feature",
+        ),
+    ];
+    let producer: FutureProducer = cluster.client_config().unwrap().create().unwrap();
+    for (key, payload, _) in &bad {
+        producer
+            .send(
+                FutureRecord::<str, [u8]>::to(&t.input.topic)
+                    .key(key)
+                    .payload(payload.as_slice()),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+
+    // The processor, aborting its third transaction once.
+    let stop = Arc::new(AtomicBool::new(false));
+    let opts = RunOptions {
+        instance_id: format!("test-{run_id}"),
+        max_cycle_records: 150,
+        abort_once_at: Some(3),
+        ..Default::default()
+    };
+    let processor = {
+        let (cluster, loaded, stop) = (cluster.clone(), loaded.clone(), stop.clone());
+        let rt = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || pipeline::run(&cluster, &loaded, &opts, rt, stop))
+    };
+
+    // Wait until the processor has committed the whole input, then read the outputs with fresh
+    // readers. (A read_committed reader that is fetching while a transaction is aborted stalls
+    // on the local stand-in broker; Kafka does not do that.)
+    {
+        let (c, topic, group) = (
+            cluster.clone(),
+            t.input.topic.clone(),
+            t.input.group.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            wait_committed(&c, &topic, &group, Duration::from_secs(120))
+        })
+        .await
+        .unwrap();
+    }
+    let scored = {
+        let (c, topic) = (cluster.clone(), t.output.scored_topic.clone());
+        tokio::task::spawn_blocking(move || {
+            read(
+                &c,
+                &topic,
+                "read_committed",
+                N as usize,
+                Duration::from_secs(60),
+            )
+        })
+        .await
+        .unwrap()
+    };
+    let dead = {
+        let (c, topic) = (cluster.clone(), t.output.dead_letter_topic.clone());
+        let n = bad.len();
+        tokio::task::spawn_blocking(move || {
+            read(&c, &topic, "read_committed", n, Duration::from_secs(30))
+        })
+        .await
+        .unwrap()
+    };
+    let alerts = {
+        let (c, topic) = (cluster.clone(), t.output.alerts_topic.clone().unwrap());
+        tokio::task::spawn_blocking(move || {
+            read(&c, &topic, "read_committed", 1, Duration::from_secs(10))
+        })
+        .await
+        .unwrap()
+    };
+    let uncommitted = {
+        let (c, topic) = (cluster.clone(), t.output.scored_topic.clone());
+        tokio::task::spawn_blocking(move || {
+            read(
+                &c,
+                &topic,
+                "read_uncommitted",
+                N as usize + 1,
+                Duration::from_secs(10),
+            )
+        })
+        .await
+        .unwrap()
+    };
+    stop.store(true, Ordering::Relaxed);
+    let summary = processor.await.unwrap().expect("processor ran");
+    assert_eq!(summary.aborts, 1, "{summary:?}");
+    assert!(
+        uncommitted.len() > scored.len(),
+        "aborted records should be visible read_uncommitted only: {} vs {}",
+        uncommitted.len(),
+        scored.len()
+    );
+
+    // Exactly one scored record per good input.
+    let scored_schema = apache_avro::Schema::parse_str(
+        &kscore::sink::output::scored_schema(schemas::PAYMENT_AVSC).unwrap(),
+    )
+    .unwrap();
+    let decoder = Decoder::new(sr.clone(), scored_schema);
+    let mut by_id: HashMap<uuid::Uuid, Value> = HashMap::new();
+    for r in &scored {
+        let v = decoder
+            .decode(Some(&r.payload))
+            .await
+            .expect("scored record decodes")
+            .value;
+        let p = Payment::from_value(field(&v, "event")).expect("embedded payment");
+        assert_eq!(r.key.as_deref(), Some(p.card_id.as_bytes()));
+        assert_eq!(
+            p,
+            events
+                .iter()
+                .find(|e| e.event_id == p.event_id)
+                .cloned()
+                .expect("a known event"),
+            "event copied whole"
+        );
+        assert!(
+            by_id.insert(p.event_id, v).is_none(),
+            "event {} scored twice",
+            p.event_id
+        );
+    }
+    assert_eq!(by_id.len(), N as usize, "one scored record per good input");
+
+    // Features: straightforward computation per card; scores: the model on those features.
+    let mut sessions: Vec<ScoringSession> = t
+        .models
+        .iter()
+        .zip(&loaded.model_paths)
+        .map(|(m, p)| ScoringSession::open(m, p).unwrap())
+        .collect();
+    let mut cards: HashMap<&str, Vec<&Payment>> = HashMap::new();
+    for e in &events {
+        cards.entry(e.card_id.as_str()).or_default().push(e);
+    }
+    let mut expected_alerts = HashSet::new();
+    for card in cards.values() {
+        for i in 0..card.len() {
+            let want = expected_features(card, i);
+            let v = &by_id[&card[i].event_id];
+            let Value::Map(got) = field(v, "features") else {
+                panic!("features is a map")
+            };
+            assert_eq!(got.len(), want.len());
+            for (name, w) in &want {
+                let Some(Value::Double(g)) = got.get(*name) else {
+                    panic!("feature {name} missing")
+                };
+                assert!(
+                    close(*g, *w),
+                    "event {} feature {name}: got {g}, want {w}",
+                    card[i].event_id
+                );
+            }
+            let Value::Array(scores) = field(v, "scores") else {
+                panic!("scores is an array")
+            };
+            let mut fired = Vec::new();
+            for (m, (model, session)) in t.models.iter().zip(sessions.iter_mut()).enumerate() {
+                let row: Vec<f32> = model
+                    .features
+                    .iter()
+                    .map(|f| want[f.as_str()] as f32)
+                    .collect();
+                let expect = session.score(&row).unwrap()[0][0];
+                let Value::Double(got) = field(&scores[m], "value") else {
+                    panic!("score value")
+                };
+                // Scored here one row at a time, in the pipeline in batches: ONNX Runtime's float32
+                // matrix kernels round differently by batch size, by a few units in the 7th digit.
+                assert!(
+                    (got - expect).abs() <= 1e-5 * expect.abs().max(1.0),
+                    "{}: {got} vs {expect}",
+                    model.name
+                );
+                assert_eq!(
+                    field(&scores[m], "version"),
+                    &Value::String(session.info().version.clone())
+                );
+                for r in t
+                    .alerts
+                    .iter()
+                    .filter(|r| r.score == format!("{}.{}", model.name, model.scores[0].name))
+                {
+                    if expect >= r.threshold {
+                        fired.push(r.name.clone());
+                    }
+                }
+            }
+            let Value::Array(got_fired) = field(v, "rules_fired") else {
+                panic!("rules_fired")
+            };
+            let got_fired: HashSet<String> = got_fired
+                .iter()
+                .map(|v| match v {
+                    Value::String(s) => s.clone(),
+                    _ => String::new(),
+                })
+                .collect();
+            assert_eq!(
+                got_fired,
+                fired.iter().cloned().collect::<HashSet<_>>(),
+                "rules for {}",
+                card[i].event_id
+            );
+            if !fired.is_empty() {
+                expected_alerts.insert(card[i].event_id);
+            }
+        }
+    }
+    // Alerts: exactly the events where a rule fired.
+    let mut alert_ids = HashSet::new();
+    for r in &alerts {
+        let v = decoder.decode(Some(&r.payload)).await.unwrap().value;
+        assert!(
+            alert_ids.insert(Payment::from_value(field(&v, "event")).unwrap().event_id),
+            "alert twice"
+        );
+    }
+    assert_eq!(alert_ids, expected_alerts);
+
+    // Dead letters: each bad record once, with its reason and origin.
+    assert_eq!(dead.len(), bad.len(), "dead letters");
+    for (key, payload, reason) in &bad {
+        let d = dead
+            .iter()
+            .find(|d| d.key.as_deref() == Some(key.as_bytes()))
+            .unwrap_or_else(|| panic!("no dead letter for {key}"));
+        assert_eq!(
+            d.headers.get("kscore.reason").map(String::as_str),
+            Some(*reason),
+            "{key}"
+        );
+        assert_eq!(d.headers.get("kscore.source.topic"), Some(&t.input.topic));
+        assert!(
+            d.headers
+                .get("kscore.source.offset")
+                .is_some_and(|o| o.parse::<i64>().is_ok())
+        );
+        assert!(d.headers.get("kscore.error").is_some_and(|e| !e.is_empty()));
+        assert_eq!(&d.payload, payload, "original bytes kept");
+    }
+    // Every input accounted for.
+    assert!(summary.consumed >= N + bad.len() as u64);
+    assert_eq!(by_id.len() + dead.len(), N as usize + bad.len());
+}
