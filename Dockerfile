@@ -20,6 +20,7 @@ COPY --from=build /opt/onnxruntime /opt/onnxruntime
 COPY --from=build /src/target/release/kscore /usr/local/bin/kscore
 COPY topologies /etc/kscore/topologies
 COPY schemas /etc/kscore/schemas
+COPY models /etc/kscore/models
 RUN mkdir -p /data && chown 65532 /data
 ENV ORT_DYLIB_PATH=/opt/onnxruntime/lib/libonnxruntime.so.1.31.1
 USER 65532

@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
 # The main job on the local stack: installs and starts everything, builds kscore (release), then
-# streams simulated card payments at a steady rate and shows them flowing, one line a second,
-# until Ctrl-C or for a given duration. The stack keeps running afterwards; stop it with
-# `scripts/stack.sh stop`.
+# streams simulated card payments at a steady rate through the processor with the shipped
+# topology (topologies/fraud.toml), printing a live one-line summary each second, until Ctrl-C
+# or for a given duration. The stack keeps running afterwards (`scripts/stack.sh stop`).
 #
-#   scripts/demo.sh [--duration 60s] [--rate 200] [--topic payments]
+#   scripts/demo.sh [--duration 60s] [--rate 100] [--cards 300000]
+#
+# Scored events go to `payments-scored`, alerts to `payments-alerts`, bad records to
+# `payments-dlq`; `kscore tail --topic payments` shows the input.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 DURATION=""
-RATE=200
-TOPIC=payments
+RATE=100
+CARDS=300000
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --duration) DURATION="$2"; shift 2 ;;
     --rate) RATE="$2"; shift 2 ;;
-    --topic) TOPIC="$2"; shift 2 ;;
-    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+    --cards) CARDS="$2"; shift 2 ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -29,15 +32,20 @@ scripts/stack.sh start
 eval "$(scripts/stack.sh env)"
 BIN="$ROOT/target/release/kscore"
 LOGS="$ROOT/.local/default/run"
+"$BIN" validate topologies/fraud.toml
 
 limit=()
 [[ -n "$DURATION" ]] && limit=(--duration "$DURATION")
 
-echo "[demo] simulating payments to '$TOPIC' at $RATE/s (log: $LOGS/simulator.log); Ctrl-C to stop"
-"$BIN" simulate --topic "$TOPIC" --rate "$RATE" --labels "$LOGS/labels.csv" "${limit[@]}" >"$LOGS/simulator.log" 2>&1 &
+# The simulator's cards transact about once an hour each at the default rate and card count,
+# the activity the shipped models were trained on (scripts/train.sh).
+echo "[demo] simulating payments to 'payments' at $RATE/s over $CARDS cards (log: $LOGS/simulator.log)"
+"$BIN" simulate --topic payments --rate "$RATE" --cards "$CARDS" --labels "$LOGS/labels.csv" "${limit[@]}" \
+  >"$LOGS/simulator.log" 2>&1 &
 SIM=$!
 cleanup() { kill "$SIM" 2>/dev/null || true; wait "$SIM" 2>/dev/null || true; echo "[demo] stopped; the stack is still up (scripts/stack.sh stop)"; }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-"$BIN" tail --topic "$TOPIC" "${limit[@]}"
+echo "[demo] processor: kscore run --topology topologies/fraud.toml (log: $LOGS/processor.log; metrics on http://127.0.0.1:9464/metrics)"
+"$BIN" run --topology topologies/fraud.toml --summary-every 1s --metrics-listen 127.0.0.1:9464 "${limit[@]}" 2>"$LOGS/processor.log"

@@ -18,6 +18,6 @@ fi
 cargo build --release --quiet --bin kscore
 mkdir -p "$DATA"
 target/release/kscore simulate --output-file "$DATA/events.avro" --labels "$DATA/labels.csv" \
-  --count 300000 --cards 5000 --merchants 1500 --event-rate 0.1 --fraud-per-10k 10 --seed 7
+  --count 300000 --cards 5000 --merchants 1500 --event-rate 1.67 --fraud-per-10k 10 --seed 7
 target/release/kscore features --topology topologies/fraud.toml --events "$DATA/events.avro" --output "$DATA/features.csv"
 "$VENV/bin/python" scripts/train_models.py "$DATA"

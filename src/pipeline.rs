@@ -228,6 +228,9 @@ pub fn run(
         .set("isolation.level", "read_committed")
         .set("auto.offset.reset", "earliest")
         .set("statistics.interval.ms", "5000")
+        // A fetch waits at most this long for data: well under the commit interval, so a quiet
+        // partition does not hold events back (librdkafka's default is 500 ms).
+        .set("fetch.wait.max.ms", "100")
         .create_with_context(SourceContext {
             revoked: AtomicBool::new(false),
         })?;

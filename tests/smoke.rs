@@ -307,3 +307,73 @@ async fn corrupt_records_are_decode_errors_not_panics() {
     let decoded = results[6].as_ref().expect("the good record decodes");
     assert_eq!(decoded.schema_id, id);
 }
+
+/// A producer that evolved its schema compatibly (an added optional field) is read through
+/// the reader schema: the new field is dropped, every other field comes through unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_written_with_an_evolved_schema_resolve_to_the_reader_schema() {
+    let cluster = ClusterArgs::from_env();
+    let sr = cluster.registry().expect("registry");
+    let topic = fresh_topic("smoke-evolved");
+    let subject = schemas::value_subject(&topic);
+    let v1 = kscore::sink::FramedEncoder::register(&sr, &subject, schemas::PAYMENT_AVSC)
+        .await
+        .expect("v1");
+    let mut json: serde_json::Value = serde_json::from_str(schemas::PAYMENT_AVSC).expect("json");
+    json["fields"]
+        .as_array_mut()
+        .expect("fields")
+        .push(serde_json::json!(
+            {"name": "loyalty_tier", "type": ["null", "string"], "default": null}
+        ));
+    let v2 = kscore::sink::FramedEncoder::register(&sr, &subject, &json.to_string())
+        .await
+        .expect("v2 is backward compatible");
+    assert_ne!(v1.schema_id(), v2.schema_id());
+
+    let p = Simulator::new(Default::default())
+        .expect("sim")
+        .next()
+        .expect("event")
+        .0;
+    let apache_avro::types::Value::Record(mut fields) = p.to_value() else {
+        panic!("record")
+    };
+    fields.push((
+        "loyalty_tier".into(),
+        apache_avro::types::Value::Union(
+            1,
+            Box::new(apache_avro::types::Value::String("gold".into())),
+        ),
+    ));
+    let framed = v2
+        .encode(apache_avro::types::Value::Record(fields))
+        .expect("encodes with v2");
+
+    let decoder = Decoder::new(sr, schemas::payment().expect("schema").clone());
+    let decoded = decoder
+        .decode(Some(&framed))
+        .await
+        .expect("resolves to the reader schema");
+    assert_eq!(decoded.schema_id, v2.schema_id());
+    assert_eq!(Payment::from_value(&decoded.value), Ok(p));
+    // And the older writer still decodes too.
+    let old = v1
+        .encode(
+            Simulator::new(Default::default())
+                .expect("sim")
+                .next()
+                .expect("event")
+                .0
+                .to_value(),
+        )
+        .expect("v1");
+    assert_eq!(
+        decoder
+            .decode(Some(&old))
+            .await
+            .expect("v1 decodes")
+            .schema_id,
+        v1.schema_id()
+    );
+}
