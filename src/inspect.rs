@@ -88,12 +88,15 @@ pub async fn run(
             Ok(Ok(msg)) => {
                 summary.records += 1;
                 window_records += 1;
-                match decoder
+                let parsed = decoder
                     .decode(msg.payload())
                     .await
-                    .map(|d| Payment::from_value(&d.value))
-                {
-                    Ok(Ok(p)) => {
+                    .map_err(|e| format!("undecodable: {e}"))
+                    .and_then(|d| {
+                        Payment::from_value(&d.value).map_err(|e| format!("not a payment: {e}"))
+                    });
+                match parsed {
+                    Ok(p) => {
                         metrics::counter!(names::TAIL_RECORDS, "outcome" => "decoded").increment(1);
                         let lag_ms = std::time::SystemTime::now()
                             .duration_since(std::time::UNIX_EPOCH)
@@ -110,25 +113,11 @@ pub async fn run(
                             lag_ms as f64 / 1000.0
                         ));
                     }
-                    Ok(Err(e)) => {
-                        summary.errors += 1;
-                        metrics::counter!(names::TAIL_RECORDS, "outcome" => "undecodable")
-                            .increment(1);
-                        tracing::warn!(
-                            partition = msg.partition(),
-                            offset = msg.offset(),
-                            "not a payment: {e}"
-                        );
-                    }
                     Err(e) => {
                         summary.errors += 1;
                         metrics::counter!(names::TAIL_RECORDS, "outcome" => "undecodable")
                             .increment(1);
-                        tracing::warn!(
-                            partition = msg.partition(),
-                            offset = msg.offset(),
-                            "undecodable: {e}"
-                        );
+                        tracing::warn!(partition = msg.partition(), offset = msg.offset(), "{e}");
                     }
                 }
             }
