@@ -295,7 +295,6 @@ pub fn run(
             };
             first_offsets.entry(msg.partition()).or_insert(msg.offset());
             next_offsets.insert(msg.partition(), msg.offset() + 1);
-            metrics::counter!(names::CONSUMED, "topic" => t.input.topic.clone()).increment(1);
             let p = take(
                 &msg,
                 &decoder,
@@ -371,9 +370,20 @@ pub fn run(
                 metrics::gauge!(names::STATE_KEYS)
                     .set(states.values().map(FeatureState::keys).sum::<usize>() as f64);
                 summary.consumed += pending.len() as u64;
-                summary.scored += counts.0;
-                summary.alerts += counts.1;
-                summary.dead_lettered += counts.2;
+                // Counted once committed, so a redone cycle is not counted twice.
+                let topic = t.input.topic.clone();
+                metrics::counter!(names::CONSUMED, "topic" => topic.clone())
+                    .increment(pending.len() as u64);
+                metrics::counter!(names::SCORED, "topic" => topic.clone()).increment(counts.scored);
+                for (reason, n) in &counts.dead {
+                    metrics::counter!(names::DEAD_LETTERED, "topic" => topic.clone(), "reason" => reason.clone()).increment(*n);
+                }
+                for (rule, n) in &counts.fired {
+                    metrics::counter!(names::ALERTS, "rule" => rule.clone()).increment(*n);
+                }
+                summary.scored += counts.scored;
+                summary.alerts += counts.alerts;
+                summary.dead_lettered += counts.dead.values().sum::<u64>();
                 summary.commits += 1;
             }
             Err(e) => {
@@ -528,8 +538,16 @@ fn wait_scores(
     }
 }
 
-/// (scored, alerts, dead letters) published.
-type Counts = (u64, u64, u64);
+/// What one cycle published.
+#[derive(Debug, Default)]
+struct Counts {
+    scored: u64,
+    alerts: u64,
+    /// Alerts by rule.
+    fired: BTreeMap<String, u64>,
+    /// Dead letters by reason.
+    dead: BTreeMap<String, u64>,
+}
 
 #[allow(clippy::too_many_arguments)]
 fn publish(
@@ -550,7 +568,7 @@ fn publish(
         producer.begin_transaction()?;
     }
     let now = now_ms();
-    let mut counts = (0, 0, 0);
+    let mut counts = Counts::default();
     let mut buf = Vec::with_capacity(1024);
     for p in pending {
         match &p.outcome {
@@ -576,8 +594,16 @@ fn publish(
                 }
                 if let Some(bad) = values.iter().find(|v| !v.value.is_finite()) {
                     let error = format!("score {} is not a finite number", bad.qualified);
-                    send_dead(producer, out, t, p, None, "non_finite_score", &error)?;
-                    counts.2 += 1;
+                    send_dead(
+                        producer,
+                        out,
+                        t,
+                        p,
+                        None,
+                        "non_finite_score",
+                        &error,
+                        &mut counts,
+                    )?;
                     continue;
                 }
                 let (decision, fired) = output::decide(&t.alerts, &values);
@@ -601,28 +627,43 @@ fn publish(
                 );
                 buf.clear();
                 if let Err(e) = out.scored.encode_into(record, &mut buf) {
-                    send_dead(producer, out, t, p, None, "unencodable", &e.to_string())?;
-                    counts.2 += 1;
+                    send_dead(
+                        producer,
+                        out,
+                        t,
+                        p,
+                        None,
+                        "unencodable",
+                        &e.to_string(),
+                        &mut counts,
+                    )?;
                     continue;
                 }
                 send(producer, &out.scored_topic, p.key.as_deref(), &buf, None)?;
-                counts.0 += 1;
+                counts.scored += 1;
                 if let Some(alerts) = out.alerts_topic.as_ref().filter(|_| !fired.is_empty()) {
                     send(producer, alerts, p.key.as_deref(), &buf, None)?;
-                    counts.1 += 1;
+                    counts.alerts += 1;
                     for r in &fired {
-                        metrics::counter!(names::ALERTS, "rule" => r.clone()).increment(1);
+                        *counts.fired.entry(r.clone()).or_default() += 1;
                     }
                 }
-                metrics::counter!(names::SCORED, "topic" => t.input.topic.clone()).increment(1);
             }
             Outcome::Dead {
                 payload,
                 reason,
                 error,
             } => {
-                send_dead(producer, out, t, p, payload.as_deref(), reason, error)?;
-                counts.2 += 1;
+                send_dead(
+                    producer,
+                    out,
+                    t,
+                    p,
+                    payload.as_deref(),
+                    reason,
+                    error,
+                    &mut counts,
+                )?;
             }
         }
     }
@@ -675,6 +716,7 @@ fn send(
 }
 
 /// The dead letter: the original key and bytes, the reason and where it came from in headers.
+#[allow(clippy::too_many_arguments)]
 fn send_dead(
     producer: &ThreadedProducer<DefaultProducerContext>,
     out: &Outputs,
@@ -683,8 +725,9 @@ fn send_dead(
     payload: Option<&[u8]>,
     reason: &str,
     error: &str,
+    counts: &mut Counts,
 ) -> Result<(), KafkaError> {
-    metrics::counter!(names::DEAD_LETTERED, "reason" => reason.to_string()).increment(1);
+    *counts.dead.entry(reason.to_string()).or_default() += 1;
     let partition = p.partition.to_string();
     let offset = p.offset.to_string();
     let headers = OwnedHeaders::new()

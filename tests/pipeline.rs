@@ -10,8 +10,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use apache_avro::types::Value;
@@ -22,6 +22,7 @@ use kscore::scorer::{ScoringSession, runtime};
 use kscore::simulator::{self, SimulateArgs, Simulator};
 use kscore::sink::FramedEncoder;
 use kscore::source::Decoder;
+use kscore::topology::config::Guarantee;
 use kscore::{schemas, topology};
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -231,10 +232,47 @@ fn close(a: f64, b: f64) -> bool {
     (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0)
 }
 
+/// The test process's metrics endpoint, installed once.
+fn metrics_url() -> &'static str {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        // From a thread outside the tests' runtimes: installed inside one, the endpoint would
+        // live on that runtime and end with its test.
+        let addr = format!("127.0.0.1:{port}").parse().unwrap();
+        std::thread::spawn(move || kscore::telemetry::metrics::install_exporter(addr))
+            .join()
+            .unwrap()
+            .unwrap();
+        format!("http://127.0.0.1:{port}/metrics")
+    })
+}
+
+/// The value of one metric line (name and exact label set as Prometheus prints them).
+async fn metric(line_start: &str) -> Option<f64> {
+    let text = reqwest::get(metrics_url()).await.ok()?.text().await.ok()?;
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exactly_one_correct_scored_record_per_input_and_bad_records_dead_lettered() {
+async fn exactly_once_with_an_aborted_transaction() {
+    scenario(Guarantee::ExactlyOnce, Some(3)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_least_once_without_failures_is_exact_too() {
+    scenario(Guarantee::AtLeastOnce, None).await;
+}
+
+async fn scenario(guarantee: Guarantee, abort_once_at: Option<u64>) {
     runtime::init(None).expect("ONNX Runtime (ORT_DYLIB_PATH)");
-    kscore::telemetry::init_logs(kscore::telemetry::LogFormat::Text);
+    metrics_url();
     let cluster = ClusterArgs::from_env();
     let run_id = uuid::Uuid::new_v4().simple().to_string();
     let mut loaded = topology::load(Path::new("topologies/fraud.toml")).expect("shipped topology");
@@ -245,6 +283,7 @@ async fn exactly_one_correct_scored_record_per_input_and_bad_records_dead_letter
         t.output.scored_topic = format!("pipe-scored-{run_id}");
         t.output.alerts_topic = Some(format!("pipe-alerts-{run_id}"));
         t.output.dead_letter_topic = format!("pipe-dlq-{run_id}");
+        t.delivery.guarantee = guarantee;
     }
     let t = loaded.topology.clone();
 
@@ -323,7 +362,7 @@ async fn exactly_one_correct_scored_record_per_input_and_bad_records_dead_letter
     let opts = RunOptions {
         instance_id: format!("test-{run_id}"),
         max_cycle_records: 150,
-        abort_once_at: Some(3),
+        abort_once_at,
         ..Default::default()
     };
     let processor = {
@@ -394,13 +433,21 @@ async fn exactly_one_correct_scored_record_per_input_and_bad_records_dead_letter
     };
     stop.store(true, Ordering::Relaxed);
     let summary = processor.await.unwrap().expect("processor ran");
-    assert_eq!(summary.aborts, 1, "{summary:?}");
-    assert!(
-        uncommitted.len() > scored.len(),
-        "aborted records should be visible read_uncommitted only: {} vs {}",
-        uncommitted.len(),
-        scored.len()
-    );
+    if abort_once_at.is_some() {
+        assert_eq!(summary.aborts, 1, "{summary:?}");
+        assert!(
+            uncommitted.len() > scored.len(),
+            "aborted records should be visible read_uncommitted only: {} vs {}",
+            uncommitted.len(),
+            scored.len()
+        );
+    } else {
+        assert_eq!(
+            (summary.aborts, uncommitted.len()),
+            (0, scored.len()),
+            "{summary:?}"
+        );
+    }
 
     // Exactly one scored record per good input.
     let scored_schema = apache_avro::Schema::parse_str(
@@ -553,6 +600,17 @@ async fn exactly_one_correct_scored_record_per_input_and_bad_records_dead_letter
         assert_eq!(&d.payload, payload, "original bytes kept");
     }
     // Every input accounted for.
-    assert!(summary.consumed >= N + bad.len() as u64);
+    assert_eq!(summary.consumed, N + bad.len() as u64);
+    // The metrics say the same.
+    let topic = &t.input.topic;
+    let consumed = format!("kscore_records_consumed_total{{topic=\"{topic}\"}}");
+    assert_eq!(metric(&consumed).await, Some((N + bad.len() as u64) as f64));
+    let scored_line = format!("kscore_records_scored_total{{topic=\"{topic}\"}}");
+    assert_eq!(metric(&scored_line).await, Some(N as f64));
+    for (_, _, reason) in &bad {
+        let line =
+            format!("kscore_records_dead_lettered_total{{topic=\"{topic}\",reason=\"{reason}\"}}");
+        assert_eq!(metric(&line).await, Some(1.0), "{line}");
+    }
     assert_eq!(by_id.len() + dead.len(), N as usize + bad.len());
 }

@@ -17,7 +17,7 @@ pub const TAIL_RECORDS: &str = "kscore_tail_records_total";
 pub const CONSUMED: &str = "kscore_records_consumed_total";
 /// Events scored and published, labelled `topic`.
 pub const SCORED: &str = "kscore_records_scored_total";
-/// Records sent to the dead-letter topic, labelled `reason`.
+/// Records sent to the dead-letter topic, labelled `topic` (the input) and `reason`.
 pub const DEAD_LETTERED: &str = "kscore_records_dead_lettered_total";
 /// Alerts published, labelled `rule`.
 pub const ALERTS: &str = "kscore_alerts_total";
