@@ -614,3 +614,162 @@ async fn scenario(guarantee: Guarantee, abort_once_at: Option<u64>) {
     }
     assert_eq!(by_id.len() + dead.len(), N as usize + bad.len());
 }
+
+/// A stand-in registry in a process of its own, on `port`, keeping its state in `dir`.
+fn start_registry(port: u16, dir: &Path) -> std::process::Child {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_kscore"))
+        .args([
+            "registry",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
+        .arg(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "registry did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
+/// While the registry cannot be reached, records whose schema id is not cached yet wait (with
+/// backoff) instead of being dead-lettered; once it is back they are scored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_registry_is_retried_not_dead_lettered() {
+    runtime::init(None).expect("ONNX Runtime (ORT_DYLIB_PATH)");
+    metrics_url();
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut registry = start_registry(port, dir.path());
+    let mut cluster = ClusterArgs::from_env();
+    cluster.registry_url = format!("http://127.0.0.1:{port}");
+
+    let run_id = uuid::Uuid::new_v4().simple().to_string();
+    let mut loaded = topology::load(Path::new("topologies/fraud.toml")).expect("shipped topology");
+    loaded.topology.input.topic = format!("outage-in-{run_id}");
+    loaded.topology.input.group = format!("outage-group-{run_id}");
+    loaded.topology.output.scored_topic = format!("outage-scored-{run_id}");
+    loaded.topology.output.alerts_topic = Some(format!("outage-alerts-{run_id}"));
+    loaded.topology.output.dead_letter_topic = format!("outage-dlq-{run_id}");
+    let t = loaded.topology.clone();
+    cluster.ensure_topic(&t.input.topic, 2).await.unwrap();
+
+    let sr = cluster.registry().unwrap();
+    let subject = schemas::value_subject(&t.input.topic);
+    let v1 = FramedEncoder::register(&sr, &subject, schemas::PAYMENT_AVSC)
+        .await
+        .unwrap();
+    let mut evolved: serde_json::Value = serde_json::from_str(schemas::PAYMENT_AVSC).unwrap();
+    evolved["fields"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"name": "note", "type": ["null", "string"], "default": null}));
+    let v2 = FramedEncoder::register(&sr, &subject, &evolved.to_string())
+        .await
+        .unwrap();
+    let events: Vec<Payment> = Simulator::new(Default::default())
+        .unwrap()
+        .take(100)
+        .map(|(p, _)| p)
+        .collect();
+    let producer: FutureProducer = cluster.client_config().unwrap().create().unwrap();
+    for p in &events[..50] {
+        let bytes = v1.encode(p.to_value()).unwrap();
+        producer
+            .send(
+                FutureRecord::<str, [u8]>::to(&t.input.topic)
+                    .key(&p.card_id)
+                    .payload(bytes.as_slice()),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let processor = {
+        let (cluster, loaded, stop) = (cluster.clone(), loaded.clone(), stop.clone());
+        let opts = RunOptions {
+            instance_id: format!("outage-{run_id}"),
+            ..Default::default()
+        };
+        let rt = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || pipeline::run(&cluster, &loaded, &opts, rt, stop))
+    };
+    {
+        let (c, topic, group) = (
+            cluster.clone(),
+            t.input.topic.clone(),
+            t.input.group.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            wait_committed(&c, &topic, &group, Duration::from_secs(60))
+        })
+        .await
+        .unwrap();
+    }
+
+    // The registry goes away; records arrive written with a schema version not seen yet.
+    registry.kill().unwrap();
+    registry.wait().unwrap();
+    for p in &events[50..] {
+        let Value::Record(mut fields) = p.to_value() else {
+            unreachable!()
+        };
+        fields.push(("note".into(), Value::Union(0, Box::new(Value::Null))));
+        let bytes = v2.encode(Value::Record(fields)).unwrap();
+        producer
+            .send(
+                FutureRecord::<str, [u8]>::to(&t.input.topic)
+                    .key(&p.card_id)
+                    .payload(bytes.as_slice()),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        metric("kscore_registry_retries_total ")
+            .await
+            .is_some_and(|n| n >= 1.0),
+        "the processor should be retrying the registry"
+    );
+    let mut registry = tokio::task::spawn_blocking({
+        let dir = dir.path().to_path_buf();
+        move || start_registry(port, &dir)
+    })
+    .await
+    .unwrap();
+
+    {
+        let (c, topic, group) = (
+            cluster.clone(),
+            t.input.topic.clone(),
+            t.input.group.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            wait_committed(&c, &topic, &group, Duration::from_secs(60))
+        })
+        .await
+        .unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let summary = processor.await.unwrap().expect("processor ran");
+    registry.kill().unwrap();
+    let _ = registry.wait();
+    assert_eq!(
+        (summary.consumed, summary.scored, summary.dead_lettered),
+        (100, 100, 0),
+        "{summary:?}"
+    );
+}
