@@ -773,3 +773,136 @@ async fn an_unreachable_registry_is_retried_not_dead_lettered() {
         "{summary:?}"
     );
 }
+
+/// A zombie: another producer takes the processor's transactional.id and fences it. The
+/// processor's next transaction fails fatally; it rebuilds its producer (fencing the zombie in
+/// turn), redoes the cycle, and the outputs are still exactly one per input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_producer_is_rebuilt_and_output_stays_exactly_once() {
+    use rdkafka::producer::{BaseProducer, Producer};
+    runtime::init(None).expect("ONNX Runtime (ORT_DYLIB_PATH)");
+    let cluster = ClusterArgs::from_env();
+    let run_id = uuid::Uuid::new_v4().simple().to_string();
+    let mut loaded = topology::load(Path::new("topologies/fraud.toml")).expect("shipped topology");
+    loaded.topology.input.topic = format!("fenced-in-{run_id}");
+    loaded.topology.input.group = format!("fenced-group-{run_id}");
+    loaded.topology.output.scored_topic = format!("fenced-scored-{run_id}");
+    loaded.topology.output.alerts_topic = Some(format!("fenced-alerts-{run_id}"));
+    loaded.topology.output.dead_letter_topic = format!("fenced-dlq-{run_id}");
+    let t = loaded.topology.clone();
+    cluster.ensure_topic(&t.input.topic, 2).await.unwrap();
+    let sr = cluster.registry().unwrap();
+    let v1 = FramedEncoder::register(
+        &sr,
+        &schemas::value_subject(&t.input.topic),
+        schemas::PAYMENT_AVSC,
+    )
+    .await
+    .unwrap();
+    let events: Vec<Payment> = Simulator::new(Default::default())
+        .unwrap()
+        .take(300)
+        .map(|(p, _)| p)
+        .collect();
+    let producer: FutureProducer = cluster.client_config().unwrap().create().unwrap();
+    let produce = |batch: &[Payment]| {
+        let batch: Vec<(String, Vec<u8>)> = batch
+            .iter()
+            .map(|p| (p.card_id.clone(), v1.encode(p.to_value()).unwrap()))
+            .collect();
+        let (producer, topic) = (producer.clone(), t.input.topic.clone());
+        async move {
+            for (key, bytes) in batch {
+                producer
+                    .send(
+                        FutureRecord::<str, [u8]>::to(&topic)
+                            .key(&key)
+                            .payload(bytes.as_slice()),
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    produce(&events[..150]).await;
+
+    let instance = format!("fenced-{run_id}");
+    let stop = Arc::new(AtomicBool::new(false));
+    let processor = {
+        let (cluster, loaded, stop) = (cluster.clone(), loaded.clone(), stop.clone());
+        let opts = RunOptions {
+            instance_id: instance.clone(),
+            ..Default::default()
+        };
+        let rt = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || pipeline::run(&cluster, &loaded, &opts, rt, stop))
+    };
+    let wait = |timeout: u64| {
+        let (c, topic, group) = (
+            cluster.clone(),
+            t.input.topic.clone(),
+            t.input.group.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            wait_committed(&c, &topic, &group, Duration::from_secs(timeout))
+        })
+    };
+    wait(60).await.unwrap();
+
+    // The zombie takes over the transactional id.
+    let zombie: BaseProducer = cluster
+        .client_config()
+        .unwrap()
+        .set(
+            "transactional.id",
+            format!("kscore-{}-{instance}", t.input.group),
+        )
+        .create()
+        .unwrap();
+    tokio::task::spawn_blocking(move || {
+        zombie.init_transactions(Duration::from_secs(30)).unwrap();
+        zombie
+    })
+    .await
+    .unwrap();
+    produce(&events[150..]).await;
+    wait(60).await.unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let summary = processor.await.unwrap().expect("processor ran");
+    assert!(
+        summary.aborts >= 1,
+        "the fenced transaction should have failed: {summary:?}"
+    );
+    assert_eq!(
+        (summary.consumed, summary.scored, summary.dead_lettered),
+        (300, 300, 0),
+        "{summary:?}"
+    );
+
+    let scored = {
+        let (c, topic) = (cluster.clone(), t.output.scored_topic.clone());
+        tokio::task::spawn_blocking(move || {
+            read(&c, &topic, "read_committed", 300, Duration::from_secs(30))
+        })
+        .await
+        .unwrap()
+    };
+    let scored_schema = apache_avro::Schema::parse_str(
+        &kscore::sink::output::scored_schema(schemas::PAYMENT_AVSC).unwrap(),
+    )
+    .unwrap();
+    let decoder = Decoder::new(sr, scored_schema);
+    let mut ids = HashSet::new();
+    for r in &scored {
+        let v = decoder.decode(Some(&r.payload)).await.unwrap().value;
+        assert!(
+            ids.insert(Payment::from_value(field(&v, "event")).unwrap().event_id),
+            "scored twice"
+        );
+    }
+    assert_eq!(
+        ids,
+        events.iter().map(|e| e.event_id).collect::<HashSet<_>>()
+    );
+}
