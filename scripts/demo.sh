@@ -31,7 +31,7 @@ export KSCORE_PROFILE=release
 scripts/stack.sh start
 eval "$(scripts/stack.sh env)"
 BIN="$ROOT/target/release/kscore"
-LOGS="$ROOT/.local/default/run"
+LOGS="$ROOT/.local/${KSCORE_STACK_NAME:-default}/run"
 "$BIN" validate topologies/fraud.toml
 
 limit=()

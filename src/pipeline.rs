@@ -166,14 +166,27 @@ pub fn run(
 
     // Output topics, with as many partitions as the input.
     let meta_consumer: BaseConsumer = cluster.client_config()?.create()?;
-    let metadata = meta_consumer.fetch_metadata(Some(&t.input.topic), Duration::from_secs(10))?;
-    let partitions = metadata
-        .topics()
-        .first()
-        .map_or(0, |m| m.partitions().len()) as i32;
-    if partitions == 0 {
-        anyhow::bail!("input topic {} does not exist", t.input.topic);
-    }
+    // The input may not exist yet (the processor started before its producers): wait for it.
+    let mut waited = Instant::now();
+    let partitions = loop {
+        let metadata =
+            meta_consumer.fetch_metadata(Some(&t.input.topic), Duration::from_secs(10))?;
+        let n = metadata
+            .topics()
+            .first()
+            .map_or(0, |m| m.partitions().len()) as i32;
+        if n > 0 {
+            break n;
+        }
+        if stop.load(Ordering::Relaxed) {
+            return Ok(RunSummary::default());
+        }
+        if waited.elapsed() >= Duration::from_secs(5) {
+            tracing::info!(topic = %t.input.topic, "waiting for the input topic to exist");
+            waited = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
     drop(meta_consumer);
     let mut out_topics = vec![
         t.output.scored_topic.clone(),
