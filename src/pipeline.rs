@@ -582,6 +582,24 @@ fn publish(
     }
     let now = now_ms();
     let mut counts = Counts::default();
+    // What every event's scores are, bar the values: (model index, score index, template).
+    let templates: Vec<(usize, usize, ScoreValue)> = t
+        .models
+        .iter()
+        .enumerate()
+        .flat_map(|(m, model)| {
+            model.scores.iter().enumerate().map(move |(i, spec)| {
+                let template = ScoreValue {
+                    model: model.name.clone(),
+                    version: versions[m].clone(),
+                    score: spec.name.clone(),
+                    qualified: format!("{}.{}", model.name, spec.name),
+                    value: f64::NAN,
+                };
+                (m, i, template)
+            })
+        })
+        .collect();
     let mut buf = Vec::with_capacity(1024);
     for p in pending {
         match &p.outcome {
@@ -592,19 +610,16 @@ fn publish(
                 scores,
                 ..
             } => {
-                let mut values = Vec::new();
-                for (m, model) in t.models.iter().enumerate() {
-                    let got = scores.get(m).cloned().flatten().unwrap_or_default();
-                    for (s, spec) in model.scores.iter().enumerate() {
-                        values.push(ScoreValue {
-                            model: model.name.clone(),
-                            version: versions[m].clone(),
-                            score: spec.name.clone(),
-                            qualified: format!("{}.{}", model.name, spec.name),
-                            value: got.get(s).copied().unwrap_or(f64::NAN),
-                        });
-                    }
-                }
+                let values: Vec<ScoreValue> = templates
+                    .iter()
+                    .map(|(m, i, template)| ScoreValue {
+                        value: scores
+                            .get(*m)
+                            .and_then(|got| got.as_ref()?.get(*i).copied())
+                            .unwrap_or(f64::NAN),
+                        ..template.clone()
+                    })
+                    .collect();
                 if let Some(bad) = values.iter().find(|v| !v.value.is_finite()) {
                     let error = format!("score {} is not a finite number", bad.qualified);
                     send_dead(

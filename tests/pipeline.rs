@@ -101,6 +101,18 @@ fn read(
     out
 }
 
+/// The shipped topology on topics and a group of its own: `<prefix>-in-<run>`, `<prefix>-scored-<run>`, ...
+fn fresh_topology(prefix: &str, run_id: &str) -> topology::Loaded {
+    let mut loaded = topology::load(Path::new("topologies/fraud.toml")).expect("shipped topology");
+    let t = &mut loaded.topology;
+    t.input.topic = format!("{prefix}-in-{run_id}");
+    t.input.group = format!("{prefix}-group-{run_id}");
+    t.output.scored_topic = format!("{prefix}-scored-{run_id}");
+    t.output.alerts_topic = Some(format!("{prefix}-alerts-{run_id}"));
+    t.output.dead_letter_topic = format!("{prefix}-dlq-{run_id}");
+    loaded
+}
+
 /// Waits until the group's committed offsets reach the end of every partition of `topic`.
 fn wait_committed(cluster: &ClusterArgs, topic: &str, group: &str, timeout: Duration) {
     let consumer: BaseConsumer = cluster
@@ -275,16 +287,8 @@ async fn scenario(guarantee: Guarantee, abort_once_at: Option<u64>) {
     metrics_url();
     let cluster = ClusterArgs::from_env();
     let run_id = uuid::Uuid::new_v4().simple().to_string();
-    let mut loaded = topology::load(Path::new("topologies/fraud.toml")).expect("shipped topology");
-    {
-        let t = &mut loaded.topology;
-        t.input.topic = format!("pipe-in-{run_id}");
-        t.input.group = format!("pipe-group-{run_id}");
-        t.output.scored_topic = format!("pipe-scored-{run_id}");
-        t.output.alerts_topic = Some(format!("pipe-alerts-{run_id}"));
-        t.output.dead_letter_topic = format!("pipe-dlq-{run_id}");
-        t.delivery.guarantee = guarantee;
-    }
+    let mut loaded = fresh_topology("pipe", &run_id);
+    loaded.topology.delivery.guarantee = guarantee;
     let t = loaded.topology.clone();
 
     // Input: simulated payments over 3 partitions (40 cards, hours of event time)...
@@ -654,12 +658,7 @@ async fn an_unreachable_registry_is_retried_not_dead_lettered() {
     cluster.registry_url = format!("http://127.0.0.1:{port}");
 
     let run_id = uuid::Uuid::new_v4().simple().to_string();
-    let mut loaded = topology::load(Path::new("topologies/fraud.toml")).expect("shipped topology");
-    loaded.topology.input.topic = format!("outage-in-{run_id}");
-    loaded.topology.input.group = format!("outage-group-{run_id}");
-    loaded.topology.output.scored_topic = format!("outage-scored-{run_id}");
-    loaded.topology.output.alerts_topic = Some(format!("outage-alerts-{run_id}"));
-    loaded.topology.output.dead_letter_topic = format!("outage-dlq-{run_id}");
+    let loaded = fresh_topology("outage", &run_id);
     let t = loaded.topology.clone();
     cluster.ensure_topic(&t.input.topic, 2).await.unwrap();
 
@@ -783,12 +782,7 @@ async fn a_fenced_producer_is_rebuilt_and_output_stays_exactly_once() {
     runtime::init(None).expect("ONNX Runtime (ORT_DYLIB_PATH)");
     let cluster = ClusterArgs::from_env();
     let run_id = uuid::Uuid::new_v4().simple().to_string();
-    let mut loaded = topology::load(Path::new("topologies/fraud.toml")).expect("shipped topology");
-    loaded.topology.input.topic = format!("fenced-in-{run_id}");
-    loaded.topology.input.group = format!("fenced-group-{run_id}");
-    loaded.topology.output.scored_topic = format!("fenced-scored-{run_id}");
-    loaded.topology.output.alerts_topic = Some(format!("fenced-alerts-{run_id}"));
-    loaded.topology.output.dead_letter_topic = format!("fenced-dlq-{run_id}");
+    let loaded = fresh_topology("fenced", &run_id);
     let t = loaded.topology.clone();
     cluster.ensure_topic(&t.input.topic, 2).await.unwrap();
     let sr = cluster.registry().unwrap();

@@ -63,7 +63,7 @@ pub enum ScorerError {
 pub struct ModelInfo {
     /// Name from the topology.
     pub name: String,
-    /// The model's `version` metadata, else `sha256:` and the first 12 hex digits of the file.
+    /// The model's `version` metadata, else `digest-` and a 64-bit hash of the file, in hex.
     pub version: String,
     /// Input tensor name.
     pub input: String,
