@@ -19,6 +19,7 @@
 //! The same code computes features online (`pipeline`) and offline (`kscore features`), so
 //! training and serving cannot drift.
 
+pub mod codec;
 pub mod extract;
 pub mod offline;
 
@@ -28,6 +29,7 @@ use apache_avro::Schema;
 use apache_avro::schema::RecordSchema;
 use apache_avro::types::Value;
 
+pub use codec::{CodecError, PARTITION_KEY, PartitionMark};
 pub use extract::ExtractError;
 
 use crate::topology::config::{Aggregation, StateLimits, Topology};
@@ -224,8 +226,9 @@ struct KeyState {
 
 /// Feature state of one partition: every key's recent events, and an undo log of the keys
 /// changed since the last [`FeatureState::checkpoint`], so an aborted transaction can take its
-/// changes back ([`FeatureState::rollback`]).
-#[derive(Debug, Clone)]
+/// changes back ([`FeatureState::rollback`]) and a commit can changelog exactly those keys
+/// ([`FeatureState::changelog`]).
+#[derive(Debug, Clone, PartialEq)]
 pub struct FeatureState {
     keys: HashMap<String, KeyState>,
     seq: u64,
@@ -234,6 +237,8 @@ pub struct FeatureState {
     /// Key → its state at the last checkpoint (`None`: it did not exist).
     undo: HashMap<String, Option<KeyState>>,
     at_checkpoint: (u64, i64, u64),
+    /// The next input offset of the last commit this state belongs to (`None`: none yet).
+    committed_next: Option<i64>,
 }
 
 const SWEEP_EVERY: u64 = 10_000;
@@ -247,6 +252,7 @@ impl Default for FeatureState {
             since_sweep: 0,
             undo: HashMap::new(),
             at_checkpoint: (0, i64::MIN, 0),
+            committed_next: None,
         }
     }
 }
@@ -256,6 +262,17 @@ impl FeatureState {
     pub fn checkpoint(&mut self) {
         self.undo.clear();
         self.at_checkpoint = (self.seq, self.watermark, self.since_sweep);
+    }
+
+    /// Everything so far is committed, together with the input offsets up to `next_offset`.
+    pub fn commit(&mut self, next_offset: i64) {
+        self.checkpoint();
+        self.committed_next = Some(next_offset);
+    }
+
+    /// The next input offset of the commit this state belongs to, if any.
+    pub fn committed_next(&self) -> Option<i64> {
+        self.committed_next
     }
 
     /// Takes back every change since the last checkpoint.

@@ -302,3 +302,131 @@ fn rollback_takes_back_everything_since_the_checkpoint() {
     let again = run(&mut state, 20..40);
     assert_eq!([first, again].concat(), want);
 }
+
+/// The changelog records of one commit, as the topic would hold them (in emit order).
+fn changelog_of(
+    state: &FeatureState,
+    set: &FeatureSet,
+    next: i64,
+) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    let mut log = Vec::new();
+    state
+        .changelog(set, next, |k, v| {
+            log.push((k.to_vec(), v.map(<[u8]>::to_vec)));
+            Ok::<_, ()>(())
+        })
+        .expect("emit");
+    log
+}
+
+#[test]
+fn state_restored_from_its_changelog_equals_the_committed_state_and_computes_the_same() {
+    // Cap 3 and a 2h idle TTL, with a sweep forced in the middle: the log must carry trims and
+    // evictions (tombstones) as well as updates.
+    let set =
+        feature_set(&TOPOLOGY.replace("max_events_per_key = 100000", "max_events_per_key = 3"));
+    let events: Vec<Payment> = Simulator::new(SimConfig {
+        cards: 30,
+        events_per_sec: 0.01,
+        ..SimConfig::default()
+    })
+    .expect("sim")
+    .take(3_000)
+    .map(|(p, _)| p)
+    .collect();
+    let feed = |state: &mut FeatureState, range: std::ops::Range<usize>| -> Vec<Vec<f64>> {
+        range
+            .map(|i| {
+                state
+                    .update(&set, set.extract(&events[i].to_value()).expect("extract"))
+                    .expect("features")
+            })
+            .collect()
+    };
+    let mut live = FeatureState::default();
+    let mut log = Vec::new();
+    for (n, chunk) in (0..2_000).step_by(250).enumerate() {
+        feed(&mut live, chunk..chunk + 250);
+        if n == 3 {
+            live.sweep(&set);
+        }
+        log.extend(changelog_of(&live, &set, chunk as i64 + 250));
+        live.commit(chunk as i64 + 250);
+    }
+    assert!(
+        log.iter().any(|(_, v)| v.is_none()),
+        "the test needs evicted keys (tombstones)"
+    );
+
+    let mut restored = FeatureState::default();
+    let mut mark = None;
+    for (k, v) in &log {
+        if let Some(m) = restored
+            .restore_record(&set, k, v.as_deref())
+            .expect("restore")
+        {
+            mark = Some(m);
+        }
+    }
+    restored.restored();
+    assert_eq!(mark, Some(PartitionMark { next_offset: 2_000 }));
+    assert_eq!(restored, live);
+    // And the rest of the stream gets the same features from both.
+    assert_eq!(
+        feed(&mut restored, 2_000..3_000),
+        feed(&mut live, 2_000..3_000)
+    );
+    assert_eq!(restored, live);
+}
+
+#[test]
+fn a_malformed_or_foreign_changelog_value_is_an_error_not_a_panic() {
+    let set = feature_set(TOPOLOGY);
+    let mut state = FeatureState::default();
+    let p = Simulator::new(SimConfig::default())
+        .expect("sim")
+        .next()
+        .expect("event")
+        .0;
+    state
+        .update(&set, set.extract(&p.to_value()).expect("extract"))
+        .expect("features");
+    let log = changelog_of(&state, &set, 1);
+    let (key, value) = log
+        .iter()
+        .find(|(k, _)| k.as_slice() != PARTITION_KEY)
+        .expect("a key record");
+    let value = value.clone().expect("a value");
+    let mut fresh = FeatureState::default();
+    for cut in 0..value.len() {
+        assert!(
+            fresh
+                .restore_record(&set, key, Some(&value[..cut]))
+                .is_err(),
+            "cut at {cut}"
+        );
+    }
+    let mut longer = value.clone();
+    longer.push(0);
+    assert_eq!(
+        fresh.restore_record(&set, key, Some(&longer)),
+        Err(CodecError::Malformed("event count"))
+    );
+    let mut version = value.clone();
+    version[0] = 9;
+    assert_eq!(
+        fresh.restore_record(&set, key, Some(&version)),
+        Err(CodecError::Version(9))
+    );
+    // A topology whose features read other fields refuses the state.
+    let other = feature_set(&TOPOLOGY.replace("field = \"merchant_id\"", "field = \"device_id\""));
+    assert!(matches!(
+        fresh.restore_record(&other, key, Some(&value)),
+        Err(CodecError::Fingerprint { .. })
+    ));
+    assert_eq!(
+        fresh.restore_record(&set, b"\xFE", Some(&value)),
+        Err(CodecError::Key)
+    );
+    assert_eq!(fresh.keys(), 0);
+}
