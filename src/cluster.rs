@@ -198,11 +198,24 @@ impl ClusterArgs {
 
     /// Creates `topic` with `partitions` partitions unless it exists.
     pub async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<(), ClusterError> {
+        self.ensure_topic_with(topic, partitions, &[]).await
+    }
+
+    /// Creates `topic` with `partitions` and the given topic configs unless it exists.
+    pub async fn ensure_topic_with(
+        &self,
+        topic: &str,
+        partitions: i32,
+        configs: &[(&str, &str)],
+    ) -> Result<(), ClusterError> {
         let admin: AdminClient<DefaultClientContext> = self
             .client_config()?
             .create()
             .map_err(|e| ClusterError::Admin(e.to_string()))?;
-        let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+        let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+        for (k, v) in configs {
+            new = new.set(k, v);
+        }
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
         let results = admin
             .create_topics([&new], &opts)

@@ -8,6 +8,7 @@
 //! on the local stack.
 
 pub mod batcher;
+pub mod changelog;
 pub mod cluster;
 pub mod features;
 pub mod inspect;

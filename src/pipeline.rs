@@ -19,7 +19,7 @@
 //! `at_least_once` sends the same records without a transaction, then commits the offsets.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::runtime::Handle;
 
 use crate::batcher::{self, ModelBatcher, Scored};
+use crate::changelog::{self, Restorer};
 use crate::cluster::ClusterArgs;
 use crate::features::{FeatureSet, FeatureState};
 use crate::schemas;
@@ -86,9 +87,24 @@ pub struct RunSummary {
     pub aborts: u64,
 }
 
-/// Consumer callbacks: note revocations, export lag.
+/// Consumer callbacks: note revocations and assignments, export lag.
 struct SourceContext {
     revoked: AtomicBool,
+    /// Partitions assigned and paused until their state is restored.
+    assigned: Mutex<Vec<i32>>,
+}
+
+impl SourceContext {
+    fn take_assigned(&self) -> Vec<i32> {
+        self.assigned
+            .lock()
+            .map(|mut a| std::mem::take(&mut *a))
+            .unwrap_or_default()
+    }
+
+    fn awaiting_restore(&self) -> Vec<i32> {
+        self.assigned.lock().map(|a| a.clone()).unwrap_or_default()
+    }
 }
 
 impl ClientContext for SourceContext {
@@ -106,17 +122,37 @@ impl ClientContext for SourceContext {
 
 impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(tpl) = rebalance {
-            tracing::info!(partitions = tpl.count(), "partitions revoked");
-            self.revoked.store(true, Ordering::SeqCst);
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                tracing::info!(partitions = ?partitions_of(tpl), "partitions revoked");
+                metrics::counter!(names::REBALANCES, "kind" => "revoke").increment(1);
+                // No transaction is open here: they open and commit between polls. The cycle in
+                // progress has sent nothing; the loop discards it when this poll returns.
+                self.revoked.store(true, Ordering::SeqCst);
+            }
+            Rebalance::Error(e) => tracing::warn!("rebalance failed: {e}"),
+            Rebalance::Assign(_) => {}
         }
     }
 
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
-            tracing::info!(partitions = tpl.count(), "partitions assigned");
+            let partitions = partitions_of(tpl);
+            tracing::info!(?partitions, "partitions assigned");
+            metrics::counter!(names::REBALANCES, "kind" => "assign").increment(1);
+            // Nothing of these partitions is read before their state is restored.
+            if let Err(e) = consumer.pause(tpl) {
+                tracing::warn!("pausing assigned partitions: {e}");
+            }
+            if let Ok(mut a) = self.assigned.lock() {
+                a.extend(partitions);
+            }
         }
     }
+}
+
+fn partitions_of(tpl: &TopicPartitionList) -> Vec<i32> {
+    tpl.elements().iter().map(|e| e.partition()).collect()
 }
 
 /// A record of the cycle, waiting for its scores or set aside as a dead letter.
@@ -196,6 +232,13 @@ pub fn run(
     for topic in &out_topics {
         rt.block_on(cluster.ensure_topic(topic, partitions))?;
     }
+    let changelog_topic = t.changelog_topic();
+    rt.block_on(changelog::ensure_topic(
+        cluster,
+        &changelog_topic,
+        partitions,
+    ))?;
+    let restorer = Restorer::new(cluster, &changelog_topic)?;
     let scored = rt.block_on(FramedEncoder::register(
         &sr,
         &schemas::value_subject(&t.output.scored_topic),
@@ -246,12 +289,13 @@ pub fn run(
         .set("fetch.wait.max.ms", "100")
         .create_with_context(SourceContext {
             revoked: AtomicBool::new(false),
+            assigned: Mutex::new(Vec::new()),
         })?;
     consumer.subscribe(&[&t.input.topic])?;
 
     let transactional = t.delivery.guarantee == Guarantee::ExactlyOnce;
     let txn_id = format!("kscore-{}-{}", t.input.group, opts.instance_id);
-    let make_producer = || -> anyhow::Result<ThreadedProducer<DefaultProducerContext>> {
+    let try_producer = || -> anyhow::Result<ThreadedProducer<DefaultProducerContext>> {
         let mut cfg = cluster.client_config()?;
         cfg.set("enable.idempotence", "true")
             .set("linger.ms", "5")
@@ -266,6 +310,22 @@ pub fn run(
             p.init_transactions(Duration::from_secs(60))?;
         }
         Ok(p)
+    };
+    // While the broker is unreachable, keep trying: a supervisor restarting the process would
+    // do no better.
+    let make_producer = || -> anyhow::Result<ThreadedProducer<DefaultProducerContext>> {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            match try_producer() {
+                Ok(p) => return Ok(p),
+                Err(e) if !stop.load(Ordering::Relaxed) => {
+                    tracing::warn!("transactional producer not ready, retrying in {backoff:?}: {e:#}");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+                Err(e) => return Err(e),
+            }
+        }
     };
     let mut producer = make_producer()?;
     tracing::info!(topology = %t.name, input = %t.input.topic, group = %t.input.group, transactional_id = %txn_id,
@@ -297,6 +357,18 @@ pub fn run(
             if consumer.context().revoked.swap(false, Ordering::SeqCst) {
                 discarded = true;
                 break;
+            }
+            let assigned = consumer.context().take_assigned();
+            if !assigned.is_empty() {
+                restore_assigned(
+                    &consumer,
+                    &restorer,
+                    &set,
+                    &t.input.topic,
+                    &mut states,
+                    &assigned,
+                    &stop,
+                )?;
             }
             let msg = match msg {
                 None => continue,
@@ -330,10 +402,31 @@ pub fn run(
             wait_scores(&results, &mut pending, outstanding, &batchers);
             tracing::info!(
                 records = pending.len(),
-                "rebalance: discarding the cycle in progress and the revoked partitions' state"
+                "rebalance: discarding the cycle in progress (nothing of it was sent)"
             );
-            // Eager rebalancing revokes every partition; their state is rebuilt from the input.
-            states.clear();
+            for s in states.values_mut() {
+                s.rollback();
+            }
+            // Partitions reassigned start again from the committed offsets. Any kept through
+            // the rebalance (cooperative assignment) are rewound to where the cycle began.
+            let reassigned = consumer.context().awaiting_restore();
+            let kept = consumer.assignment().unwrap_or_default();
+            for (partition, offset) in &first_offsets {
+                if reassigned.contains(partition)
+                    || kept.find_partition(&t.input.topic, *partition).is_none()
+                {
+                    continue;
+                }
+                if let Err(e) = consumer.seek(
+                    &t.input.topic,
+                    *partition,
+                    Offset::Offset(*offset),
+                    Duration::from_secs(10),
+                ) {
+                    tracing::warn!(partition, "rewinding a kept partition failed: {e}; its state is restored again");
+                    states.remove(partition);
+                }
+            }
             continue;
         }
         if pending.is_empty() {
@@ -361,14 +454,23 @@ pub fn run(
             opts,
             &pending,
             &next_offsets,
+            &Changelog {
+                topic: &changelog_topic,
+                set: &set,
+                states: &states,
+            },
             transactional,
             inject,
         );
         match result {
             Ok(counts) => {
-                for s in states.values_mut() {
-                    s.checkpoint();
+                for (partition, s) in &mut states {
+                    match next_offsets.get(partition) {
+                        Some(next) => s.commit(*next),
+                        None => s.checkpoint(),
+                    }
                 }
+                metrics::counter!(names::CHANGELOG_RECORDS).increment(counts.changelog);
                 let now = now_ms();
                 for p in &pending {
                     if let Outcome::Scored { event_time, .. } = &p.outcome {
@@ -441,6 +543,124 @@ pub fn run(
     }
     tracing::info!(?summary, "processor stopped");
     Ok(summary)
+}
+
+/// Gives newly assigned partitions the state they were last committed with, then resumes them.
+///
+/// A partition whose state this instance still holds, committed with the offset the group
+/// has committed, is kept as is; the others are read back from the changelog. The restored
+/// partition record must name the group's committed offset: a changelog behind it (commit
+/// markers still on their way) is read again for up to 30 s; one that stays behind or ahead
+/// (deleted or reset by hand, or an at-least-once crash) is used as it is, and logged and
+/// counted as a gap.
+#[allow(clippy::too_many_arguments)]
+fn restore_assigned(
+    consumer: &BaseConsumer<SourceContext>,
+    restorer: &Restorer,
+    set: &FeatureSet,
+    topic: &str,
+    states: &mut HashMap<i32, FeatureState>,
+    assigned: &[i32],
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut tpl = TopicPartitionList::new();
+    for p in assigned {
+        tpl.add_partition(topic, *p);
+    }
+    let committed: BTreeMap<i32, Option<i64>> = loop {
+        match consumer.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
+            Ok(c) => {
+                break c
+                    .elements()
+                    .iter()
+                    .map(|e| match e.offset() {
+                        Offset::Offset(o) => (e.partition(), Some(o)),
+                        _ => (e.partition(), None),
+                    })
+                    .collect();
+            }
+            Err(e) if !stop.load(Ordering::Relaxed) => {
+                tracing::warn!("fetching committed offsets failed, retrying: {e}");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let expected = |p: &i32| committed.get(p).copied().flatten();
+    let mut todo: Vec<i32> = assigned
+        .iter()
+        .copied()
+        .filter(|p| {
+            let current = states
+                .get(p)
+                .is_some_and(|s| s.committed_next().is_some() && s.committed_next() == expected(p));
+            !current
+        })
+        .collect();
+    let kept = assigned.len() - todo.len();
+    let (mut records, mut bytes, mut keys) = (0u64, 0u64, 0usize);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !todo.is_empty() {
+        let restored = restorer.restore(set, &todo, stop)?;
+        let mut behind = Vec::new();
+        for (p, r) in restored {
+            let found = r.mark.map(|m| m.next_offset);
+            let want = expected(&p);
+            if found.unwrap_or(0) < want.unwrap_or(0) && Instant::now() < deadline {
+                behind.push(p);
+                continue;
+            }
+            if found != want {
+                let reason = if found.unwrap_or(0) < want.unwrap_or(0) {
+                    "behind"
+                } else {
+                    "ahead"
+                };
+                tracing::warn!(
+                    partition = p,
+                    changelog_offset = ?found,
+                    committed_offset = ?want,
+                    "the changelog's state is {reason} the group's committed offset (changelog \
+                     deleted or reset, offsets reset, or an at-least-once crash): features of \
+                     this partition's next events may differ from an uninterrupted run"
+                );
+                metrics::counter!(names::STATE_RESTORE_GAPS, "reason" => reason).increment(1);
+            }
+            if r.unreadable > 0 {
+                metrics::counter!(names::STATE_RESTORE_GAPS, "reason" => "unreadable")
+                    .increment(r.unreadable);
+            }
+            records += r.records;
+            bytes += r.bytes;
+            keys += r.state.keys();
+            states.insert(p, r.state);
+        }
+        if !behind.is_empty() {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        todo = behind;
+    }
+    // Partitions revoked and not given back are no longer ours to hold.
+    if let Ok(now) = consumer.assignment() {
+        states.retain(|p, _| now.find_partition(topic, *p).is_some());
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    metrics::histogram!(names::STATE_RESTORE_SECONDS).record(seconds);
+    metrics::counter!(names::STATE_RESTORE_RECORDS).increment(records);
+    metrics::counter!(names::STATE_RESTORE_BYTES).increment(bytes);
+    metrics::gauge!(names::STATE_KEYS).set(states.values().map(FeatureState::keys).sum::<usize>() as f64);
+    tracing::info!(
+        partitions = ?assigned,
+        kept,
+        records,
+        bytes,
+        keys,
+        seconds,
+        "feature state restored"
+    );
+    consumer.resume(&tpl)?;
+    Ok(())
 }
 
 fn now_ms() -> i64 {
@@ -551,9 +771,17 @@ fn wait_scores(
     }
 }
 
+/// Where and what to changelog.
+struct Changelog<'a> {
+    topic: &'a str,
+    set: &'a FeatureSet,
+    states: &'a HashMap<i32, FeatureState>,
+}
+
 /// What one cycle published.
 #[derive(Debug, Default)]
 struct Counts {
+    changelog: u64,
     scored: u64,
     alerts: u64,
     /// Alerts by rule.
@@ -573,6 +801,7 @@ fn publish(
     opts: &RunOptions,
     pending: &[Pending],
     next_offsets: &BTreeMap<i32, i64>,
+    changelog: &Changelog<'_>,
     transactional: bool,
     inject_abort: bool,
 ) -> Result<Counts, KafkaError> {
@@ -695,6 +924,14 @@ fn publish(
             }
         }
     }
+    // The state each partition's records left, for restoring it after a crash or rebalance.
+    for (partition, next) in next_offsets {
+        if let Some(state) = changelog.states.get(partition) {
+            counts.changelog += state.changelog(changelog.set, *next, |key, value| {
+                send_to(producer, changelog.topic, *partition, key, value)
+            })? as u64;
+        }
+    }
     let mut tpl = TopicPartitionList::new();
     for (partition, next) in next_offsets {
         tpl.add_partition_offset(&t.input.topic, *partition, Offset::Offset(*next))?;
@@ -730,6 +967,32 @@ fn send(
     }
     if let Some(h) = headers {
         record = record.headers(h);
+    }
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
+/// A changelog record to its partition (`None`: a tombstone).
+fn send_to(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    topic: &str,
+    partition: i32,
+    key: &[u8],
+    value: Option<&[u8]>,
+) -> Result<(), KafkaError> {
+    let mut record = BaseRecord::<[u8], [u8]>::to(topic)
+        .partition(partition)
+        .key(key);
+    if let Some(v) = value {
+        record = record.payload(v);
     }
     loop {
         match producer.send(record) {

@@ -37,6 +37,19 @@ pub const COMMIT_SECONDS: &str = "kscore_commit_seconds";
 pub const CONSUMER_LAG: &str = "kscore_consumer_lag";
 /// Keys held in feature state.
 pub const STATE_KEYS: &str = "kscore_feature_state_keys";
+/// Changelog records written (changed keys and partition records).
+pub const CHANGELOG_RECORDS: &str = "kscore_changelog_records_total";
+/// Seconds a restore of newly assigned partitions took.
+pub const STATE_RESTORE_SECONDS: &str = "kscore_state_restore_seconds";
+/// Changelog records read by restores.
+pub const STATE_RESTORE_RECORDS: &str = "kscore_state_restore_records_total";
+/// Changelog bytes (keys and values) read by restores.
+pub const STATE_RESTORE_BYTES: &str = "kscore_state_restore_bytes_total";
+/// Restored partitions whose state did not match the committed offsets, labelled `reason`
+/// (`behind`, `ahead`), and changelog records that could not be read (`unreadable`).
+pub const STATE_RESTORE_GAPS: &str = "kscore_state_restore_gaps_total";
+/// Rebalance callbacks, labelled `kind` (`assign`, `revoke`).
+pub const REBALANCES: &str = "kscore_rebalances_total";
 /// Registry calls retried because the registry was unreachable.
 pub const REGISTRY_RETRIES: &str = "kscore_registry_retries_total";
 

@@ -35,6 +35,16 @@ pub struct Topology {
     pub delivery: Delivery,
 }
 
+impl Topology {
+    /// The feature state's changelog topic.
+    pub fn changelog_topic(&self) -> String {
+        self.state
+            .changelog_topic
+            .clone()
+            .unwrap_or_else(|| format!("{}-features-changelog", self.input.group))
+    }
+}
+
 /// The input topic and how to read its records.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -65,6 +75,11 @@ pub struct StateLimits {
     /// seen in its partition) is evicted; its next event starts from empty windows.
     #[serde(default = "StateLimits::default_idle", with = "humantime_serde")]
     pub idle_key_ttl: Duration,
+    /// Compacted topic the state is changelogged to, in the same transaction as the outputs
+    /// and offsets, and restored from on partition assignment. Default:
+    /// `<input.group>-features-changelog`. It has as many partitions as the input; partition
+    /// `p` holds the state of input partition `p`.
+    pub changelog_topic: Option<String>,
 }
 
 impl StateLimits {
@@ -81,6 +96,7 @@ impl Default for StateLimits {
         StateLimits {
             max_events_per_key: Self::default_max_events(),
             idle_key_ttl: Self::default_idle(),
+            changelog_topic: None,
         }
     }
 }

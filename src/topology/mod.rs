@@ -167,15 +167,25 @@ pub fn load_with(file: &Path, require_models: bool) -> Result<Loaded, TopologyEr
             problem(path.into(), "must not be empty".into());
         }
     }
+    if topology
+        .state
+        .changelog_topic
+        .as_deref()
+        .is_some_and(|t| !non_empty(t))
+    {
+        problem("state.changelog_topic".into(), "must not be empty".into());
+    }
     let outputs = [
         Some(&topology.output.scored_topic),
         topology.output.alerts_topic.as_ref(),
         Some(&topology.output.dead_letter_topic),
+        topology.state.changelog_topic.as_ref(),
     ];
     for (path, t) in [
         "output.scored_topic",
         "output.alerts_topic",
         "output.dead_letter_topic",
+        "state.changelog_topic",
     ]
     .iter()
     .zip(outputs)
@@ -189,6 +199,13 @@ pub fn load_with(file: &Path, require_models: bool) -> Result<Loaded, TopologyEr
                 ),
             );
         }
+    }
+    let changelog = topology.changelog_topic();
+    if outputs[..3].contains(&Some(&changelog)) {
+        problem(
+            "state.changelog_topic".into(),
+            format!("`{changelog}` is also an output topic; the changelog needs a topic of its own"),
+        );
     }
 
     // The reader schema.
