@@ -7,6 +7,7 @@
 #   scripts/stack.sh stop      stop what `start` started (by the pids it recorded), nothing else
 #   scripts/stack.sh status    what is running, and where
 #   scripts/stack.sh env       the environment variables that point programs at this stack
+#   scripts/stack.sh crash-broker / start-broker   SIGKILL the broker / start it again (tests)
 #
 # Ports and locations come from the environment (defaults in brackets):
 #   KSCORE_KAFKA_PORT [9092]  KSCORE_REGISTRY_PORT [8081]  KSCORE_STACK_DIR [<repo>/.local]
@@ -176,10 +177,15 @@ case "${1:-}" in
   install) install ;;
   start) install; start_broker; start_registry ;;
   stop) stop_one registry; stop_one broker ;;
+  # For the crash tests: kill the broker as a crash would (SIGKILL), then start it again on the
+  # same port and data directory.
+  crash-broker)
+    if pid_alive broker; then kill -9 "$(cat "$RUN/broker.pid")"; rm -f "$RUN/broker.pid"; say "broker killed"; fi ;;
+  start-broker) start_broker ;;
   status) status ;;
   env) print_env ;;
   reset)
     stop_one registry; stop_one broker
     rm -rf "$DATA"; say "removed $DATA" ;;
-  *) echo "usage: $0 install|start|stop|status|env|reset" >&2; exit 2 ;;
+  *) echo "usage: $0 install|start|stop|status|env|reset|crash-broker|start-broker" >&2; exit 2 ;;
 esac

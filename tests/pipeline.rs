@@ -8,6 +8,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,146 +25,12 @@ use kscore::simulator::{self, SimulateArgs, Simulator};
 use kscore::sink::FramedEncoder;
 use kscore::source::Decoder;
 use kscore::topology::config::Guarantee;
-use kscore::{schemas, topology};
-use rdkafka::Message;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Headers;
+use kscore::schemas;
+
+use common::{field, fresh_topology, read, wait_committed};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 const N: u64 = 1_200;
-
-struct Record {
-    key: Option<Vec<u8>>,
-    payload: Vec<u8>,
-    headers: HashMap<String, String>,
-}
-
-fn read(
-    cluster: &ClusterArgs,
-    topic: &str,
-    isolation: &str,
-    expected: usize,
-    timeout: Duration,
-) -> Vec<Record> {
-    let consumer: BaseConsumer = cluster
-        .client_config()
-        .unwrap()
-        .set(
-            "group.id",
-            format!("pipeline-reader-{}", uuid::Uuid::new_v4()),
-        )
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", isolation)
-        // The output topics appear when the processor starts: notice them quickly.
-        .set("topic.metadata.refresh.interval.ms", "500")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
-    let deadline = Instant::now() + timeout;
-    let mut out = Vec::new();
-    let mut quiet_since = Instant::now();
-    while Instant::now() < deadline {
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
-                let headers = m
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|h| {
-                                (
-                                    h.key.to_string(),
-                                    String::from_utf8_lossy(h.value.unwrap_or_default())
-                                        .into_owned(),
-                                )
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                out.push(Record {
-                    key: m.key().map(<[u8]>::to_vec),
-                    payload: m.payload().unwrap_or_default().to_vec(),
-                    headers,
-                });
-                quiet_since = Instant::now();
-            }
-            // The processor creates its output topics when it starts; until then they are unknown.
-            Some(Err(e)) if e.to_string().contains("UnknownTopicOrPartition") => {
-                std::thread::sleep(Duration::from_millis(100))
-            }
-            Some(Err(e)) => panic!("reader: {e}"),
-            None => {}
-        }
-        // Done once the expected count is there and nothing more came for a second.
-        if out.len() >= expected && quiet_since.elapsed() > Duration::from_secs(1) {
-            break;
-        }
-    }
-    out
-}
-
-/// The shipped topology on topics and a group of its own: `<prefix>-in-<run>`, `<prefix>-scored-<run>`, ...
-fn fresh_topology(prefix: &str, run_id: &str) -> topology::Loaded {
-    let mut loaded = topology::load(Path::new("topologies/fraud.toml")).expect("shipped topology");
-    let t = &mut loaded.topology;
-    t.input.topic = format!("{prefix}-in-{run_id}");
-    t.input.group = format!("{prefix}-group-{run_id}");
-    t.output.scored_topic = format!("{prefix}-scored-{run_id}");
-    t.output.alerts_topic = Some(format!("{prefix}-alerts-{run_id}"));
-    t.output.dead_letter_topic = format!("{prefix}-dlq-{run_id}");
-    loaded
-}
-
-/// Waits until the group's committed offsets reach the end of every partition of `topic`.
-fn wait_committed(cluster: &ClusterArgs, topic: &str, group: &str, timeout: Duration) {
-    let consumer: BaseConsumer = cluster
-        .client_config()
-        .unwrap()
-        .set("group.id", group)
-        .create()
-        .unwrap();
-    let deadline = Instant::now() + timeout;
-    loop {
-        let metadata = consumer
-            .fetch_metadata(Some(topic), Duration::from_secs(5))
-            .unwrap();
-        let partitions: Vec<i32> = metadata.topics()[0]
-            .partitions()
-            .iter()
-            .map(|p| p.id())
-            .collect();
-        let mut tpl = rdkafka::TopicPartitionList::new();
-        for p in &partitions {
-            tpl.add_partition(topic, *p);
-        }
-        let committed = consumer
-            .committed_offsets(tpl, Duration::from_secs(5))
-            .unwrap();
-        let done = partitions.iter().all(|p| {
-            let (_, high) = consumer.fetch_watermarks(topic, *p, Duration::from_secs(5)).unwrap();
-            matches!(committed.find_partition(topic, *p).map(|e| e.offset()), Some(rdkafka::Offset::Offset(o)) if o >= high)
-        });
-        if done {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the processor did not commit the whole input in time"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn field<'v>(v: &'v Value, name: &str) -> &'v Value {
-    match v {
-        Value::Record(fields) => fields
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v)
-            .unwrap_or_else(|| panic!("no field {name}")),
-        other => panic!("not a record: {other:?}"),
-    }
-}
 
 /// The fraud topology's features, straight from their definitions, for event `i` of a card's
 /// in-order events.

@@ -286,8 +286,12 @@ fn produce(
             // Release the event when the wall clock reaches its event time, waking at least
             // every 200 ms to notice a stop.
             let due = Duration::from_millis((payment.event_time - start_ms).max(0) as u64);
-            while due > started.elapsed() && !stop.load(Ordering::Relaxed) {
-                std::thread::sleep((due - started.elapsed()).min(Duration::from_millis(200)));
+            loop {
+                let left = due.saturating_sub(started.elapsed());
+                if left.is_zero() || stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                std::thread::sleep(left.min(Duration::from_millis(200)));
             }
         }
         buf.clear();

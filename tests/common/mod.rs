@@ -1,0 +1,158 @@
+//! Helpers shared by the tests that run the processor on the local stack: fresh topics and
+//! groups per run, waiting for the processor to commit the whole input, and reading outputs
+//! afterwards (the local stand-in broker stalls a `read_committed` reader that is fetching
+//! while a transaction is aborted, so outputs are read once the run is over).
+
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use apache_avro::types::Value;
+use kscore::cluster::ClusterArgs;
+use kscore::topology;
+use rdkafka::Message;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
+
+/// A record read back, key, bytes and headers.
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: HashMap<String, String>,
+}
+
+
+pub fn read(
+    cluster: &ClusterArgs,
+    topic: &str,
+    isolation: &str,
+    expected: usize,
+    timeout: Duration,
+) -> Vec<Record> {
+    let consumer: BaseConsumer = cluster
+        .client_config()
+        .unwrap()
+        .set(
+            "group.id",
+            format!("pipeline-reader-{}", uuid::Uuid::new_v4()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", isolation)
+        // The output topics appear when the processor starts: notice them quickly.
+        .set("topic.metadata.refresh.interval.ms", "500")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    let mut quiet_since = Instant::now();
+    while Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| {
+                                (
+                                    h.key.to_string(),
+                                    String::from_utf8_lossy(h.value.unwrap_or_default())
+                                        .into_owned(),
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.push(Record {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: m.payload().unwrap_or_default().to_vec(),
+                    headers,
+                });
+                quiet_since = Instant::now();
+            }
+            // The processor creates its output topics when it starts; until then they are unknown.
+            Some(Err(e)) if e.to_string().contains("UnknownTopicOrPartition") => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+            Some(Err(e)) => panic!("reader: {e}"),
+            None => {}
+        }
+        // Done once the expected count is there and nothing more came for a second.
+        if out.len() >= expected && quiet_since.elapsed() > Duration::from_secs(1) {
+            break;
+        }
+    }
+    out
+}
+
+/// The shipped topology on topics and a group of its own: `<prefix>-in-<run>`, `<prefix>-scored-<run>`, ...
+pub fn fresh_topology(prefix: &str, run_id: &str) -> topology::Loaded {
+    let mut loaded = topology::load(Path::new("topologies/fraud.toml")).expect("shipped topology");
+    let t = &mut loaded.topology;
+    t.input.topic = format!("{prefix}-in-{run_id}");
+    t.input.group = format!("{prefix}-group-{run_id}");
+    t.output.scored_topic = format!("{prefix}-scored-{run_id}");
+    t.output.alerts_topic = Some(format!("{prefix}-alerts-{run_id}"));
+    t.output.dead_letter_topic = format!("{prefix}-dlq-{run_id}");
+    loaded
+}
+
+/// Waits until the group's committed offsets reach the end of every partition of `topic`.
+pub fn wait_committed(cluster: &ClusterArgs, topic: &str, group: &str, timeout: Duration) {
+    let consumer: BaseConsumer = cluster
+        .client_config()
+        .unwrap()
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let deadline = Instant::now() + timeout;
+    loop {
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(5))
+            .unwrap();
+        let partitions: Vec<i32> = metadata.topics()[0]
+            .partitions()
+            .iter()
+            .map(|p| p.id())
+            .collect();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for p in &partitions {
+            tpl.add_partition(topic, *p);
+        }
+        let committed = consumer
+            .committed_offsets(tpl, Duration::from_secs(5))
+            .unwrap();
+        let done = partitions.iter().all(|p| {
+            let (_, high) = consumer.fetch_watermarks(topic, *p, Duration::from_secs(5)).unwrap();
+            matches!(committed.find_partition(topic, *p).map(|e| e.offset()), Some(rdkafka::Offset::Offset(o)) if o >= high)
+        });
+        if done {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the processor did not commit the whole input in time"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn field<'v>(v: &'v Value, name: &str) -> &'v Value {
+    match v {
+        Value::Record(fields) => fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v)
+            .unwrap_or_else(|| panic!("no field {name}")),
+        other => panic!("not a record: {other:?}"),
+    }
+}
+
+pub mod harness;

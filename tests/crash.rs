@@ -1,0 +1,205 @@
+//! Crash equivalence: processors are SIGKILLed and restarted at random moments, instances join
+//! and leave the group, and a dead instance's open transaction is recovered, while simulated
+//! payments arrive; what a `read_committed` reader then finds in the scored topic must be
+//! exactly what an uninterrupted run over the same input publishes (every field but processing
+//! metadata), one record per input, none missing, none twice. Feature state is what makes this
+//! hard: it is restored from the changelog after every crash and rebalance.
+//!
+//! Sizes: `KSCORE_CRASH_EVENTS` (default 6000) events at `KSCORE_CRASH_RATE` (default 400) per
+//! second, `KSCORE_CRASH_KILLS` (default 4) kills. The broker restart is in `tests/broker_restart.rs`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use kscore::cluster::ClusterArgs;
+use rand::{Rng, SeedableRng};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+
+use common::harness::{
+    Instances, LogDir, assert_same_output, end_offsets, pipeline, reference_run, simulate, wait_input,
+};
+use common::wait_committed;
+
+fn setting(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn run_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
+}
+
+#[test]
+fn sigkilled_and_restarted_the_processor_publishes_exactly_what_an_uninterrupted_run_does() {
+    let cluster = ClusterArgs::from_env();
+    let events = setting("KSCORE_CRASH_EVENTS", 6_000);
+    let rate = setting("KSCORE_CRASH_RATE", 400);
+    let kills = setting("KSCORE_CRASH_KILLS", 4);
+    let seed = setting("KSCORE_CRASH_SEED", rand::rng().random());
+    eprintln!("[harness] {events} events at {rate}/s, {kills} kills, seed {seed}");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let dir = LogDir::new();
+    let run = run_id();
+    let input = format!("crash-in-{run}");
+    let under_test = pipeline(dir.path(), &input, "crash", &run);
+    let reference = pipeline(dir.path(), &input, "reference", &run);
+
+    let mut simulator = simulate(&input, events, rate as f64, 11);
+    let mut instances = Instances::new(&under_test, dir.path());
+    instances.start("p");
+    // Kills at random moments over the time the input takes to arrive, the last one after it.
+    let span = events as f64 / rate as f64 + 3.0;
+    let mut moments: Vec<f64> = (0..kills).map(|_| rng.random_range(1.0..span)).collect();
+    moments.sort_by(f64::total_cmp);
+    let started = Instant::now();
+    for at in moments {
+        let wait = Duration::from_secs_f64(at).saturating_sub(started.elapsed());
+        std::thread::sleep(wait);
+        instances.check_alive();
+        instances.kill("p");
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..1_000)));
+        instances.start("p");
+    }
+    wait_input(&mut simulator, &mut instances);
+    wait_committed(&cluster, &input, &under_test.group, Duration::from_secs(300));
+    instances.check_alive();
+    instances.stop_all();
+    let restores = instances.restores();
+    assert!(
+        restores.iter().filter(|(records, _)| *records > 0).count() >= 1,
+        "no start restored any state, so the test showed nothing: {restores:?}"
+    );
+
+    reference_run(&cluster, &reference, &input, dir.path());
+    let inputs = end_offsets(&cluster, &input) as usize;
+    assert_eq!(inputs as u64, events);
+    assert_same_output(&cluster, &reference, &under_test, inputs);
+}
+
+#[test]
+fn instances_joining_and_leaving_the_group_publish_exactly_what_one_uninterrupted_run_does() {
+    let cluster = ClusterArgs::from_env();
+    let events = setting("KSCORE_CRASH_EVENTS", 6_000);
+    let rate = setting("KSCORE_CRASH_RATE", 400);
+    let dir = LogDir::new();
+    let run = run_id();
+    let input = format!("group-in-{run}");
+    let under_test = pipeline(dir.path(), &input, "group", &run);
+    let reference = pipeline(dir.path(), &input, "groupref", &run);
+
+    let mut simulator = simulate(&input, events, rate as f64, 11);
+    let mut instances = Instances::new(&under_test, dir.path());
+    let span = events as f64 / rate as f64;
+    // (moment as a fraction of the input's span, action, instance)
+    let script = [
+        (0.0, "start", "a"),
+        (0.1, "start", "b"),
+        (0.2, "start", "c"),
+        (0.35, "kill", "b"),
+        (0.4, "start", "b"),
+        (0.55, "stop", "c"),
+        (0.7, "kill", "a"),
+        (0.75, "start", "a"),
+        (0.85, "start", "c"),
+    ];
+    let started = Instant::now();
+    for (at, action, id) in script {
+        let wait = Duration::from_secs_f64(at * span).saturating_sub(started.elapsed());
+        std::thread::sleep(wait);
+        instances.check_alive();
+        match action {
+            "start" => instances.start(id),
+            "kill" => instances.kill(id),
+            _ => instances.stop(id),
+        }
+    }
+    wait_input(&mut simulator, &mut instances);
+    wait_committed(&cluster, &input, &under_test.group, Duration::from_secs(300));
+    instances.check_alive();
+    instances.stop_all();
+    let restores = instances.restores();
+    assert!(
+        restores.iter().filter(|(records, _)| *records > 0).count() >= 2,
+        "too few restores read state: {restores:?}"
+    );
+
+    reference_run(&cluster, &reference, &input, dir.path());
+    let inputs = end_offsets(&cluster, &input) as usize;
+    assert_eq!(inputs as u64, events);
+    assert_same_output(&cluster, &reference, &under_test, inputs);
+}
+
+/// An instance died inside a transaction that had already sent scored records and changelog
+/// records. Until someone re-initialises its `transactional.id`, `read_committed` readers
+/// cannot read past it; the instance restarted with the same id does that (which aborts the
+/// transaction), and nothing of the dead transaction reaches the output or the restored state.
+#[test]
+fn an_open_transaction_left_by_a_dead_instance_is_aborted_by_its_restart() {
+    let cluster = ClusterArgs::from_env();
+    let dir = LogDir::new();
+    let run = run_id();
+    let input = format!("zombie-in-{run}");
+    let under_test = pipeline(dir.path(), &input, "zombie", &run);
+    let reference = pipeline(dir.path(), &input, "zombieref", &run);
+    let events = 800;
+    let mut simulator = simulate(&input, events, 10_000.0, 11);
+    assert!(simulator.wait().unwrap().success());
+
+    // The instance processes this first part and stops; then a "dead" instance with its
+    // transactional.id leaves an open transaction holding a forged scored record and a forged
+    // partition record in every partition.
+    let mut instances = Instances::new(&under_test, dir.path());
+    instances.start("z");
+    wait_committed(&cluster, &input, &under_test.group, Duration::from_secs(120));
+    instances.stop("z");
+
+    let dead: ThreadedProducer<_> = cluster
+        .client_config()
+        .unwrap()
+        .set("transactional.id", format!("kscore-{}-z", under_test.group))
+        .create()
+        .unwrap();
+    dead.init_transactions(Duration::from_secs(30)).unwrap();
+    dead.begin_transaction().unwrap();
+    let changelog = format!("{}-features-changelog", under_test.group);
+    let forged = [1u8; 64];
+    for partition in 0..4 {
+        dead.send(BaseRecord::<[u8], [u8]>::to(&under_test.scored).partition(partition).payload(&forged[..]))
+            .map_err(|(e, _)| e)
+            .unwrap();
+        dead.send(
+            BaseRecord::<[u8], [u8]>::to(&changelog)
+                .partition(partition)
+                .key(&b"\xFFpartition"[..])
+                .payload(&forged[..]),
+        )
+        .map_err(|(e, _)| e)
+        .unwrap();
+    }
+    dead.flush(Duration::from_secs(30)).unwrap();
+    // The process "dies": no commit, no abort, the transaction stays open on the broker.
+    std::mem::forget(dead);
+
+    // More input arrives; the restarted instance aborts the dead transaction, restores the
+    // committed state (not the forged records) and goes on.
+    let mut more = simulate(&input, 2 * events, 10_000.0, 12);
+    assert!(more.wait().unwrap().success());
+    instances.start("z");
+    wait_committed(&cluster, &input, &under_test.group, Duration::from_secs(120));
+    instances.check_alive();
+    instances.stop_all();
+    let restores = instances.restores();
+    assert!(
+        restores.iter().any(|(records, keys)| *records > 0 && *keys > 0),
+        "the restart restored no state: {restores:?}"
+    );
+    reference_run(&cluster, &reference, &input, dir.path());
+    let inputs = end_offsets(&cluster, &input) as usize;
+    assert_eq!(inputs as u64, 3 * events);
+    assert_same_output(&cluster, &reference, &under_test, inputs);
+}
