@@ -19,8 +19,8 @@
 //! `at_least_once` sends the same records without a transaction, then commits the offsets.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use apache_avro::types::Value;
@@ -276,8 +276,17 @@ pub fn run(
         tracing::info!(model = %b.info().name, version = %b.info().version, "model loaded");
     }
 
-    let consumer: BaseConsumer<SourceContext> = cluster
-        .client_config()?
+    let mut consumer_config = cluster.client_config()?;
+    // Static membership: a restarted instance takes its partitions back at once instead of
+    // waiting out its dead predecessor's session and rebalancing the whole group. Override with
+    // `-X group.instance.id=...`.
+    if consumer_config.get("group.instance.id").is_none() {
+        consumer_config.set(
+            "group.instance.id",
+            format!("kscore-{}-{}", t.input.group, opts.instance_id),
+        );
+    }
+    let consumer: BaseConsumer<SourceContext> = consumer_config
         .set("group.id", &t.input.group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -319,7 +328,9 @@ pub fn run(
             match try_producer() {
                 Ok(p) => return Ok(p),
                 Err(e) if !stop.load(Ordering::Relaxed) => {
-                    tracing::warn!("transactional producer not ready, retrying in {backoff:?}: {e:#}");
+                    tracing::warn!(
+                        "transactional producer not ready, retrying in {backoff:?}: {e:#}"
+                    );
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
@@ -423,7 +434,10 @@ pub fn run(
                     Offset::Offset(*offset),
                     Duration::from_secs(10),
                 ) {
-                    tracing::warn!(partition, "rewinding a kept partition failed: {e}; its state is restored again");
+                    tracing::warn!(
+                        partition,
+                        "rewinding a kept partition failed: {e}; its state is restored again"
+                    );
                     states.remove(partition);
                 }
             }
@@ -649,7 +663,8 @@ fn restore_assigned(
     metrics::histogram!(names::STATE_RESTORE_SECONDS).record(seconds);
     metrics::counter!(names::STATE_RESTORE_RECORDS).increment(records);
     metrics::counter!(names::STATE_RESTORE_BYTES).increment(bytes);
-    metrics::gauge!(names::STATE_KEYS).set(states.values().map(FeatureState::keys).sum::<usize>() as f64);
+    metrics::gauge!(names::STATE_KEYS)
+        .set(states.values().map(FeatureState::keys).sum::<usize>() as f64);
     tracing::info!(
         partitions = ?assigned,
         kept,

@@ -19,7 +19,8 @@ use rand::{Rng, SeedableRng};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 
 use common::harness::{
-    Instances, LogDir, assert_same_output, end_offsets, pipeline, reference_run, simulate, wait_input,
+    Instances, LogDir, assert_same_output, end_offsets, pipeline, reference_run, simulate,
+    wait_input,
 };
 use common::wait_committed;
 
@@ -66,7 +67,12 @@ fn sigkilled_and_restarted_the_processor_publishes_exactly_what_an_uninterrupted
         instances.start("p");
     }
     wait_input(&mut simulator, &mut instances);
-    wait_committed(&cluster, &input, &under_test.group, Duration::from_secs(300));
+    wait_committed(
+        &cluster,
+        &input,
+        &under_test.group,
+        Duration::from_secs(300),
+    );
     instances.check_alive();
     instances.stop_all();
     let restores = instances.restores();
@@ -119,7 +125,12 @@ fn instances_joining_and_leaving_the_group_publish_exactly_what_one_uninterrupte
         }
     }
     wait_input(&mut simulator, &mut instances);
-    wait_committed(&cluster, &input, &under_test.group, Duration::from_secs(300));
+    wait_committed(
+        &cluster,
+        &input,
+        &under_test.group,
+        Duration::from_secs(300),
+    );
     instances.check_alive();
     instances.stop_all();
     let restores = instances.restores();
@@ -155,7 +166,12 @@ fn an_open_transaction_left_by_a_dead_instance_is_aborted_by_its_restart() {
     // partition record in every partition.
     let mut instances = Instances::new(&under_test, dir.path());
     instances.start("z");
-    wait_committed(&cluster, &input, &under_test.group, Duration::from_secs(120));
+    wait_committed(
+        &cluster,
+        &input,
+        &under_test.group,
+        Duration::from_secs(120),
+    );
     instances.stop("z");
 
     let dead: ThreadedProducer<_> = cluster
@@ -169,9 +185,13 @@ fn an_open_transaction_left_by_a_dead_instance_is_aborted_by_its_restart() {
     let changelog = format!("{}-features-changelog", under_test.group);
     let forged = [1u8; 64];
     for partition in 0..4 {
-        dead.send(BaseRecord::<[u8], [u8]>::to(&under_test.scored).partition(partition).payload(&forged[..]))
-            .map_err(|(e, _)| e)
-            .unwrap();
+        dead.send(
+            BaseRecord::<[u8], [u8]>::to(&under_test.scored)
+                .partition(partition)
+                .payload(&forged[..]),
+        )
+        .map_err(|(e, _)| e)
+        .unwrap();
         dead.send(
             BaseRecord::<[u8], [u8]>::to(&changelog)
                 .partition(partition)
@@ -187,15 +207,22 @@ fn an_open_transaction_left_by_a_dead_instance_is_aborted_by_its_restart() {
 
     // More input arrives; the restarted instance aborts the dead transaction, restores the
     // committed state (not the forged records) and goes on.
-    let mut more = simulate(&input, 2 * events, 10_000.0, 12);
+    let mut more = simulate(&input, 2 * events, 10_000.0, 11);
     assert!(more.wait().unwrap().success());
     instances.start("z");
-    wait_committed(&cluster, &input, &under_test.group, Duration::from_secs(120));
+    wait_committed(
+        &cluster,
+        &input,
+        &under_test.group,
+        Duration::from_secs(120),
+    );
     instances.check_alive();
     instances.stop_all();
     let restores = instances.restores();
     assert!(
-        restores.iter().any(|(records, keys)| *records > 0 && *keys > 0),
+        restores
+            .iter()
+            .any(|(records, keys)| *records > 0 && *keys > 0),
         "the restart restored no state: {restores:?}"
     );
     reference_run(&cluster, &reference, &input, dir.path());

@@ -20,12 +20,12 @@ use apache_avro::types::Value;
 use kscore::cluster::ClusterArgs;
 use kscore::payments::{Channel, EntryMode, Payment};
 use kscore::pipeline::{self, RunOptions};
+use kscore::schemas;
 use kscore::scorer::{ScoringSession, runtime};
 use kscore::simulator::{self, SimulateArgs, Simulator};
 use kscore::sink::FramedEncoder;
 use kscore::source::Decoder;
 use kscore::topology::config::Guarantee;
-use kscore::schemas;
 
 use common::{field, fresh_topology, read, wait_committed};
 use rdkafka::producer::{FutureProducer, FutureRecord};

@@ -204,7 +204,9 @@ pub fn load_with(file: &Path, require_models: bool) -> Result<Loaded, TopologyEr
     if outputs[..3].contains(&Some(&changelog)) {
         problem(
             "state.changelog_topic".into(),
-            format!("`{changelog}` is also an output topic; the changelog needs a topic of its own"),
+            format!(
+                "`{changelog}` is also an output topic; the changelog needs a topic of its own"
+            ),
         );
     }
 

@@ -159,7 +159,9 @@ fn the_changelog_topic_defaults_from_the_group_and_must_be_a_topic_of_its_own() 
     assert_eq!(loaded.topology.changelog_topic(), "g-features-changelog");
 
     let bad = GOOD.replace("[output]", "[state]\nchangelog_topic = \"dlq\"\n[output]");
-    let err = load(&write(dir.path(), &bad)).expect_err("invalid").to_string();
+    let err = load(&write(dir.path(), &bad))
+        .expect_err("invalid")
+        .to_string();
     assert!(
         err.contains("state.changelog_topic") && err.contains("`dlq` is also an output topic"),
         "{err}"

@@ -31,10 +31,19 @@ pub fn pipeline(dir: &Path, input: &str, name: &str, run: &str) -> Pipeline {
     let dlq = format!("{name}-dlq-{run}");
     let mut replaced = text.clone();
     for (from, to) in [
-        ("topic = \"payments\"".to_string(), format!("topic = \"{input}\"")),
-        ("group = \"kscore-fraud\"".to_string(), format!("group = \"{group}\"")),
+        (
+            "topic = \"payments\"".to_string(),
+            format!("topic = \"{input}\""),
+        ),
+        (
+            "group = \"kscore-fraud\"".to_string(),
+            format!("group = \"{group}\""),
+        ),
         ("\"payments-scored\"".to_string(), format!("\"{scored}\"")),
-        ("\"payments-alerts\"".to_string(), format!("\"{name}-alerts-{run}\"")),
+        (
+            "\"payments-alerts\"".to_string(),
+            format!("\"{name}-alerts-{run}\""),
+        ),
         ("\"payments-dlq\"".to_string(), format!("\"{dlq}\"")),
         ("\"../".to_string(), format!("\"{}/", root.display())),
     ] {
@@ -57,7 +66,14 @@ pub fn simulate(topic: &str, count: u64, rate: f64, seed: u64) -> Child {
     Command::new(env!("CARGO_BIN_EXE_kscore"))
         .args(["simulate", "--topic", topic, "--partitions", "4"])
         .args(["--seed", &seed.to_string()])
-        .args(["--cards", "200", "--event-rate", "1", "--fraud-per-10k", "50"])
+        .args([
+            "--cards",
+            "200",
+            "--event-rate",
+            "1",
+            "--fraud-per-10k",
+            "50",
+        ])
         .args(["--count", &count.to_string(), "--rate", &rate.to_string()])
         .args(["--progress", "1h"])
         .stdout(Stdio::null())
@@ -88,14 +104,19 @@ impl<'a> Instances<'a> {
     pub fn start(&mut self, id: &str) {
         assert!(!self.running.contains_key(id), "{id} is already running");
         self.starts += 1;
-        let log = std::fs::File::create(self.dir.join(format!("{id}-{}.log", self.starts))).unwrap();
+        let log =
+            std::fs::File::create(self.dir.join(format!("{id}-{}.log", self.starts))).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_kscore"))
             .args(["run", "--topology"])
             .arg(&self.pipeline.file)
             .args(["--instance-id", id])
             // A member killed without leaving is noticed after the session timeout.
-            .args(["-X", "session.timeout.ms=6000", "-X", "heartbeat.interval.ms=500"])
-            .args(["-X", "max.poll.interval.ms=10000"])
+            .args([
+                "-X",
+                "session.timeout.ms=6000",
+                "-X",
+                "heartbeat.interval.ms=500",
+            ])
             .env("RUST_LOG", "info,ort=warn,librdkafka=off,rdkafka=off")
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -162,7 +183,10 @@ impl<'a> Instances<'a> {
         let mut out = Vec::new();
         for entry in std::fs::read_dir(&self.dir).unwrap() {
             let text = std::fs::read_to_string(entry.unwrap().path()).unwrap_or_default();
-            for line in text.lines().filter(|l| l.contains("feature state restored")) {
+            for line in text
+                .lines()
+                .filter(|l| l.contains("feature state restored"))
+            {
                 let num = |name: &str| -> u64 {
                     line.split_whitespace()
                         .find_map(|w| w.strip_prefix(name))
@@ -212,17 +236,29 @@ pub struct Scored {
 
 /// The committed scored records of a pipeline, by input (partition, offset); panics on a
 /// duplicate.
-pub fn scored_by_input(cluster: &ClusterArgs, p: &Pipeline, expected: usize) -> BTreeMap<(i64, i64), Scored> {
+pub fn scored_by_input(
+    cluster: &ClusterArgs,
+    p: &Pipeline,
+    expected: usize,
+) -> BTreeMap<(i64, i64), Scored> {
     let schema = kscore::schemas::parse(kscore::schemas::SCORED_PAYMENT_AVSC).unwrap();
     let reader = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
         .build()
         .unwrap();
-    let records = read(cluster, &p.scored, "read_committed", expected, Duration::from_secs(60));
+    let records = read(
+        cluster,
+        &p.scored,
+        "read_committed",
+        expected,
+        Duration::from_secs(60),
+    );
     let mut out = BTreeMap::new();
     for r in records {
         let mut body = &r.payload[5..];
         let value = reader.read_value(&mut body).unwrap();
-        let Value::Record(fields) = value else { panic!("not a record") };
+        let Value::Record(fields) = value else {
+            panic!("not a record")
+        };
         let mut source = (0, 0);
         let mut scores = Vec::new();
         let fields = fields
@@ -235,8 +271,8 @@ pub fn scored_by_input(cluster: &ClusterArgs, p: &Pipeline, expected: usize) -> 
                         .collect();
                     for (n, v) in &kept {
                         match (n.as_str(), v) {
-                            ("partition", Value::Int(x)) => source.0 = i64::from(*x),
-                            ("offset", Value::Long(x)) => source.1 = *x,
+                            ("source_partition", Value::Int(x)) => source.0 = i64::from(*x),
+                            ("source_offset", Value::Long(x)) => source.1 = *x,
                             _ => {}
                         }
                     }
@@ -281,24 +317,48 @@ pub fn scored_by_input(cluster: &ClusterArgs, p: &Pipeline, expected: usize) -> 
 /// except processing metadata and score values; scores equal within 1e-5 relative (ONNX
 /// Runtime's float32 matrix kernels round a row's last bits differently by its position in a
 /// batch, and batches are cut differently in the two runs).
-pub fn assert_same_output(cluster: &ClusterArgs, reference: &Pipeline, under_test: &Pipeline, inputs: usize) {
+pub fn assert_same_output(
+    cluster: &ClusterArgs,
+    reference: &Pipeline,
+    under_test: &Pipeline,
+    inputs: usize,
+) {
     let want = scored_by_input(cluster, reference, inputs);
     let got = scored_by_input(cluster, under_test, inputs);
-    assert_eq!(want.len(), inputs, "the reference run scored {} of {inputs}", want.len());
-    assert_eq!(got.len(), inputs, "the interrupted run scored {} of {inputs}", got.len());
+    assert_eq!(
+        want.len(),
+        inputs,
+        "the reference run scored {} of {inputs}",
+        want.len()
+    );
+    assert_eq!(
+        got.len(),
+        inputs,
+        "the interrupted run scored {} of {inputs}",
+        got.len()
+    );
     let mut different = 0;
     for (source, w) in &want {
         let g = &got[source];
         let same_scores = w.scores.len() == g.scores.len()
-            && w.scores.iter().zip(&g.scores).all(|(a, b)| (a - b).abs() <= 1e-5 * a.abs().max(1e-3));
+            && w.scores
+                .iter()
+                .zip(&g.scores)
+                .all(|(a, b)| (a - b).abs() <= 1e-5 * a.abs().max(1e-3));
         if g.record != w.record || !same_scores {
             different += 1;
             if different <= 3 {
-                eprintln!("input {source:?} differs:\n  want {:?} {:?}\n  got  {:?} {:?}", w.record, w.scores, g.record, g.scores);
+                eprintln!(
+                    "input {source:?} differs:\n  want {:?} {:?}\n  got  {:?} {:?}",
+                    w.record, w.scores, g.record, g.scores
+                );
             }
         }
     }
-    assert_eq!(different, 0, "{different} of {inputs} scored records differ from the uninterrupted run");
+    assert_eq!(
+        different, 0,
+        "{different} of {inputs} scored records differ from the uninterrupted run"
+    );
     for p in [reference, under_test] {
         let dead = read(cluster, &p.dlq, "read_committed", 0, Duration::from_secs(3));
         assert!(dead.is_empty(), "{} dead letters in {}", dead.len(), p.dlq);

@@ -3,7 +3,13 @@
 //! afterwards (the local stand-in broker stalls a `read_committed` reader that is fetching
 //! while a transaction is aborted, so outputs are read once the run is over).
 
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    dead_code,
+    unreachable_pub,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)]
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -24,7 +30,6 @@ pub struct Record {
     pub payload: Vec<u8>,
     pub headers: HashMap<String, String>,
 }
-
 
 pub fn read(
     cluster: &ClusterArgs,
