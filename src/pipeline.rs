@@ -378,6 +378,7 @@ pub fn run(
                     &t.input.topic,
                     &mut states,
                     &assigned,
+                    transactional,
                     &stop,
                 )?;
             }
@@ -564,9 +565,10 @@ pub fn run(
 /// A partition whose state this instance still holds, committed with the offset the group
 /// has committed, is kept as is; the others are read back from the changelog. The restored
 /// partition record must name the group's committed offset: a changelog behind it (commit
-/// markers still on their way) is read again for up to 30 s; one that stays behind or ahead
-/// (deleted or reset by hand, or an at-least-once crash) is used as it is, and logged and
-/// counted as a gap.
+/// markers still on their way) is read again for up to 30 s. Under exactly-once a changelog
+/// ahead of the group's offset wins: it was committed in the same transaction as offsets the
+/// group has lost, and the partition continues from its offset. Otherwise (a changelog
+/// deleted by hand, an at-least-once crash) the state is used as it is, logged and counted.
 #[allow(clippy::too_many_arguments)]
 fn restore_assigned(
     consumer: &BaseConsumer<SourceContext>,
@@ -575,9 +577,11 @@ fn restore_assigned(
     topic: &str,
     states: &mut HashMap<i32, FeatureState>,
     assigned: &[i32],
+    transactional: bool,
     stop: &AtomicBool,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
+    let mut seek_to: Vec<(i32, i64)> = Vec::new();
     let mut tpl = TopicPartitionList::new();
     for p in assigned {
         tpl.add_partition(topic, *p);
@@ -625,12 +629,26 @@ fn restore_assigned(
                 behind.push(p);
                 continue;
             }
-            if found != want {
-                let reason = if found.unwrap_or(0) < want.unwrap_or(0) {
-                    "behind"
-                } else {
-                    "ahead"
-                };
+            let ahead = found.unwrap_or(0) > want.unwrap_or(0);
+            if ahead && transactional {
+                // The partition record committed in the same transaction as the offsets: that
+                // transaction is committed, so its offsets were too, and the group's are stale
+                // (lost by the broker, or reset by hand without deleting the changelog). Going
+                // back to them would publish those records' outputs a second time.
+                let next = found.unwrap_or(0);
+                tracing::warn!(
+                    partition = p,
+                    changelog_offset = next,
+                    committed_offset = ?want,
+                    "the group's committed offset is behind the changelog's committed state; \
+                     continuing from the changelog's offset (to reprocess from an earlier \
+                     offset, delete the changelog topic as well)"
+                );
+                metrics::counter!(names::STATE_RESTORE_GAPS, "reason" => "offsets_behind")
+                    .increment(1);
+                seek_to.push((p, next));
+            } else if found != want {
+                let reason = if ahead { "ahead" } else { "behind" };
                 tracing::warn!(
                     partition = p,
                     changelog_offset = ?found,
@@ -674,6 +692,14 @@ fn restore_assigned(
         seconds,
         "feature state restored"
     );
+    for (partition, offset) in seek_to {
+        consumer.seek(
+            topic,
+            partition,
+            Offset::Offset(offset),
+            Duration::from_secs(10),
+        )?;
+    }
     consumer.resume(&tpl)?;
     Ok(())
 }

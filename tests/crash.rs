@@ -50,7 +50,7 @@ fn sigkilled_and_restarted_the_processor_publishes_exactly_what_an_uninterrupted
     let under_test = pipeline(dir.path(), &input, "crash", &run);
     let reference = pipeline(dir.path(), &input, "reference", &run);
 
-    let mut simulator = simulate(&input, events, rate as f64, 11);
+    let mut simulator = simulate(&input, events, rate as f64, 11, None);
     let mut instances = Instances::new(&under_test, dir.path());
     instances.start("p");
     // Kills at random moments over the time the input takes to arrive, the last one after it.
@@ -98,7 +98,7 @@ fn instances_joining_and_leaving_the_group_publish_exactly_what_one_uninterrupte
     let under_test = pipeline(dir.path(), &input, "group", &run);
     let reference = pipeline(dir.path(), &input, "groupref", &run);
 
-    let mut simulator = simulate(&input, events, rate as f64, 11);
+    let mut simulator = simulate(&input, events, rate as f64, 11, None);
     let mut instances = Instances::new(&under_test, dir.path());
     let span = events as f64 / rate as f64;
     // (moment as a fraction of the input's span, action, instance)
@@ -158,7 +158,7 @@ fn an_open_transaction_left_by_a_dead_instance_is_aborted_by_its_restart() {
     let under_test = pipeline(dir.path(), &input, "zombie", &run);
     let reference = pipeline(dir.path(), &input, "zombieref", &run);
     let events = 800;
-    let mut simulator = simulate(&input, events, 10_000.0, 11);
+    let mut simulator = simulate(&input, events, 10_000.0, 11, None);
     assert!(simulator.wait().unwrap().success());
 
     // The instance processes this first part and stops; then a "dead" instance with its
@@ -207,7 +207,7 @@ fn an_open_transaction_left_by_a_dead_instance_is_aborted_by_its_restart() {
 
     // More input arrives; the restarted instance aborts the dead transaction, restores the
     // committed state (not the forged records) and goes on.
-    let mut more = simulate(&input, 2 * events, 10_000.0, 11);
+    let mut more = simulate(&input, 2 * events, 10_000.0, 11, None);
     assert!(more.wait().unwrap().success());
     instances.start("z");
     wait_committed(

@@ -60,9 +60,10 @@ pub fn pipeline(dir: &Path, input: &str, name: &str, run: &str) -> Pipeline {
     }
 }
 
-/// Simulated payments to `topic` (4 partitions, keyed by card): 200 cards at one payment per
-/// second of event time, so each card has about 18 payments an hour and the windows matter.
-pub fn simulate(topic: &str, count: u64, rate: f64, seed: u64) -> Child {
+/// Simulated payments to `topic` (4 partitions, keyed by card) from 200 cards: paced at `rate`
+/// per second of wall clock (and event time), or, with `rate` 0, all at once at one payment per
+/// second of event time from `start` (about 18 per card an hour, so the windows matter).
+pub fn simulate(topic: &str, count: u64, rate: f64, seed: u64, start: Option<&str>) -> Child {
     Command::new(env!("CARGO_BIN_EXE_kscore"))
         .args(["simulate", "--topic", topic, "--partitions", "4"])
         .args(["--seed", &seed.to_string()])
@@ -74,7 +75,17 @@ pub fn simulate(topic: &str, count: u64, rate: f64, seed: u64) -> Child {
             "--fraud-per-10k",
             "50",
         ])
-        .args(["--count", &count.to_string(), "--rate", &rate.to_string()])
+        .args(["--count", &count.to_string()])
+        .args(if rate > 0.0 {
+            vec!["--rate".to_string(), rate.to_string()]
+        } else {
+            vec![]
+        })
+        .args(
+            start
+                .map(|s| vec!["--start".to_string(), s.to_string()])
+                .unwrap_or_default(),
+        )
         .args(["--progress", "1h"])
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -387,7 +398,8 @@ pub fn reference_run(cluster: &ClusterArgs, p: &Pipeline, input: &str, dir: &Pat
     one.stop_all();
 }
 
-/// A temporary directory for topologies and logs, kept (and named) when the test fails.
+/// A temporary directory for topologies and logs, kept (and named) when the test fails or
+/// `KSCORE_KEEP_LOGS` is set.
 pub struct LogDir(Option<tempfile::TempDir>);
 
 impl LogDir {
@@ -402,7 +414,7 @@ impl LogDir {
 
 impl Drop for LogDir {
     fn drop(&mut self) {
-        if std::thread::panicking()
+        if (std::thread::panicking() || std::env::var_os("KSCORE_KEEP_LOGS").is_some())
             && let Some(dir) = self.0.take()
         {
             eprintln!("[harness] logs kept in {}", dir.keep().display());
