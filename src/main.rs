@@ -84,6 +84,9 @@ enum Command {
     },
 }
 
+/// How long a stop may take before the process exits regardless.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A flag set on Ctrl-C or SIGTERM, for commands that stop cleanly.
 fn stop_flag() -> Arc<AtomicBool> {
     let stop = Arc::new(AtomicBool::new(false));
@@ -103,6 +106,13 @@ fn stop_flag() -> Arc<AtomicBool> {
         }
         tracing::info!("stop requested");
         flag.store(true, Ordering::Relaxed);
+        // Everything committed is safe whatever happens now; a consumer that cannot finish
+        // leaving its group (librdkafka waits for a join in flight) must not keep the process.
+        std::thread::spawn(|| {
+            std::thread::sleep(STOP_GRACE);
+            tracing::warn!("still stopping after {STOP_GRACE:?}; exiting now");
+            std::process::exit(0);
+        });
     });
     stop
 }

@@ -8,14 +8,16 @@
 //!    topic with the reason;
 //! 2. at the end of the cycle, flush the batchers and wait for every score;
 //! 3. in one Kafka transaction: the scored events (and alerts) in input order, the dead
-//!    letters, and the input offsets (next offset to read, with the consumer's group
-//!    metadata), then commit. Feature state is checkpointed only when the commit succeeded.
+//!    letters, the changelog of the feature state the cycle changed (see [`crate::changelog`]),
+//!    and the input offsets (next offset to read, with the consumer's group metadata), then
+//!    commit. Feature state is checkpointed only when the commit succeeded.
 //!
 //! If the transaction must be aborted, the feature state changes of the cycle are rolled back
 //! and the consumer is rewound to the cycle's first offsets, so the cycle is redone exactly;
 //! if the producer hits a fatal error it is rebuilt with the same `transactional.id`, which
 //! fences the old one and aborts whatever it left open. A rebalance discards the cycle in
-//! progress (nothing of it was sent) and the feature state of the partitions revoked.
+//! progress (nothing of it was sent) and rolls its state changes back; newly assigned
+//! partitions stay paused until their state is restored from the changelog.
 //! `at_least_once` sends the same records without a transaction, then commits the offsets.
 
 use std::collections::{BTreeMap, HashMap};
@@ -343,6 +345,7 @@ pub fn run(
         guarantee = ?t.delivery.guarantee, "processor running");
 
     let mut states: HashMap<i32, FeatureState> = HashMap::new();
+    let mut consumer_errors = Throttled::new("consumer");
     let mut summary = RunSummary::default();
     let mut reporter = Reporter::new(opts.summary_every, &t.name);
     let mut cycles = 0u64;
@@ -385,7 +388,7 @@ pub fn run(
             let msg = match msg {
                 None => continue,
                 Some(Err(e)) => {
-                    tracing::warn!("consumer: {e}");
+                    consumer_errors.note(&e);
                     continue;
                 }
                 Some(Ok(m)) => m,
@@ -620,7 +623,12 @@ fn restore_assigned(
     let (mut records, mut bytes, mut keys) = (0u64, 0u64, 0usize);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !todo.is_empty() {
-        let restored = restorer.restore(set, &todo, stop)?;
+        let restored = match restorer.restore(set, &todo, stop) {
+            Ok(r) => r,
+            // Stopping: the partitions stay paused and the loop ends.
+            Err(KafkaError::Canceled) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
         let mut behind = Vec::new();
         for (p, r) in restored {
             let found = r.mark.map(|m| m.next_offset);
@@ -1105,6 +1113,37 @@ fn classify(e: &KafkaError) -> (&'static str, bool) {
         KafkaError::MessageProduction(_) => ("produce", false),
         KafkaError::Canceled => ("injected", false),
         _ => ("other", false),
+    }
+}
+
+/// A warning that would repeat on every poll while the broker is away (once per 10 s, with
+/// how many were suppressed).
+struct Throttled {
+    what: &'static str,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl Throttled {
+    fn new(what: &'static str) -> Self {
+        Throttled {
+            what,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    fn note(&mut self, e: &dyn std::fmt::Display) {
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(10))
+        {
+            self.suppressed += 1;
+            return;
+        }
+        tracing::warn!(suppressed = self.suppressed, "{}: {e}", self.what);
+        self.last = Some(Instant::now());
+        self.suppressed = 0;
     }
 }
 

@@ -60,7 +60,8 @@ pub fn pipeline(dir: &Path, input: &str, name: &str, run: &str) -> Pipeline {
     }
 }
 
-/// Simulated payments to `topic` (4 partitions, keyed by card) from 200 cards: paced at `rate`
+/// Simulated payments to `topic` (4 partitions, keyed by card) from 200 cards
+/// (`KSCORE_CRASH_CARDS`): paced at `rate`
 /// per second of wall clock (and event time), or, with `rate` 0, all at once at one payment per
 /// second of event time from `start` (about 18 per card an hour, so the windows matter).
 pub fn simulate(topic: &str, count: u64, rate: f64, seed: u64, start: Option<&str>) -> Child {
@@ -69,12 +70,9 @@ pub fn simulate(topic: &str, count: u64, rate: f64, seed: u64, start: Option<&st
         .args(["--seed", &seed.to_string()])
         .args([
             "--cards",
-            "200",
-            "--event-rate",
-            "1",
-            "--fraud-per-10k",
-            "50",
+            &std::env::var("KSCORE_CRASH_CARDS").unwrap_or("200".into()),
         ])
+        .args(["--event-rate", "1", "--fraud-per-10k", "50"])
         .args(["--count", &count.to_string()])
         .args(if rate > 0.0 {
             vec!["--rate".to_string(), rate.to_string()]
