@@ -1,4 +1,4 @@
-//! The broker process is stopped and started again under two running processor instances,
+//! The broker process is stopped and started again under a running processor instance,
 //! between two bursts of payments: once it is back, a `read_committed` reader finds exactly
 //! what an uninterrupted run over the same input publishes. In a file of its own because it takes the
 //! shared test broker down: test binaries run one after another, so no other test sees that.
@@ -46,7 +46,6 @@ fn a_broker_restarted_mid_run_changes_no_output() {
     assert!(first.wait().unwrap().success());
     let mut instances = Instances::new(&under_test, dir.path());
     instances.start("a");
-    instances.start("b");
     wait_committed(
         &cluster,
         &input,
@@ -54,16 +53,18 @@ fn a_broker_restarted_mid_run_changes_no_output() {
         Duration::from_secs(120),
     );
 
-    // The broker goes away and comes back under the running instances. (Between bursts: the
-    // stand-in broker loses committed records when it is stopped while transactions are being
-    // written, which real Kafka does not; see the notes in DESIGN.md.)
+    // The broker goes away and comes back under the running instance. Between bursts, and one
+    // instance: the stand-in broker loses committed records when it is stopped while
+    // transactions are being written, and forgets its groups' members when it restarts without
+    // fencing their old generation's transactional offset commits, so two instances can both
+    // process a partition for a while. Real Kafka does neither (README, the stand-ins).
     let down = Instant::now();
     stack("restart-broker");
     eprintln!("[harness] broker restarted in {:?}", down.elapsed());
-    // And one instance dies with it, so its successor must read the state back from the
+    // And the instance dies with it, so its successor must read the state back from the
     // changelog the broker kept.
-    instances.kill("b");
-    instances.start("b");
+    instances.kill("a");
+    instances.start("a");
     let mut second = simulate(&input, half, 0.0, 12, Some("2026-01-01T03:00:00Z"));
     assert!(second.wait().unwrap().success());
     wait_committed(

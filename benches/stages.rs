@@ -1,0 +1,263 @@
+//! The in-process stages on simulated payments, one core each, and the whole in-process path:
+//! decode → features → score with the shipped models → scored record → encode. Each reports
+//! events (or rows) per second (`Throughput::Elements`). Needs `ORT_DYLIB_PATH` (set by
+//! `eval "$(scripts/stack.sh env)"`).
+
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+
+use apache_avro::types::Value;
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use kscore::features::{FeatureSet, FeatureState};
+use kscore::registry_standin::{Store, router};
+use kscore::scorer::{ScoringSession, runtime};
+use kscore::simulator::{SimConfig, Simulator};
+use kscore::sink::FramedEncoder;
+use kscore::sink::output::{self, Provenance, ScoreValue};
+use kscore::source::Decoder;
+use kscore::{schemas, topology};
+use schema_registry_converter::async_impl::schema_registry::SrSettings;
+
+const N: usize = 20_000;
+
+struct Fixture {
+    rt: tokio::runtime::Runtime,
+    loaded: topology::Loaded,
+    set: FeatureSet,
+    decoder: Decoder,
+    scored: FramedEncoder,
+    frames: Vec<Vec<u8>>,
+    values: Vec<Value>,
+}
+
+fn fixture() -> Fixture {
+    runtime::init(None).expect("ONNX Runtime: set ORT_DYLIB_PATH");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let url = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(listener, router(Store::in_memory())).await });
+        url
+    });
+    let sr = SrSettings::new_builder(url)
+        .no_proxy()
+        .build()
+        .expect("settings");
+    let loaded = topology::load(Path::new("topologies/fraud.toml")).expect("shipped topology");
+    let payment = rt
+        .block_on(FramedEncoder::register(
+            &sr,
+            "bench-value",
+            schemas::PAYMENT_AVSC,
+        ))
+        .expect("register");
+    let scored_avsc = output::scored_schema(&loaded.schema_text).expect("scored schema");
+    let scored = rt
+        .block_on(FramedEncoder::register(
+            &sr,
+            "bench-scored-value",
+            &scored_avsc,
+        ))
+        .expect("register");
+    let decoder = Decoder::new(sr, loaded.schema.clone());
+    // The demo's world: many cards, each seen about every 50 minutes.
+    let values: Vec<Value> = Simulator::new(SimConfig {
+        cards: 20_000,
+        events_per_sec: 6.7,
+        ..SimConfig::default()
+    })
+    .expect("sim")
+    .take(N)
+    .map(|(p, _)| p.to_value())
+    .collect();
+    let frames: Vec<Vec<u8>> = values
+        .iter()
+        .map(|v| payment.encode(v.clone()).expect("encode"))
+        .collect();
+    rt.block_on(decoder.decode(Some(&frames[0])))
+        .expect("warm the schema cache");
+    let set = FeatureSet::new(&loaded.topology, &loaded.schema);
+    Fixture {
+        rt,
+        loaded,
+        set,
+        decoder,
+        scored,
+        frames,
+        values,
+    }
+}
+
+/// Feature rows for every event, in order, from a state that saw them all.
+fn feature_rows(f: &Fixture) -> Vec<Vec<f64>> {
+    let mut state = FeatureState::default();
+    f.values
+        .iter()
+        .map(|v| {
+            state
+                .update(&f.set, f.set.extract(v).expect("extract"))
+                .expect("features")
+        })
+        .collect()
+}
+
+fn stages(c: &mut Criterion) {
+    let f = fixture();
+    let names = f.set.names();
+    let rows = feature_rows(&f);
+    let t = &f.loaded.topology;
+    let columns: Vec<Vec<usize>> = t
+        .models
+        .iter()
+        .map(|m| {
+            m.features
+                .iter()
+                .map(|n| names.iter().position(|x| x == n).expect("feature"))
+                .collect()
+        })
+        .collect();
+    let mut sessions: Vec<ScoringSession> = t
+        .models
+        .iter()
+        .zip(&f.loaded.model_paths)
+        .map(|(m, p)| ScoringSession::open(m, p).expect("model"))
+        .collect();
+    let model_rows: Vec<Vec<f32>> = columns
+        .iter()
+        .map(|cols| {
+            rows.iter()
+                .flat_map(|r| cols.iter().map(|&c| r[c] as f32))
+                .collect()
+        })
+        .collect();
+
+    let mut g = c.benchmark_group("stages");
+    g.throughput(Throughput::Elements(N as u64));
+    g.sample_size(10);
+    g.bench_function("decode", |b| {
+        b.iter(|| {
+            f.rt.block_on(async {
+                for fr in &f.frames {
+                    f.decoder.decode(Some(fr)).await.expect("decode");
+                }
+            })
+        })
+    });
+    g.bench_function("features", |b| {
+        b.iter_batched(
+            FeatureState::default,
+            |mut state| {
+                for v in &f.values {
+                    let e = f.set.extract(v).expect("extract");
+                    state.update(&f.set, e).expect("features");
+                }
+                state
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    for ((model, session), input) in t.models.iter().zip(&mut sessions).zip(&model_rows) {
+        let width = model.features.len();
+        let batch = model.batching.max_rows;
+        g.bench_function(format!("score_{}_batch{batch}", model.name), |b| {
+            b.iter(|| {
+                for chunk in input.chunks(batch * width) {
+                    session.score(chunk).expect("score");
+                }
+            })
+        });
+    }
+    // (model, score within the model, template), as the pipeline builds them.
+    let templates: Vec<(usize, usize, ScoreValue)> = t
+        .models
+        .iter()
+        .enumerate()
+        .flat_map(|(m, model)| {
+            model.scores.iter().enumerate().map(move |(i, s)| {
+                let template = ScoreValue {
+                    model: model.name.clone(),
+                    version: "v".into(),
+                    score: s.name.clone(),
+                    qualified: format!("{}.{}", model.name, s.name),
+                    value: 0.1,
+                };
+                (m, i, template)
+            })
+        })
+        .collect();
+    let fixed: Vec<ScoreValue> = templates.iter().map(|(_, _, v)| v.clone()).collect();
+    let prov = Provenance {
+        processor: "bench",
+        topology: &t.name,
+        topic: &t.input.topic,
+        partition: 0,
+        offset: 0,
+        schema_id: 1,
+        processed_at: 0,
+    };
+    g.bench_function("scored_record_and_encode", |b| {
+        let mut out = Vec::with_capacity(2048);
+        b.iter(|| {
+            for (v, r) in f.values.iter().zip(&rows) {
+                let (decision, fired) = output::decide(&t.alerts, &fixed);
+                let record =
+                    output::scored_record(v.clone(), &names, r, &fixed, decision, &fired, &prov);
+                out.clear();
+                f.scored.encode_into(record, &mut out).expect("encode");
+            }
+        })
+    });
+    // The whole in-process path, one core: what a processor instance does per event apart
+    // from Kafka itself.
+    g.bench_function("in_process_path", |b| {
+        let mut out = Vec::with_capacity(2048);
+        let batch = 256;
+        b.iter_batched(
+            FeatureState::default,
+            |mut state| {
+                for frames in f.frames.chunks(batch) {
+                    let mut events = Vec::with_capacity(batch);
+                    let mut feats = Vec::with_capacity(batch);
+                    for fr in frames {
+                        let d = f.rt.block_on(f.decoder.decode(Some(fr))).expect("decode");
+                        let e = f.set.extract(&d.value).expect("extract");
+                        feats.push(state.update(&f.set, e).expect("features"));
+                        events.push(d.value);
+                    }
+                    let mut scores: Vec<Vec<Vec<f64>>> = Vec::new();
+                    for (session, cols) in sessions.iter_mut().zip(&columns) {
+                        let input: Vec<f32> = feats
+                            .iter()
+                            .flat_map(|r| cols.iter().map(|&c| r[c] as f32))
+                            .collect();
+                        scores.push(session.score(&input).expect("score"));
+                    }
+                    for (i, (event, r)) in events.into_iter().zip(&feats).enumerate() {
+                        let values: Vec<ScoreValue> = templates
+                            .iter()
+                            .map(|(m, k, tpl)| ScoreValue {
+                                value: scores[*m][*k][i],
+                                ..tpl.clone()
+                            })
+                            .collect();
+                        let (decision, fired) = output::decide(&t.alerts, &values);
+                        let record = output::scored_record(
+                            event, &names, r, &values, decision, &fired, &prov,
+                        );
+                        out.clear();
+                        f.scored.encode_into(record, &mut out).expect("encode");
+                    }
+                }
+                state
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(benches, stages);
+criterion_main!(benches);
