@@ -12,6 +12,7 @@ pub mod changelog;
 pub mod cluster;
 pub mod features;
 pub mod inspect;
+pub mod passthrough;
 pub mod payments;
 pub mod pipeline;
 pub mod registry_standin;

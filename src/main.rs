@@ -56,8 +56,18 @@ enum Command {
         /// Stop after this long.
         #[arg(long, value_parser = humantime::parse_duration)]
         duration: Option<std::time::Duration>,
+        /// Testing aid: cap each model worker at this many rows per second (a slow model).
+        #[arg(long, hide = true)]
+        throttle_scoring: Option<f64>,
     },
     /// Compute a topology's features over a file of events, offline (for training).
+    /// Benchmark baseline: copy a topic to another in transactions, nothing else.
+    Passthrough {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        #[command(flatten)]
+        args: kscore::passthrough::PassthroughArgs,
+    },
     Features {
         #[command(flatten)]
         args: kscore::features::offline::FeaturesArgs,
@@ -136,6 +146,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             instance_id,
             summary_every,
             duration,
+            throttle_scoring,
         } => {
             tracing::info!("connecting: {}", cluster.describe());
             let loaded = kscore::topology::load(&topology)?;
@@ -150,6 +161,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let opts = kscore::pipeline::RunOptions {
                 instance_id,
                 summary_every,
+                throttle_scoring,
                 ..Default::default()
             };
             let rt = tokio::runtime::Handle::current();
@@ -157,6 +169,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 kscore::pipeline::run(&cluster, &loaded, &opts, rt, stop)
             })
             .await??;
+        }
+        Command::Passthrough { cluster, args } => {
+            let rt = tokio::runtime::Handle::current();
+            let stop = stop_flag();
+            let n = tokio::task::spawn_blocking(move || {
+                kscore::passthrough::run(&cluster, &args, rt, stop)
+            })
+            .await??;
+            tracing::info!(records = n, "passthrough stopped");
         }
         Command::Features { args } => {
             tokio::task::spawn_blocking(move || kscore::features::offline::run(&args)).await??;

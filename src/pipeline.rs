@@ -31,7 +31,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::statistics::Statistics;
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tokio::runtime::Handle;
 
 use crate::batcher::{self, ModelBatcher, Scored};
@@ -59,6 +59,8 @@ pub struct RunOptions {
     /// Testing aid: abort the n-th transaction (once) after all its records were sent, to show
     /// that an aborted cycle is redone and its records never reach `read_committed`.
     pub abort_once_at: Option<u64>,
+    /// Testing aid: cap each model worker at this many rows per second, to show backpressure.
+    pub throttle_scoring: Option<f64>,
 }
 
 impl Default for RunOptions {
@@ -68,8 +70,51 @@ impl Default for RunOptions {
             max_cycle_records: 20_000,
             summary_every: None,
             abort_once_at: None,
+            throttle_scoring: None,
         }
     }
+}
+
+/// The input consumer's settings (shared with the benchmark's passthrough, so the two are
+/// compared on equal terms): manual offsets, `read_committed`, static membership.
+pub fn source_config(
+    cluster: &ClusterArgs,
+    group: &str,
+    instance_id: &str,
+) -> anyhow::Result<ClientConfig> {
+    let mut cfg = cluster.client_config()?;
+    // Static membership: a restarted instance takes its partitions back at once instead of
+    // waiting out its dead predecessor's session and rebalancing the whole group. Override with
+    // `-X group.instance.id=...`.
+    if cfg.get("group.instance.id").is_none() {
+        cfg.set("group.instance.id", format!("kscore-{group}-{instance_id}"));
+    }
+    cfg.set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", "read_committed")
+        .set("auto.offset.reset", "earliest")
+        .set("statistics.interval.ms", "5000")
+        // A fetch waits at most this long for data: well under the commit interval, so a quiet
+        // partition does not hold events back (librdkafka's default is 500 ms).
+        .set("fetch.wait.max.ms", "100");
+    Ok(cfg)
+}
+
+/// The output producer's settings: idempotent, and transactional with `transactional_id`.
+pub fn sink_config(
+    cluster: &ClusterArgs,
+    transactional_id: Option<&str>,
+) -> anyhow::Result<ClientConfig> {
+    let mut cfg = cluster.client_config()?;
+    cfg.set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("partitioner", "murmur2_random");
+    if let Some(id) = transactional_id {
+        cfg.set("transactional.id", id)
+            .set("transaction.timeout.ms", "60000");
+    }
+    Ok(cfg)
 }
 
 /// Totals of a run.
@@ -113,9 +158,18 @@ impl ClientContext for SourceContext {
     fn stats(&self, stats: Statistics) {
         for (topic, t) in stats.topics {
             for (partition, p) in t.partitions {
-                if partition >= 0 && p.consumer_lag >= 0 {
+                // Records between the consumer's position and the end of the partition (the
+                // last stable offset, as read `read_committed`). librdkafka's own
+                // `consumer_lag` counts from offsets it committed, and offsets here are
+                // committed by the transactional producer, which it does not see.
+                let end = if p.ls_offset >= 0 {
+                    p.ls_offset
+                } else {
+                    p.hi_offset
+                };
+                if partition >= 0 && p.desired && p.app_offset >= 0 && end >= 0 {
                     metrics::gauge!(names::CONSUMER_LAG, "topic" => topic.clone(), "partition" => partition.to_string())
-                        .set(p.consumer_lag as f64);
+                        .set((end - p.app_offset).max(0) as f64);
                 }
             }
         }
@@ -272,50 +326,27 @@ pub fn run(
                 .collect()
         })
         .collect();
-    let (batchers, results) = batcher::start_all(&t.models, &loaded.model_paths)?;
+    let (batchers, results) =
+        batcher::start_all(&t.models, &loaded.model_paths, opts.throttle_scoring)?;
     let versions: Vec<String> = batchers.iter().map(|b| b.info().version.clone()).collect();
     for b in &batchers {
         tracing::info!(model = %b.info().name, version = %b.info().version, "model loaded");
     }
 
-    let mut consumer_config = cluster.client_config()?;
-    // Static membership: a restarted instance takes its partitions back at once instead of
-    // waiting out its dead predecessor's session and rebalancing the whole group. Override with
-    // `-X group.instance.id=...`.
-    if consumer_config.get("group.instance.id").is_none() {
-        consumer_config.set(
-            "group.instance.id",
-            format!("kscore-{}-{}", t.input.group, opts.instance_id),
-        );
-    }
-    let consumer: BaseConsumer<SourceContext> = consumer_config
-        .set("group.id", &t.input.group)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("isolation.level", "read_committed")
-        .set("auto.offset.reset", "earliest")
-        .set("statistics.interval.ms", "5000")
-        // A fetch waits at most this long for data: well under the commit interval, so a quiet
-        // partition does not hold events back (librdkafka's default is 500 ms).
-        .set("fetch.wait.max.ms", "100")
-        .create_with_context(SourceContext {
-            revoked: AtomicBool::new(false),
-            assigned: Mutex::new(Vec::new()),
-        })?;
+    let consumer: BaseConsumer<SourceContext> =
+        source_config(cluster, &t.input.group, &opts.instance_id)?.create_with_context(
+            SourceContext {
+                revoked: AtomicBool::new(false),
+                assigned: Mutex::new(Vec::new()),
+            },
+        )?;
     consumer.subscribe(&[&t.input.topic])?;
 
     let transactional = t.delivery.guarantee == Guarantee::ExactlyOnce;
     let txn_id = format!("kscore-{}-{}", t.input.group, opts.instance_id);
     let try_producer = || -> anyhow::Result<ThreadedProducer<DefaultProducerContext>> {
-        let mut cfg = cluster.client_config()?;
-        cfg.set("enable.idempotence", "true")
-            .set("linger.ms", "5")
-            .set("partitioner", "murmur2_random");
-        if transactional {
-            cfg.set("transactional.id", &txn_id)
-                .set("transaction.timeout.ms", "60000");
-        }
-        let p: ThreadedProducer<DefaultProducerContext> = cfg.create()?;
+        let p: ThreadedProducer<DefaultProducerContext> =
+            sink_config(cluster, transactional.then_some(txn_id.as_str()))?.create()?;
         if transactional {
             // Fences an earlier producer with this id and aborts what it left open.
             p.init_transactions(Duration::from_secs(60))?;
@@ -346,6 +377,7 @@ pub fn run(
 
     let mut states: HashMap<i32, FeatureState> = HashMap::new();
     let mut consumer_errors = Throttled::new("consumer");
+    let mut pressure = Pressure::default();
     let mut summary = RunSummary::default();
     let mut reporter = Reporter::new(opts.summary_every, &t.name);
     let mut cycles = 0u64;
@@ -406,15 +438,29 @@ pub fn run(
             if let Outcome::Scored { features, .. } = &p.outcome {
                 let ticket = pending.len() as u64;
                 for (b, cols) in batchers.iter().zip(&model_columns) {
-                    let row: Vec<f32> = cols.iter().map(|&c| features[c] as f32).collect();
-                    b.submit(ticket, row);
+                    let mut row: Vec<f32> = cols.iter().map(|&c| features[c] as f32).collect();
+                    // A model behind: hold the input, keep polling, try again.
+                    while let Err(back) = b.try_submit(ticket, row) {
+                        row = back;
+                        pressure.hold(&consumer);
+                    }
                     outstanding += 1;
                 }
             }
             pending.push(p);
         }
+        // 2. Every score. Polling goes on while they are awaited, every partition paused.
+        for b in &batchers {
+            b.flush();
+        }
+        wait_scores(&results, &mut pending, outstanding, &batchers, &mut || {
+            pressure.hold(&consumer)
+        });
+        if consumer.context().revoked.swap(false, Ordering::SeqCst) {
+            discarded = true;
+        }
+        pressure.release(&consumer);
         if discarded {
-            wait_scores(&results, &mut pending, outstanding, &batchers);
             tracing::info!(
                 records = pending.len(),
                 "rebalance: discarding the cycle in progress (nothing of it was sent)"
@@ -451,12 +497,6 @@ pub fn run(
             reporter.tick(&summary);
             continue;
         }
-
-        // 2. Every score.
-        for b in &batchers {
-            b.flush();
-        }
-        wait_scores(&results, &mut pending, outstanding, &batchers);
 
         // 3. Publish and commit.
         let commit_started = Instant::now();
@@ -781,6 +821,7 @@ fn wait_scores(
     pending: &mut [Pending],
     mut outstanding: usize,
     batchers: &[ModelBatcher],
+    idle: &mut dyn FnMut(),
 ) {
     for p in pending.iter_mut() {
         if let Outcome::Scored { scores, .. } = &mut p.outcome {
@@ -789,7 +830,14 @@ fn wait_scores(
     }
     let mut failures: Vec<(u64, String)> = Vec::new();
     while outstanding > 0 {
-        let Ok(batch) = results.recv() else { break };
+        let batch = match results.recv_timeout(Duration::from_millis(50)) {
+            Ok(batch) => batch,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                idle();
+                continue;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        };
         match batch.rows {
             Ok(rows) => {
                 outstanding -= rows.len();
@@ -1113,6 +1161,70 @@ fn classify(e: &KafkaError) -> (&'static str, bool) {
         KafkaError::MessageProduction(_) => ("produce", false),
         KafkaError::Canceled => ("injected", false),
         _ => ("other", false),
+    }
+}
+
+/// Backpressure. While a model's queue is full or scores are awaited, every assigned partition
+/// is paused and the consumer keeps polling: it stays in its group (no `max.poll.interval.ms`
+/// expiry), serves rebalances (partitions assigned meanwhile are paused by the rebalance
+/// callback until restored), and fetches nothing more, so memory stays bounded by the cycle
+/// (`max_cycle_records`) and librdkafka's prefetch limit whatever the backlog.
+#[derive(Default)]
+struct Pressure {
+    paused: bool,
+}
+
+impl Pressure {
+    fn hold(&mut self, consumer: &BaseConsumer<SourceContext>) {
+        if !self.paused {
+            if let Ok(all) = consumer.assignment()
+                && let Err(e) = consumer.pause(&all)
+            {
+                tracing::warn!("pausing under backpressure: {e}");
+            }
+            self.paused = true;
+            metrics::counter!(names::BACKPRESSURE_PAUSES).increment(1);
+            metrics::gauge!(names::INPUT_PAUSED).set(1.0);
+        }
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(10)) {
+            // Fetched before the pause took hold: not part of this cycle, read it again later.
+            let (partition, offset) = (m.partition(), m.offset());
+            let topic = m.topic().to_string();
+            drop(m);
+            if let Err(e) = consumer.seek(
+                &topic,
+                partition,
+                Offset::Offset(offset),
+                Duration::from_secs(10),
+            ) {
+                tracing::warn!(
+                    partition,
+                    offset,
+                    "rewinding under backpressure failed: {e}"
+                );
+            }
+        }
+    }
+
+    fn release(&mut self, consumer: &BaseConsumer<SourceContext>) {
+        if !self.paused {
+            return;
+        }
+        self.paused = false;
+        metrics::gauge!(names::INPUT_PAUSED).set(0.0);
+        // Not the partitions still waiting for their state.
+        let waiting = consumer.context().awaiting_restore();
+        if let Ok(all) = consumer.assignment() {
+            let mut tpl = TopicPartitionList::new();
+            for e in all.elements() {
+                if !waiting.contains(&e.partition()) {
+                    tpl.add_partition(e.topic(), e.partition());
+                }
+            }
+            if let Err(e) = consumer.resume(&tpl) {
+                tracing::warn!("resuming after backpressure: {e}");
+            }
+        }
     }
 }
 

@@ -57,6 +57,7 @@ impl ModelBatcher {
         model: &Model,
         path: &std::path::Path,
         out: Sender<Scored>,
+        throttle: Option<f64>,
     ) -> Result<Self, ScorerError> {
         let mut sessions = Vec::new();
         for _ in 0..model.workers.max(1) {
@@ -105,6 +106,11 @@ impl ModelBatcher {
                                     .collect()),
                                 Err(e) => Err((batch.tickets, e)),
                             };
+                            if let Some(rate) = throttle.filter(|r| *r > 0.0) {
+                                // Testing aid: a model this many rows per second slow.
+                                let due = Duration::from_secs_f64(n as f64 / rate);
+                                std::thread::sleep(due.saturating_sub(started.elapsed()));
+                            }
                             metrics::histogram!(names::BATCH_ROWS, "model" => name.clone())
                                 .record(n as f64);
                             metrics::histogram!(names::SCORING_SECONDS, "model" => name.clone())
@@ -131,6 +137,16 @@ impl ModelBatcher {
     /// Queues one row; blocks while the model is behind (backpressure).
     pub fn submit(&self, ticket: Ticket, row: Vec<f32>) -> bool {
         self.tx.send(Msg::Row(ticket, row)).is_ok()
+    }
+
+    /// Queues a row unless the model's queue is full; then the row comes back, so the caller
+    /// can do something useful (keep its consumer polling) before it tries again.
+    pub fn try_submit(&self, ticket: Ticket, row: Vec<f32>) -> Result<(), Vec<f32>> {
+        match self.tx.try_send(Msg::Row(ticket, row)) {
+            Ok(()) | Err(TrySendError::Disconnected(_)) => Ok(()),
+            Err(TrySendError::Full(Msg::Row(_, row))) => Err(row),
+            Err(TrySendError::Full(Msg::Flush)) => Ok(()),
+        }
     }
 
     /// Sends what is waiting to the workers now.
@@ -208,11 +224,12 @@ fn gather(
 pub fn start_all(
     models: &[Model],
     paths: &[std::path::PathBuf],
+    throttle: Option<f64>,
 ) -> Result<(Vec<ModelBatcher>, Receiver<Scored>), ScorerError> {
     let (tx, rx) = channel();
     let mut batchers = Vec::new();
     for (i, (m, p)) in models.iter().zip(paths).enumerate() {
-        batchers.push(ModelBatcher::start(i, m, p, tx.clone())?);
+        batchers.push(ModelBatcher::start(i, m, p, tx.clone(), throttle)?);
     }
     Ok((batchers, rx))
 }

@@ -50,6 +50,10 @@ pub const STATE_RESTORE_BYTES: &str = "kscore_state_restore_bytes_total";
 pub const STATE_RESTORE_GAPS: &str = "kscore_state_restore_gaps_total";
 /// Rebalance callbacks, labelled `kind` (`assign`, `revoke`).
 pub const REBALANCES: &str = "kscore_rebalances_total";
+/// Times the input was paused because the models were behind.
+pub const BACKPRESSURE_PAUSES: &str = "kscore_backpressure_pauses_total";
+/// 1 while the input is paused because the models are behind, else 0.
+pub const INPUT_PAUSED: &str = "kscore_input_paused";
 /// Registry calls retried because the registry was unreachable.
 pub const REGISTRY_RETRIES: &str = "kscore_registry_retries_total";
 

@@ -322,6 +322,33 @@ pub fn scored_by_input(
     out
 }
 
+/// The input (partition, offset) a scored record names.
+pub fn source_of(payload: &[u8]) -> (i64, i64) {
+    static SCHEMA: std::sync::OnceLock<apache_avro::Schema> = std::sync::OnceLock::new();
+    let schema = SCHEMA
+        .get_or_init(|| kscore::schemas::parse(kscore::schemas::SCORED_PAYMENT_AVSC).unwrap());
+    let reader = apache_avro::reader::datum::GenericDatumReader::builder(schema)
+        .build()
+        .unwrap();
+    let mut body = &payload[5..];
+    let Value::Record(fields) = reader.read_value(&mut body).unwrap() else {
+        panic!("not a record")
+    };
+    let mut source = (-1, -1);
+    for (name, v) in fields {
+        if let ("processing", Value::Record(proc)) = (name.as_str(), v) {
+            for (n, v) in proc {
+                match (n.as_str(), v) {
+                    ("source_partition", Value::Int(x)) => source.0 = i64::from(x),
+                    ("source_offset", Value::Long(x)) => source.1 = x,
+                    _ => {}
+                }
+            }
+        }
+    }
+    source
+}
+
 /// Asserts that two runs' committed outputs are the same: every field equal, bit for bit,
 /// except processing metadata and score values; scores equal within 1e-5 relative (ONNX
 /// Runtime's float32 matrix kernels round a row's last bits differently by its position in a

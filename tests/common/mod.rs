@@ -109,6 +109,35 @@ pub fn fresh_topology(prefix: &str, run_id: &str) -> topology::Loaded {
     loaded
 }
 
+/// The group's committed offsets on `topic`, summed over its partitions.
+pub fn committed_total(cluster: &ClusterArgs, topic: &str, group: &str) -> i64 {
+    let consumer: BaseConsumer = cluster
+        .client_config()
+        .unwrap()
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let Ok(metadata) = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) else {
+        return 0;
+    };
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in metadata.topics()[0].partitions() {
+        tpl.add_partition(topic, p.id());
+    }
+    consumer
+        .committed_offsets(tpl, Duration::from_secs(5))
+        .map(|c| {
+            c.elements()
+                .iter()
+                .map(|e| match e.offset() {
+                    rdkafka::Offset::Offset(o) => o,
+                    _ => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 /// Waits until the group's committed offsets reach the end of every partition of `topic`.
 pub fn wait_committed(cluster: &ClusterArgs, topic: &str, group: &str, timeout: Duration) {
     let consumer: BaseConsumer = cluster

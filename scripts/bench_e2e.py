@@ -1,0 +1,216 @@
+#!/usr/bin/env python3
+"""End-to-end benchmark: the processor (exactly-once, shipped topology) against a raw
+transactional passthrough with the same client settings, on the local stack.
+
+Run it through scripts/bench.sh, which starts a stack of its own and builds the release binary.
+For each of the two it measures, as separate processes:
+  * throughput: N simulated events produced beforehand, then the time from the first commit to
+    the commit of the last event; CPU seconds (user + system) and peak RSS of the process;
+  * latency: the same process fed at half the processor's maximum rate (paced simulator, event
+    time = wall clock) for a while; p50/p99/max of event time (for the passthrough, the record
+    timestamp, set when the simulator sends) to commit, from the process's own metrics.
+Standard library only.
+"""
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KSCORE = os.path.join(ROOT, "target", "release", "kscore")
+TICK = os.sysconf("SC_CLK_TCK")
+PARTITIONS = 4
+
+
+def log(msg):
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def simulate(topic, count, rate=None, seed=7):
+    cmd = [KSCORE, "simulate", "--topic", topic, "--partitions", str(PARTITIONS),
+           "--count", str(count), "--cards", "20000", "--event-rate", "6.7",
+           "--seed", str(seed), "--progress", "1h"]
+    if rate:
+        cmd += ["--rate", str(rate)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def topology(directory, input_topic, name):
+    text = open(os.path.join(ROOT, "topologies", "fraud.toml")).read()
+    for old, new in [('topic = "payments"', f'topic = "{input_topic}"'),
+                     ('group = "kscore-fraud"', f'group = "{name}-group"'),
+                     ('"payments-scored"', f'"{name}-scored"'),
+                     ('"payments-alerts"', f'"{name}-alerts"'),
+                     ('"payments-dlq"', f'"{name}-dlq"'),
+                     ('"../', f'"{ROOT}/')]:
+        assert old in text, old
+        text = text.replace(old, new)
+    path = os.path.join(directory, f"{name}.toml")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def start(kind, directory, input_topic, name, port):
+    listen = ["--metrics-listen", f"127.0.0.1:{port}"]
+    if kind == "processor":
+        cmd = [KSCORE, *listen, "run", "--topology", topology(directory, input_topic, name),
+               "--instance-id", "bench"]
+    else:
+        cmd = [KSCORE, *listen, "passthrough", "--input", input_topic,
+               "--output", f"{name}-out", "--group", f"{name}-group"]
+    logfile = open(os.path.join(directory, f"{name}.log"), "w")
+    return subprocess.Popen(cmd, stdout=logfile, stderr=logfile)
+
+
+def scrape(port):
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read()
+    except OSError:
+        return {}
+    out = {}
+    for line in body.decode().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        key, _, value = line.rpartition(" ")
+        out[key] = float(value)
+    return out
+
+
+def consumed(metrics):
+    return sum(v for k, v in metrics.items() if k.startswith("kscore_records_consumed_total"))
+
+
+def quantile(metrics, q):
+    return metrics.get(f'kscore_event_time_to_commit_seconds{{quantile="{q}"}}')
+
+
+def cpu_seconds(pid):
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def peak_rss_mib(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def stop(proc):
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def throughput(kind, directory, events, port):
+    run = uuid.uuid4().hex[:8]
+    topic = f"bench-{kind}-{run}"
+    sim = simulate(topic, events)
+    if sim.wait() != 0:
+        sys.exit("simulator failed")
+    proc = start(kind, directory, topic, f"{kind}-{run}", port)
+    first = None
+    deadline = time.time() + 1800
+    while time.time() < deadline:
+        time.sleep(0.1)
+        if proc.poll() is not None:
+            sys.exit(f"{kind} exited early; see {directory}")
+        n = consumed(scrape(port))
+        if n > 0 and first is None:
+            first = (time.time(), n, cpu_seconds(proc.pid))
+        if n >= events:
+            end = (time.time(), cpu_seconds(proc.pid), peak_rss_mib(proc.pid))
+            break
+    else:
+        sys.exit(f"{kind} did not finish")
+    stop(proc)
+    t0, n0, cpu0 = first
+    seconds = end[0] - t0
+    result = {
+        "events": events,
+        "events_per_s": (events - n0) / seconds,
+        "cpu_s": end[1],
+        "cpu_s_per_1M_events": (end[1] - cpu0) / (events - n0) * 1e6,
+        "peak_rss_mib": end[2],
+    }
+    log(f"{kind} throughput: {json.dumps(result)}")
+    return result
+
+
+def latency(kind, directory, rate, seconds, port):
+    run = uuid.uuid4().hex[:8]
+    topic = f"lat-{kind}-{run}"
+    # Create the topic first, so the process is running and caught up before paced input.
+    prime = simulate(topic, 1, rate=1000)
+    prime.wait()
+    proc = start(kind, directory, topic, f"lat-{kind}-{run}", port)
+    while consumed(scrape(port)) < 1:
+        time.sleep(0.2)
+        if proc.poll() is not None:
+            sys.exit(f"{kind} exited early; see {directory}")
+    count = int(rate * seconds)
+    sim = simulate(topic, count, rate=rate, seed=8)
+    sim.wait()
+    deadline = time.time() + 120
+    while consumed(scrape(port)) < count + 1 and time.time() < deadline:
+        time.sleep(0.2)
+    m = scrape(port)
+    stop(proc)
+    result = {
+        "rate": rate,
+        "events": count,
+        "p50_ms": 1000 * (quantile(m, "0.5") or float("nan")),
+        "p99_ms": 1000 * (quantile(m, "0.99") or float("nan")),
+        "max_ms": 1000 * (quantile(m, "1") or float("nan")),
+    }
+    log(f"{kind} latency: {json.dumps(result)}")
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--latency-seconds", type=int, default=20)
+    parser.add_argument("--port", type=int, default=9470)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    directory = tempfile.mkdtemp(prefix="kscore-bench-")
+    log(f"logs in {directory}")
+    results = {}
+    for kind in ["passthrough", "processor"]:
+        results[kind] = {"throughput": throughput(kind, directory, args.events, args.port)}
+    half = round(results["processor"]["throughput"]["events_per_s"] / 2)
+    for kind in ["passthrough", "processor"]:
+        results[kind]["latency"] = latency(kind, directory, half, args.latency_seconds, args.port)
+    p, b = results["processor"], results["passthrough"]
+    print()
+    print(f"{'':14}{'events/s':>10}{'CPU s/1M ev':>13}{'peak RSS MiB':>14}"
+          f"{'rate/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'max ms':>8}")
+    for name, r in [("passthrough", b), ("processor", p)]:
+        t, l = r["throughput"], r["latency"]
+        print(f"{name:14}{t['events_per_s']:>10.0f}{t['cpu_s_per_1M_events']:>13.1f}"
+              f"{t['peak_rss_mib']:>14.0f}{l['rate']:>9}{l['p50_ms']:>8.0f}{l['p99_ms']:>8.0f}"
+              f"{l['max_ms']:>8.0f}")
+    ratio = p["throughput"]["events_per_s"] / b["throughput"]["events_per_s"]
+    print(f"\nprocessor / passthrough throughput: {ratio:.2f} "
+          f"({args.events} events, exactly-once, commit interval 100 ms, 4 partitions)")
+    results["ratio"] = ratio
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

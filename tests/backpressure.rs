@@ -1,0 +1,162 @@
+//! Backpressure: with a backlog of `KSCORE_BACKPRESSURE_EVENTS` (default 1,000,000) payments
+//! and scoring throttled below what the rest of the processor could do, the processor's peak
+//! RSS stays under `RSS_LIMIT_MIB` whatever the backlog, it pauses its input while the models
+//! are behind (and pauses again when a second instance joins and leaves the group meanwhile),
+//! the lag shows in its metrics, and every input still gets exactly one scored record.
+//!
+//! CI runs it on the release build (`cargo test --release --test backpressure`): the debug
+//! build takes too long over a million events.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kscore::cluster::ClusterArgs;
+
+use common::harness::{Instances, LogDir, end_offsets, pipeline, simulate};
+use common::{committed_total, read, wait_committed};
+
+/// The limit asserted on the processor's peak resident set.
+const RSS_LIMIT_MIB: f64 = 400.0;
+
+fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace()
+        .nth(1)?
+        .parse::<f64>()
+        .ok()
+        .map(|kb| kb / 1024.0)
+}
+
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n");
+    let mut body = String::new();
+    let _ = conn.read_to_string(&mut body);
+    body
+}
+
+fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn a_slow_model_over_a_large_backlog_keeps_memory_bounded_and_output_exact() {
+    let cluster = ClusterArgs::from_env();
+    let events: u64 = std::env::var("KSCORE_BACKPRESSURE_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let dir = LogDir::new();
+    let run = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+    let input = format!("pressure-in-{run}");
+    let p = pipeline(dir.path(), &input, "pressure", &run);
+    let started = Instant::now();
+    let mut sim = simulate(&input, events, 0.0, 21, None);
+    assert!(sim.wait().unwrap().success());
+    eprintln!(
+        "[harness] {events} events produced in {:?}",
+        started.elapsed()
+    );
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let log = std::fs::File::create(dir.path().join("slow.log")).unwrap();
+    // Each model worker scores at most 30,000 rows a second (`KSCORE_BACKPRESSURE_THROTTLE`):
+    // the models are the bottleneck.
+    let throttle = std::env::var("KSCORE_BACKPRESSURE_THROTTLE").unwrap_or("30000".into());
+    let mut slow = Command::new(env!("CARGO_BIN_EXE_kscore"))
+        .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
+        .args(["run", "--topology"])
+        .arg(&p.file)
+        .args(["--instance-id", "slow", "--throttle-scoring", &throttle])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+
+    let mut others = Instances::new(&p, dir.path());
+    let (mut peak, mut paused_seen, mut max_lag, mut pauses) = (0.0f64, false, 0.0f64, 0.0f64);
+    let mut joined = false;
+    let mut left = false;
+    let deadline = Instant::now() + Duration::from_secs(1_800);
+    loop {
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(slow.try_wait().unwrap().is_none(), "the processor exited");
+        peak = peak.max(peak_rss_mib(slow.id()).unwrap_or(0.0));
+        let m = scrape(port);
+        paused_seen |= metric_sum(&m, "kscore_input_paused") > 0.0;
+        pauses = pauses.max(metric_sum(&m, "kscore_backpressure_pauses_total"));
+        max_lag = max_lag.max(metric_sum(&m, "kscore_consumer_lag{"));
+        let done = committed_total(&cluster, &input, &p.group) as f64;
+        // A second instance joins a third of the way in and leaves at two thirds: partitions
+        // move while the input is paused.
+        if !joined && done > events as f64 / 3.0 {
+            others.start("helper");
+            joined = true;
+        }
+        if joined && !left && done > 2.0 * events as f64 / 3.0 {
+            others.stop("helper");
+            left = true;
+        }
+        if done >= events as f64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not done in time: {done} of {events}"
+        );
+    }
+    wait_committed(&cluster, &input, &p.group, Duration::from_secs(600));
+    peak = peak.max(peak_rss_mib(slow.id()).unwrap_or(0.0));
+    Command::new("kill")
+        .args(["-TERM", &slow.id().to_string()])
+        .status()
+        .unwrap();
+    slow.wait().unwrap();
+    eprintln!(
+        "[harness] peak RSS {peak:.0} MiB, {pauses} pauses, max lag {max_lag}, {:?} in all",
+        started.elapsed()
+    );
+    assert!(peak > 0.0 && peak < RSS_LIMIT_MIB, "peak RSS {peak:.0} MiB");
+    assert!(
+        paused_seen && pauses >= 2.0,
+        "input never paused ({pauses} pauses)"
+    );
+    assert!(max_lag > 0.0, "lag never showed in the metrics");
+
+    // Exactly one scored record per input.
+    let inputs = end_offsets(&cluster, &input) as usize;
+    assert_eq!(inputs as u64, events);
+    let scored = read(
+        &cluster,
+        &p.scored,
+        "read_committed",
+        inputs,
+        Duration::from_secs(600),
+    );
+    let mut seen = std::collections::HashSet::with_capacity(inputs);
+    for r in &scored {
+        // The source partition and offset are in the record; the key and payload bytes are
+        // unique per input only through them, so decode just those.
+        assert!(
+            seen.insert(common::harness::source_of(&r.payload)),
+            "an input scored twice"
+        );
+    }
+    assert_eq!(seen.len(), inputs, "scored {} of {inputs}", seen.len());
+}
