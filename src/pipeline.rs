@@ -41,6 +41,7 @@ use crate::features::{FeatureSet, FeatureState};
 use crate::schemas;
 use crate::sink::FramedEncoder;
 use crate::sink::output::{self, Provenance, ScoreValue};
+use crate::sink::scored::{self, ScoredEncoder};
 use crate::source::Decoder;
 use crate::telemetry::metrics as names;
 use crate::topology::Loaded;
@@ -222,6 +223,8 @@ struct Pending {
 enum Outcome {
     Scored {
         event: Value,
+        /// The input datum, when written with the reader schema (copied into the output).
+        verbatim: Option<Vec<u8>>,
         schema_id: u32,
         event_time: i64,
         features: Vec<f64>,
@@ -236,7 +239,7 @@ enum Outcome {
 }
 
 struct Outputs {
-    scored: FramedEncoder,
+    scored: ScoredEncoder,
     scored_topic: String,
     alerts_topic: Option<String>,
     dlq_topic: String,
@@ -308,7 +311,7 @@ pub fn run(
         ))?;
     }
     let outputs = Outputs {
-        scored,
+        scored: ScoredEncoder::new(scored.schema_id(), &loaded.schema)?,
         scored_topic: t.output.scored_topic.clone(),
         alerts_topic: t.output.alerts_topic.clone(),
         dlq_topic: t.output.dead_letter_topic.clone(),
@@ -799,6 +802,7 @@ fn take(
                     Err(e) => dead(e.reason(), e.to_string()),
                     Ok(features) => Outcome::Scored {
                         event: d.value,
+                        verbatim: d.verbatim,
                         schema_id: d.schema_id,
                         event_time,
                         features,
@@ -931,6 +935,7 @@ fn publish(
         match &p.outcome {
             Outcome::Scored {
                 event,
+                verbatim,
                 schema_id,
                 features,
                 scores,
@@ -970,17 +975,21 @@ fn publish(
                     schema_id: *schema_id,
                     processed_at: now,
                 };
-                let record = output::scored_record(
-                    event.clone(),
+                let event = match verbatim {
+                    Some(bytes) => scored::Event::Verbatim(bytes),
+                    None => scored::Event::Value(event),
+                };
+                buf.clear();
+                if let Err(e) = out.scored.encode_into(
+                    &mut buf,
+                    event,
                     feature_names,
                     features,
                     &values,
                     decision,
                     &fired,
                     &prov,
-                );
-                buf.clear();
-                if let Err(e) = out.scored.encode_into(record, &mut buf) {
+                ) {
                     send_dead(
                         producer,
                         out,

@@ -2,5 +2,6 @@
 
 pub mod encode;
 pub mod output;
+pub mod scored;
 
 pub use encode::{EncodeError, FramedEncoder};

@@ -22,6 +22,9 @@ pub struct Decoded {
     pub schema_id: u32,
     /// The record, resolved to the reader schema.
     pub value: Value,
+    /// The datum's bytes when they were written with the reader schema itself, so they are
+    /// already the reader schema's encoding of `value` (and can be copied instead of encoded).
+    pub verbatim: Option<Vec<u8>>,
 }
 
 /// Why a payload could not be decoded.
@@ -88,6 +91,7 @@ impl DecodeError {
 /// record would cost more than decoding it.
 struct Writer {
     reader: GenericDatumReader<'static>,
+    same_as_reader: bool,
 }
 
 /// Decodes framed payloads into records of one reader schema.
@@ -150,7 +154,10 @@ impl Decoder {
                 .build()
         }
         .map_err(|e| incompatible(e.to_string()))?;
-        let w = Arc::new(Writer { reader });
+        let w = Arc::new(Writer {
+            reader,
+            same_as_reader,
+        });
         self.writers
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -161,6 +168,7 @@ impl Decoder {
     /// Decodes one payload (a Kafka record's value).
     pub async fn decode(&self, payload: Option<&[u8]>) -> Result<Decoded, DecodeError> {
         let (id, mut datum) = wire::parse(payload)?;
+        let whole = datum;
         let writer = self.writer(id).await?;
         let value = writer
             .reader
@@ -178,6 +186,7 @@ impl Decoder {
         Ok(Decoded {
             schema_id: id,
             value,
+            verbatim: writer.same_as_reader.then(|| whole.to_vec()),
         })
     }
 }
