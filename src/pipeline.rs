@@ -264,12 +264,17 @@ pub fn run(
     // The input may not exist yet (the processor started before its producers): wait for it.
     let mut waited = Instant::now();
     let partitions = loop {
-        let metadata =
-            meta_consumer.fetch_metadata(Some(&t.input.topic), Duration::from_secs(10))?;
-        let n = metadata
-            .topics()
-            .first()
-            .map_or(0, |m| m.partitions().len()) as i32;
+        // An unreachable broker is waited for too, not a reason to exit.
+        let n = match meta_consumer.fetch_metadata(Some(&t.input.topic), Duration::from_secs(10)) {
+            Ok(metadata) => metadata
+                .topics()
+                .first()
+                .map_or(0, |m| m.partitions().len()) as i32,
+            Err(e) => {
+                tracing::warn!("cannot read the input topic's metadata yet: {e}");
+                0
+            }
+        };
         if n > 0 {
             break n;
         }
@@ -1178,13 +1183,24 @@ fn classify(e: &KafkaError) -> (&'static str, bool) {
 /// expiry), serves rebalances (partitions assigned meanwhile are paused by the rebalance
 /// callback until restored), and fetches nothing more, so memory stays bounded by the cycle
 /// (`max_cycle_records`) and librdkafka's prefetch limit whatever the backlog.
+///
+/// Pausing drops what librdkafka has prefetched, which then has to be fetched again, so the
+/// input is only paused once the models have been behind for `HOLD_AFTER` in a cycle; short
+/// waits just wait.
 #[derive(Default)]
 struct Pressure {
     paused: bool,
+    since: Option<Instant>,
 }
+
+const HOLD_AFTER: Duration = Duration::from_millis(200);
 
 impl Pressure {
     fn hold(&mut self, consumer: &BaseConsumer<SourceContext>) {
+        if self.since.get_or_insert_with(Instant::now).elapsed() < HOLD_AFTER {
+            std::thread::sleep(Duration::from_millis(1));
+            return;
+        }
         if !self.paused {
             if let Ok(all) = consumer.assignment()
                 && let Err(e) = consumer.pause(&all)
@@ -1216,6 +1232,7 @@ impl Pressure {
     }
 
     fn release(&mut self, consumer: &BaseConsumer<SourceContext>) {
+        self.since = None;
         if !self.paused {
             return;
         }
