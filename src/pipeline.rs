@@ -398,6 +398,8 @@ pub fn run(
         let mut next_offsets: BTreeMap<i32, i64> = BTreeMap::new();
         let mut outstanding = 0usize;
         let mut discarded = false;
+        // Per model, the rows of this cycle not handed to its batcher yet.
+        let mut open: Vec<(Vec<u64>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); batchers.len()];
         while started.elapsed() < t.delivery.commit_interval
             && pending.len() < opts.max_cycle_records
             && !stop.load(Ordering::Relaxed)
@@ -445,20 +447,20 @@ pub fn run(
             );
             if let Outcome::Scored { features, .. } = &p.outcome {
                 let ticket = pending.len() as u64;
-                for (b, cols) in batchers.iter().zip(&model_columns) {
-                    let mut row: Vec<f32> = cols.iter().map(|&c| features[c] as f32).collect();
-                    // A model behind: hold the input, keep polling, try again.
-                    while let Err(back) = b.try_submit(ticket, row) {
-                        row = back;
-                        pressure.hold(&consumer);
-                    }
+                for ((b, cols), open) in batchers.iter().zip(&model_columns).zip(&mut open) {
+                    open.0.push(ticket);
+                    open.1.extend(cols.iter().map(|&c| features[c] as f32));
                     outstanding += 1;
+                    if open.0.len() >= b.max_rows() {
+                        submit(b, open, &mut pressure, &consumer);
+                    }
                 }
             }
             pending.push(p);
         }
         // 2. Every score. Polling goes on while they are awaited, every partition paused.
-        for b in &batchers {
+        for (b, open) in batchers.iter().zip(&mut open) {
+            submit(b, open, &mut pressure, &consumer);
             b.flush();
         }
         wait_scores(&results, &mut pending, outstanding, &batchers, &mut || {
@@ -1175,6 +1177,23 @@ fn classify(e: &KafkaError) -> (&'static str, bool) {
         KafkaError::MessageProduction(_) => ("produce", false),
         KafkaError::Canceled => ("injected", false),
         _ => ("other", false),
+    }
+}
+
+/// Hands a model the rows gathered for it; while its queue is full, holds the input.
+fn submit(
+    b: &ModelBatcher,
+    open: &mut (Vec<u64>, Vec<f32>),
+    pressure: &mut Pressure,
+    consumer: &BaseConsumer<SourceContext>,
+) {
+    if open.0.is_empty() {
+        return;
+    }
+    let mut batch = std::mem::take(open);
+    while let Err(back) = b.try_submit(batch.0, batch.1) {
+        batch = back;
+        pressure.hold(consumer);
     }
 }
 

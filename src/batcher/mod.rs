@@ -1,10 +1,10 @@
 //! Micro-batching of feature rows per model, and the scoring workers behind it.
 //!
-//! Rows for a model are gathered until `max_rows` are waiting or `max_delay` has passed since
-//! the first row of the batch (or the pipeline asks for a flush at a commit), then handed to
-//! one of the model's worker threads, each owning its ONNX Runtime session. The channels are
-//! bounded, so a slow model makes `submit` block: backpressure reaches the consumer instead of
-//! memory growing. Results come back tagged with each row's ticket so the pipeline can put
+//! The pipeline hands rows over a batch at a time; they are gathered until `max_rows` are
+//! waiting or `max_delay` has passed since the first row of the batch (or the pipeline asks for
+//! a flush at a commit), then handed to one of the model's worker threads, each owning its ONNX
+//! Runtime session. The channels are bounded, so a slow model makes `try_submit` hand rows back:
+//! backpressure reaches the consumer instead of memory growing. Results come back tagged with each row's ticket so the pipeline can put
 //! outputs back in input order.
 
 use std::sync::mpsc::{
@@ -34,7 +34,9 @@ pub struct Scored {
 }
 
 enum Msg {
-    Row(Ticket, Vec<f32>),
+    /// Rows (row-major) and their tickets, submitted together: one channel message per batch,
+    /// not per row (per-row hand-offs between threads cost more than scoring the row).
+    Rows(Vec<Ticket>, Vec<f32>),
     Flush,
 }
 
@@ -46,6 +48,7 @@ struct Batch {
 /// One model's batcher thread and worker pool.
 pub struct ModelBatcher {
     tx: SyncSender<Msg>,
+    max_rows: usize,
     info: ModelInfo,
     threads: Vec<JoinHandle<()>>,
 }
@@ -67,8 +70,8 @@ impl ModelBatcher {
         let max_rows = model.batching.max_rows.max(1);
         let max_delay = model.batching.max_delay;
         let width = info.width;
-        // Room for a few batches of rows; beyond that `submit` blocks.
-        let (tx, rx) = sync_channel::<Msg>(max_rows * 4);
+        // Room for a few batches of rows; beyond that `try_submit` hands them back.
+        let (tx, rx) = sync_channel::<Msg>(4);
         let (batch_tx, batch_rx) = sync_channel::<Batch>(sessions.len() * 2);
         let batch_rx = Arc::new(Mutex::new(batch_rx));
         let mut threads = Vec::new();
@@ -126,7 +129,12 @@ impl ModelBatcher {
                     })?,
             );
         }
-        Ok(ModelBatcher { tx, info, threads })
+        Ok(ModelBatcher {
+            tx,
+            max_rows,
+            info,
+            threads,
+        })
     }
 
     /// The model.
@@ -134,17 +142,22 @@ impl ModelBatcher {
         &self.info
     }
 
-    /// Queues one row; blocks while the model is behind (backpressure).
-    pub fn submit(&self, ticket: Ticket, row: Vec<f32>) -> bool {
-        self.tx.send(Msg::Row(ticket, row)).is_ok()
+    /// Most rows in one batch.
+    pub fn max_rows(&self) -> usize {
+        self.max_rows
     }
 
-    /// Queues a row unless the model's queue is full; then the row comes back, so the caller
-    /// can do something useful (keep its consumer polling) before it tries again.
-    pub fn try_submit(&self, ticket: Ticket, row: Vec<f32>) -> Result<(), Vec<f32>> {
-        match self.tx.try_send(Msg::Row(ticket, row)) {
+    /// Queues rows (row-major, `tickets.len()` of them) unless the model's queue is full;
+    /// then they come back, so the caller can do something useful (keep its consumer
+    /// polling) before it tries again.
+    pub fn try_submit(
+        &self,
+        tickets: Vec<Ticket>,
+        rows: Vec<f32>,
+    ) -> Result<(), (Vec<Ticket>, Vec<f32>)> {
+        match self.tx.try_send(Msg::Rows(tickets, rows)) {
             Ok(()) | Err(TrySendError::Disconnected(_)) => Ok(()),
-            Err(TrySendError::Full(Msg::Row(_, row))) => Err(row),
+            Err(TrySendError::Full(Msg::Rows(t, r))) => Err((t, r)),
             Err(TrySendError::Full(Msg::Flush)) => Ok(()),
         }
     }
@@ -186,12 +199,12 @@ fn gather(
             Some(d) => rx.recv_timeout(d.saturating_duration_since(Instant::now())),
         };
         let flush = match msg {
-            Ok(Msg::Row(ticket, row)) => {
+            Ok(Msg::Rows(tickets, rows)) => {
                 if batch.tickets.is_empty() {
                     deadline = Some(Instant::now() + max_delay);
                 }
-                batch.tickets.push(ticket);
-                batch.rows.extend_from_slice(&row);
+                batch.tickets.extend_from_slice(&tickets);
+                batch.rows.extend_from_slice(&rows);
                 batch.tickets.len() >= max_rows
             }
             Ok(Msg::Flush) | Err(RecvTimeoutError::Timeout) => true,
