@@ -11,10 +11,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
 use crate::cluster::ClusterArgs;
 use crate::features::{FeatureSet, FeatureState, PartitionMark};
@@ -61,6 +61,20 @@ pub async fn ensure_topic(
     }
     Ok(())
 }
+
+/// The restore consumer's callbacks: reaching the end of a partition is how a restore ends,
+/// not an error to log.
+struct RestoreContext;
+
+impl ClientContext for RestoreContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::warn!("changelog reader: {error}: {reason}");
+        }
+    }
+}
+
+impl ConsumerContext for RestoreContext {}
 
 /// Reads changelog partitions back into feature state.
 pub struct Restorer {
@@ -127,7 +141,8 @@ impl Restorer {
         set: &FeatureSet,
         partitions: &[i32],
     ) -> Result<Option<BTreeMap<i32, Restored>>, KafkaError> {
-        let consumer: BaseConsumer = self.config.create()?;
+        let consumer: BaseConsumer<RestoreContext> =
+            self.config.create_with_context(RestoreContext)?;
         let mut tpl = TopicPartitionList::new();
         for p in partitions {
             tpl.add_partition_offset(&self.topic, *p, Offset::Beginning)?;
