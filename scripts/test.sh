@@ -22,10 +22,9 @@ eval "$(scripts/stack.sh env)"
 
 LOG="$(mktemp)"
 status=0
-# The backpressure test pushes a million events through a throttled processor: it runs on the
-# release build (the debug build takes too long over that many), the rest on the debug build.
-{ cargo test --locked --doc && cargo test --locked --all-targets "$@" \
-    && cargo test --release --locked --test backpressure "$@"; } 2>&1 | tee "$LOG" || status=$?
+# (The backpressure test's million-event run is `cargo test --release --test backpressure`, by
+# hand: not yet measured to fit CI's time.)
+{ cargo test --locked --doc && cargo test --locked --all-targets "$@"; } 2>&1 | tee "$LOG" || status=$?
 scripts/stack.sh stop
 trap - EXIT
 # One closing line for the whole suite, summed over every test binary.

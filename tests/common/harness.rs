@@ -65,13 +65,23 @@ pub fn pipeline(dir: &Path, input: &str, name: &str, run: &str) -> Pipeline {
 /// per second of wall clock (and event time), or, with `rate` 0, all at once at one payment per
 /// second of event time from `start` (about 18 per card an hour, so the windows matter).
 pub fn simulate(topic: &str, count: u64, rate: f64, seed: u64, start: Option<&str>) -> Child {
+    let cards = std::env::var("KSCORE_CRASH_CARDS").unwrap_or("200".into());
+    simulate_cards(topic, count, rate, seed, start, &cards)
+}
+
+/// [`simulate`] with `cards` cards.
+pub fn simulate_cards(
+    topic: &str,
+    count: u64,
+    rate: f64,
+    seed: u64,
+    start: Option<&str>,
+    cards: &str,
+) -> Child {
     Command::new(env!("CARGO_BIN_EXE_kscore"))
         .args(["simulate", "--topic", topic, "--partitions", "4"])
         .args(["--seed", &seed.to_string()])
-        .args([
-            "--cards",
-            &std::env::var("KSCORE_CRASH_CARDS").unwrap_or("200".into()),
-        ])
+        .args(["--cards", cards])
         .args(["--event-rate", "1", "--fraud-per-10k", "50"])
         .args(["--count", &count.to_string()])
         .args(if rate > 0.0 {
