@@ -683,7 +683,9 @@ fn restore_assigned(
         for (p, r) in restored {
             let found = r.mark.map(|m| m.next_offset);
             let want = expected(&p);
-            if found.unwrap_or(0) < want.unwrap_or(0) && Instant::now() < deadline {
+            // Only a changelog with an older partition record can be catching up; one with none
+            // at all (deleted, or written before changelogs) is not waited for.
+            if found.is_some_and(|f| f < want.unwrap_or(0)) && Instant::now() < deadline {
                 behind.push(p);
                 continue;
             }
