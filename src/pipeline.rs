@@ -1083,6 +1083,14 @@ fn send(
     if let Some(h) = headers {
         record = record.headers(h);
     }
+    produce(producer, record)
+}
+
+/// Queues a record, waiting while librdkafka's queue is full.
+fn produce(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    mut record: BaseRecord<'_, [u8], [u8]>,
+) -> Result<(), KafkaError> {
     loop {
         match producer.send(record) {
             Ok(()) => return Ok(()),
@@ -1109,16 +1117,7 @@ fn send_to(
     if let Some(v) = value {
         record = record.payload(v);
     }
-    loop {
-        match producer.send(record) {
-            Ok(()) => return Ok(()),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                record = r;
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            Err((e, _)) => return Err(e),
-        }
-    }
+    produce(producer, record)
 }
 
 /// The dead letter: the original key and bytes, the reason and where it came from in headers.
