@@ -169,8 +169,23 @@ status() {
   if [[ -f "$ORT_LIB" ]]; then echo "onnxruntime: $ORT_LIB"; else echo "onnxruntime: not installed"; fi
 }
 
+# librdkafka settings every client of this stack needs. The stand-in broker ignores a fetch's
+# max-bytes and answers with everything from the fetch offset on, so after a large backlog (a
+# million events is over 100 MB) librdkafka's default 100 MB response limit drops the
+# connection over and over; real Kafka splits such a backlog into fetch.max.bytes pieces.
+client_properties() {
+  local file="$STACK/$NAME/kafka.properties"
+  mkdir -p "$STACK/$NAME"
+  cat >"$file" <<'PROPS'
+# Written by scripts/stack.sh for the local stand-in broker (see client_properties there).
+receive.message.max.bytes=1000000000
+PROPS
+  printf '%s' "$file"
+}
+
 print_env() {
   echo "export KSCORE_BROKERS=127.0.0.1:$KAFKA_PORT"
+  echo "export KSCORE_KAFKA_CONFIG=$(client_properties)"
   echo "export KSCORE_REGISTRY_URL=http://127.0.0.1:$REGISTRY_PORT"
   echo "export ORT_DYLIB_PATH=$ORT_LIB"
 }

@@ -56,6 +56,10 @@ enum Command {
         /// Stop after this long.
         #[arg(long, value_parser = humantime::parse_duration)]
         duration: Option<std::time::Duration>,
+        /// Consumer-group membership: `static` (a restart keeps its partitions without a
+        /// rebalance) or `dynamic` (a stopping instance hands its partitions over at once).
+        #[arg(long, env = "KSCORE_MEMBERSHIP", value_enum, default_value = "static")]
+        membership: kscore::pipeline::Membership,
         /// Testing aid: cap each model worker at this many rows per second (a slow model).
         #[arg(long, hide = true)]
         throttle_scoring: Option<f64>,
@@ -129,7 +133,7 @@ fn stop_flag() -> Arc<AtomicBool> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(addr) = cli.metrics_listen {
-        kscore::telemetry::metrics::install_exporter(addr).map_err(anyhow::Error::msg)?;
+        kscore::telemetry::install_exporter(addr).map_err(anyhow::Error::msg)?;
         tracing::info!(%addr, "serving Prometheus metrics at /metrics");
     }
     match cli.command {
@@ -146,6 +150,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             instance_id,
             summary_every,
             duration,
+            membership,
             throttle_scoring,
         } => {
             tracing::info!("connecting: {}", cluster.describe());
@@ -162,6 +167,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 instance_id,
                 summary_every,
                 throttle_scoring,
+                membership,
                 ..Default::default()
             };
             let rt = tokio::runtime::Handle::current();

@@ -60,7 +60,8 @@ pub fn run(
         std::thread::sleep(Duration::from_millis(500));
     };
     rt.block_on(cluster.ensure_topic(&args.output, partitions))?;
-    let consumer: BaseConsumer = source_config(cluster, &args.group, "passthrough")?.create()?;
+    let consumer: BaseConsumer =
+        source_config(cluster, &args.group, Some("passthrough"))?.create()?;
     consumer.subscribe(&[&args.input])?;
     let txn_id = format!("kscore-passthrough-{}", args.group);
     let producer: ThreadedProducer<DefaultProducerContext> =

@@ -62,6 +62,21 @@ pub struct RunOptions {
     pub abort_once_at: Option<u64>,
     /// Testing aid: cap each model worker at this many rows per second, to show backpressure.
     pub throttle_scoring: Option<f64>,
+    /// How this instance belongs to its consumer group.
+    pub membership: Membership,
+}
+
+/// Consumer-group membership (KIP-345).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Membership {
+    /// `group.instance.id = kscore-<group>-<instance>`: a restarted instance takes its
+    /// partitions back without a rebalance, but one that stops for good keeps them until its
+    /// session times out (static members never send LeaveGroup).
+    #[default]
+    Static,
+    /// No `group.instance.id`: a stopping instance leaves the group and its partitions move at
+    /// once (scaling down), but every restart rebalances the group.
+    Dynamic,
 }
 
 impl Default for RunOptions {
@@ -72,22 +87,26 @@ impl Default for RunOptions {
             summary_every: None,
             abort_once_at: None,
             throttle_scoring: None,
+            membership: Membership::Static,
         }
     }
 }
 
 /// The input consumer's settings (shared with the benchmark's passthrough, so the two are
-/// compared on equal terms): manual offsets, `read_committed`, static membership.
+/// compared on equal terms): manual offsets, `read_committed`, and static membership as
+/// `kscore-<group>-<instance_id>` unless `instance_id` is `None`.
 pub fn source_config(
     cluster: &ClusterArgs,
     group: &str,
-    instance_id: &str,
+    instance_id: Option<&str>,
 ) -> anyhow::Result<ClientConfig> {
     let mut cfg = cluster.client_config()?;
     // Static membership: a restarted instance takes its partitions back at once instead of
     // waiting out its dead predecessor's session and rebalancing the whole group. Override with
     // `-X group.instance.id=...`.
-    if cfg.get("group.instance.id").is_none() {
+    if let Some(instance_id) = instance_id
+        && cfg.get("group.instance.id").is_none()
+    {
         cfg.set("group.instance.id", format!("kscore-{group}-{instance_id}"));
     }
     cfg.set("group.id", group)
@@ -341,13 +360,15 @@ pub fn run(
         tracing::info!(model = %b.info().name, version = %b.info().version, "model loaded");
     }
 
-    let consumer: BaseConsumer<SourceContext> =
-        source_config(cluster, &t.input.group, &opts.instance_id)?.create_with_context(
-            SourceContext {
-                revoked: AtomicBool::new(false),
-                assigned: Mutex::new(Vec::new()),
-            },
-        )?;
+    let consumer: BaseConsumer<SourceContext> = source_config(
+        cluster,
+        &t.input.group,
+        (opts.membership == Membership::Static).then_some(opts.instance_id.as_str()),
+    )?
+    .create_with_context(SourceContext {
+        revoked: AtomicBool::new(false),
+        assigned: Mutex::new(Vec::new()),
+    })?;
     consumer.subscribe(&[&t.input.topic])?;
 
     let transactional = t.delivery.guarantee == Guarantee::ExactlyOnce;

@@ -124,7 +124,7 @@ fn metrics_url() -> &'static str {
         // From a thread outside the tests' runtimes: installed inside one, the endpoint would
         // live on that runtime and end with its test.
         let addr = format!("127.0.0.1:{port}").parse().unwrap();
-        std::thread::spawn(move || kscore::telemetry::metrics::install_exporter(addr))
+        std::thread::spawn(move || kscore::telemetry::install_exporter(addr))
             .join()
             .unwrap()
             .unwrap();

@@ -1,10 +1,48 @@
-//! Every metric name the process exports, in one place, and the Prometheus exporter. Names
-//! start with `kscore_`; labels are low-cardinality (topic, partition, model, reason, pattern),
+//! Every metric the process exports, in one place: its name (a constant the code records
+//! through), type, labels, meaning and, for histograms, buckets. [`CATALOGUE`] is the single
+//! source: the exporter describes and buckets from it, `docs/metrics.md` is checked against it
+//! by a unit test, and the Prometheus test checks the processor exports nothing outside it.
+//!
+//! Names start with `kscore_` (the process metrics keep the standard `process_` names);
+//! labels are low-cardinality (topic, partition, model, version, score, feature, rule, reason),
 //! never a key or an id.
 
-use std::net::SocketAddr;
+/// A metric's Prometheus type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Only goes up (resets when the process restarts).
+    Counter,
+    /// Goes up and down.
+    Gauge,
+    /// Observations in buckets (`_bucket`, `_sum`, `_count`).
+    Histogram,
+}
 
-use metrics_exporter_prometheus::PrometheusBuilder;
+impl Kind {
+    /// Prometheus' name for the type.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        }
+    }
+}
+
+/// One metric of the catalogue.
+#[derive(Debug, Clone, Copy)]
+pub struct Metric {
+    /// Full name.
+    pub name: &'static str,
+    /// Type.
+    pub kind: Kind,
+    /// Label names.
+    pub labels: &'static [&'static str],
+    /// What it means (the `# HELP` text and the catalogue's description).
+    pub help: &'static str,
+    /// Bucket upper bounds, for histograms.
+    pub buckets: &'static [f64],
+}
 
 /// Events the simulator produced, labelled `pattern` (`none` for legitimate payments).
 pub const SIMULATOR_EVENTS: &str = "kscore_simulator_events_total";
@@ -19,7 +57,7 @@ pub const CONSUMED: &str = "kscore_records_consumed_total";
 pub const SCORED: &str = "kscore_records_scored_total";
 /// Records sent to the dead-letter topic, labelled `topic` (the input) and `reason`.
 pub const DEAD_LETTERED: &str = "kscore_records_dead_lettered_total";
-/// Alerts published, labelled `rule`.
+/// Alerts published, labelled `rule`, `model` and `version`.
 pub const ALERTS: &str = "kscore_alerts_total";
 /// Transactions (or at-least-once commits) committed.
 pub const COMMITS: &str = "kscore_commits_total";
@@ -45,8 +83,7 @@ pub const STATE_RESTORE_SECONDS: &str = "kscore_state_restore_seconds";
 pub const STATE_RESTORE_RECORDS: &str = "kscore_state_restore_records_total";
 /// Changelog bytes (keys and values) read by restores.
 pub const STATE_RESTORE_BYTES: &str = "kscore_state_restore_bytes_total";
-/// Restored partitions whose state did not match the committed offsets, labelled `reason`
-/// (`behind`, `ahead`), and changelog records that could not be read (`unreadable`).
+/// Restored partitions whose state did not match the committed offsets, labelled `reason`.
 pub const STATE_RESTORE_GAPS: &str = "kscore_state_restore_gaps_total";
 /// Rebalance callbacks, labelled `kind` (`assign`, `revoke`).
 pub const REBALANCES: &str = "kscore_rebalances_total";
@@ -56,11 +93,206 @@ pub const BACKPRESSURE_PAUSES: &str = "kscore_backpressure_pauses_total";
 pub const INPUT_PAUSED: &str = "kscore_input_paused";
 /// Registry calls retried because the registry was unreachable.
 pub const REGISTRY_RETRIES: &str = "kscore_registry_retries_total";
+/// 1 for each model version loaded, labelled `model` and `version`.
+pub const MODEL_INFO: &str = "kscore_model_info";
+/// Rows a model scored in committed cycles, labelled `model` and `version`.
+pub const MODEL_ROWS: &str = "kscore_model_rows_total";
+/// Scores of committed rows, labelled `model`, `version` and `score`.
+pub const MODEL_SCORE: &str = "kscore_model_score";
+/// Recent mean of each model input, labelled `model`, `version` and `feature`.
+pub const MODEL_FEATURE_MEAN: &str = "kscore_model_feature_mean";
+/// Mean of each model input in the model's reference data.
+pub const MODEL_FEATURE_REFERENCE_MEAN: &str = "kscore_model_feature_reference_mean";
+/// Population-stability index of recent scores against the model's reference distribution.
+pub const MODEL_SCORE_PSI: &str = "kscore_model_score_psi";
+/// 1 once the processor is ready (state restored, models warm), else 0.
+pub const READY: &str = "kscore_ready";
 
-/// Serves `/metrics` on `addr` from a background thread.
-pub fn install_exporter(addr: SocketAddr) -> Result<(), String> {
-    PrometheusBuilder::new()
-        .with_http_listener(addr)
-        .install()
-        .map_err(|e| format!("metrics endpoint on {addr}: {e}"))
+/// Seconds: from a millisecond to a minute.
+const SECONDS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+/// Rows per model call, in powers of two up to the largest batch anyone configures.
+const ROWS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0,
+];
+/// Scores: probabilities in twentieths, then larger values for unbounded scores (errors).
+const SCORES: &[f64] = &[
+    0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85,
+    0.9, 0.95, 1.0, 2.0, 5.0, 10.0,
+];
+
+const fn metric(
+    name: &'static str,
+    kind: Kind,
+    labels: &'static [&'static str],
+    help: &'static str,
+) -> Metric {
+    Metric {
+        name,
+        kind,
+        labels,
+        help,
+        buckets: &[],
+    }
+}
+
+const fn histogram(
+    name: &'static str,
+    labels: &'static [&'static str],
+    buckets: &'static [f64],
+    help: &'static str,
+) -> Metric {
+    Metric {
+        name,
+        kind: Kind::Histogram,
+        labels,
+        help,
+        buckets,
+    }
+}
+
+use Kind::{Counter, Gauge};
+
+/// Every metric `kscore` exports, in the order of `docs/metrics.md`.
+#[rustfmt::skip]
+pub const CATALOGUE: &[Metric] = &[
+    // The stream.
+    metric(CONSUMED, Counter, &["topic"], "Input records read and committed."),
+    metric(SCORED, Counter, &["topic"], "Events scored and published to the scored topic."),
+    metric(DEAD_LETTERED, Counter, &["topic", "reason"], "Input records sent to the dead-letter topic, by reason (one series per reason from the start, at 0)."),
+    metric(ALERTS, Counter, &["rule", "model", "version"], "Alerts published, by the topology's alert rule and the model version whose score fired it."),
+    metric(CONSUMER_LAG, Gauge, &["topic", "partition"], "Records between the consumer's position and the partition's last stable offset."),
+    histogram(EVENT_TO_COMMIT_SECONDS, &[], SECONDS, "Seconds from an event's event time to the commit that published its score."),
+    // Transactions.
+    metric(COMMITS, Counter, &[], "Transactions committed (cycles committed, under at-least-once)."),
+    metric(ABORTS, Counter, &["reason"], "Transactions aborted, by reason (`abortable`, `fatal`, `transaction`, `produce`, `injected`, `other`)."),
+    histogram(COMMIT_SECONDS, &[], SECONDS, "Seconds a commit took: publishing the cycle's records, the changelog and the offsets."),
+    // Scoring.
+    histogram(BATCH_ROWS, &["model"], ROWS, "Rows per model call."),
+    histogram(SCORING_SECONDS, &["model"], SECONDS, "Seconds per model call."),
+    metric(MODEL_INFO, Gauge, &["model", "version"], "1 for each model version loaded."),
+    metric(MODEL_ROWS, Counter, &["model", "version"], "Rows a model scored, in committed cycles."),
+    histogram(MODEL_SCORE, &["model", "version", "score"], SCORES, "Scores of committed rows."),
+    metric(MODEL_FEATURE_MEAN, Gauge, &["model", "version", "feature"], "Mean of each model input over about the last 10,000 rows (exponentially weighted)."),
+    metric(MODEL_FEATURE_REFERENCE_MEAN, Gauge, &["model", "version", "feature"], "Mean of each model input in the reference data stored with the model."),
+    metric(MODEL_SCORE_PSI, Gauge, &["model", "version", "score"], "Population-stability index of about the last 10,000 scores against the reference distribution stored with the model (0.1: watch, 0.25: shifted)."),
+    // Backpressure.
+    metric(INPUT_PAUSED, Gauge, &[], "1 while the input is paused because the models are behind, else 0."),
+    metric(BACKPRESSURE_PAUSES, Counter, &[], "Times the input was paused because the models were behind."),
+    // Feature state.
+    metric(STATE_KEYS, Gauge, &[], "Keys held in feature state."),
+    metric(CHANGELOG_RECORDS, Counter, &[], "Changelog records written (changed keys and partition records)."),
+    histogram(STATE_RESTORE_SECONDS, &[], SECONDS, "Seconds a restore of newly assigned partitions took."),
+    metric(STATE_RESTORE_RECORDS, Counter, &[], "Changelog records read by restores."),
+    metric(STATE_RESTORE_BYTES, Counter, &[], "Changelog bytes (keys and values) read by restores."),
+    metric(STATE_RESTORE_GAPS, Counter, &["reason"], "Restored partitions whose changelog did not match the committed offsets (`behind`, `ahead`, `offsets_behind`) and changelog records that could not be read (`unreadable`)."),
+    // The group and the process.
+    metric(REBALANCES, Counter, &["kind"], "Rebalance callbacks (`assign`, `revoke`)."),
+    metric(REGISTRY_RETRIES, Counter, &[], "Schema-registry calls retried because the registry was unreachable."),
+    metric(READY, Gauge, &[], "1 once the processor is ready (state restored, model sessions warm), else 0."),
+    metric("process_cpu_seconds_total", Counter, &[], "CPU seconds the process used, user and system."),
+    metric("process_resident_memory_bytes", Gauge, &[], "Resident memory of the process."),
+    metric("process_virtual_memory_bytes", Gauge, &[], "Virtual memory of the process."),
+    metric("process_virtual_memory_max_bytes", Gauge, &[], "Limit on virtual memory, where one is set."),
+    metric("process_open_fds", Gauge, &[], "Open file descriptors."),
+    metric("process_max_fds", Gauge, &[], "Limit on open file descriptors."),
+    metric("process_threads", Gauge, &[], "Threads of the process."),
+    metric("process_start_time_seconds", Gauge, &[], "Start time of the process, in seconds since the Unix epoch."),
+    // The other commands.
+    metric(SIMULATOR_EVENTS, Counter, &["pattern"], "`simulate`: events produced, by fraud pattern (`none` for legitimate payments)."),
+    metric(SIMULATOR_DELIVERY_FAILURES, Counter, &[], "`simulate`: events the broker refused."),
+    metric(TAIL_RECORDS, Counter, &["outcome"], "`tail`: records read (`decoded`, `undecodable`)."),
+];
+
+/// The catalogue entry of a metric.
+pub fn find(name: &str) -> Option<&'static Metric> {
+    CATALOGUE.iter().find(|m| m.name == name)
+}
+
+/// The catalogue as the Markdown table `docs/metrics.md` holds.
+pub fn markdown_table() -> String {
+    let mut out = String::from("| Metric | Type | Labels | Meaning |\n|---|---|---|---|\n");
+    for m in CATALOGUE {
+        let labels = if m.labels.is_empty() {
+            "".to_string()
+        } else {
+            m.labels
+                .iter()
+                .map(|l| format!("`{l}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        out.push_str(&format!(
+            "| `{}` | {} | {} | {} |\n",
+            m.name,
+            m.kind.as_str(),
+            labels,
+            m.help
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_prefixed_and_typed_by_suffix() {
+        let mut seen = std::collections::HashSet::new();
+        for m in CATALOGUE {
+            assert!(seen.insert(m.name), "{} listed twice", m.name);
+            assert!(
+                m.name.starts_with("kscore_") || m.name.starts_with("process_"),
+                "{}",
+                m.name
+            );
+            assert_eq!(
+                m.name.ends_with("_total"),
+                m.kind == Kind::Counter,
+                "{}: counters, and only counters, end in _total",
+                m.name
+            );
+            assert_eq!(
+                m.kind == Kind::Histogram,
+                !m.buckets.is_empty(),
+                "{}",
+                m.name
+            );
+            assert!(m.buckets.windows(2).all(|w| w[0] < w[1]), "{}", m.name);
+            for label in m.labels {
+                assert!(
+                    !["key", "id", "card", "event_id", "offset"].contains(label),
+                    "{}: label {label} is unbounded",
+                    m.name
+                );
+            }
+        }
+    }
+
+    /// `docs/metrics.md` holds the catalogue's table, between its markers. After changing the
+    /// catalogue, `KSCORE_BLESS=1 cargo test --lib catalogue` rewrites the table.
+    #[test]
+    fn the_catalogue_in_docs_matches() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md");
+        let doc = std::fs::read_to_string(path).expect("docs/metrics.md");
+        let (begin, end) = ("<!-- catalogue: begin -->\n", "<!-- catalogue: end -->");
+        let (Some(a), Some(b)) = (doc.find(begin), doc.find(end)) else {
+            panic!("docs/metrics.md lacks the catalogue markers");
+        };
+        let table = markdown_table();
+        let current = &doc[a + begin.len()..b];
+        if current != table {
+            if std::env::var_os("KSCORE_BLESS").is_some() {
+                let updated = format!("{}{table}{}", &doc[..a + begin.len()], &doc[b..]);
+                std::fs::write(path, updated).expect("write docs/metrics.md");
+            } else {
+                panic!(
+                    "docs/metrics.md is out of date with telemetry::metrics::CATALOGUE; \
+                     run `KSCORE_BLESS=1 cargo test --lib catalogue`. Expected table:\n{table}"
+                );
+            }
+        }
+    }
 }

@@ -1,7 +1,11 @@
 //! Logs and metrics. Logs go to stderr through `tracing`, filtered by `RUST_LOG` (default
-//! `info`), as text or JSON lines; metrics are served for Prometheus (see [`metrics`]).
+//! `info`), as text or JSON lines; metrics are served for Prometheus (see [`metrics`]) next to the health endpoints (see [`health`]).
 
+pub mod health;
 pub mod metrics;
+mod server;
+
+pub use server::install_exporter;
 
 use tracing_subscriber::EnvFilter;
 

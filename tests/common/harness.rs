@@ -121,6 +121,11 @@ impl<'a> Instances<'a> {
 
     /// Starts instance `id` (its `transactional.id` is derived from it).
     pub fn start(&mut self, id: &str) {
+        self.start_with(id, &[]);
+    }
+
+    /// Starts instance `id` with extra `kscore run` arguments.
+    pub fn start_with(&mut self, id: &str, extra: &[&str]) {
         assert!(!self.running.contains_key(id), "{id} is already running");
         self.starts += 1;
         let log =
@@ -129,6 +134,7 @@ impl<'a> Instances<'a> {
             .args(["run", "--topology"])
             .arg(&self.pipeline.file)
             .args(["--instance-id", id])
+            .args(extra)
             // A member killed without leaving is noticed after the session timeout.
             .args([
                 "-X",

@@ -1,0 +1,125 @@
+//! Liveness and readiness, as the HTTP endpoints report them. The pipeline reports here:
+//! a beat each turn of its loop (and while restoring), its group assignment, restores in
+//! progress and warm model sessions. Commands that run no pipeline are live and ready.
+//!
+//! * live: the processing loop turned in the last [`STALL`] (a loop stuck in a call that never
+//!   returns is what a restart cures);
+//! * ready: live, the model sessions ran their warm-up batch, the consumer received its first
+//!   assignment, and no newly assigned partition is still being restored.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::metrics as names;
+
+/// How long the loop may go without a beat before the process is reported not live.
+pub const STALL: Duration = Duration::from_secs(60);
+
+static WATCHED: AtomicBool = AtomicBool::new(false);
+static LAST_BEAT_MS: AtomicI64 = AtomicI64::new(0);
+static MODELS_WARM: AtomicBool = AtomicBool::new(false);
+static ASSIGNED: AtomicBool = AtomicBool::new(false);
+static RESTORING: AtomicUsize = AtomicUsize::new(0);
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A pipeline starts: from now on liveness and readiness follow it.
+pub fn pipeline_started() {
+    MODELS_WARM.store(false, Ordering::SeqCst);
+    ASSIGNED.store(false, Ordering::SeqCst);
+    RESTORING.store(0, Ordering::SeqCst);
+    beat();
+    WATCHED.store(true, Ordering::SeqCst);
+    publish();
+}
+
+/// The pipeline made progress.
+pub fn beat() {
+    LAST_BEAT_MS.store(now_ms(), Ordering::Relaxed);
+}
+
+/// Every model session ran its warm-up batch.
+pub fn models_warm() {
+    MODELS_WARM.store(true, Ordering::SeqCst);
+    publish();
+}
+
+/// The consumer received an assignment (possibly empty: more members than partitions).
+pub fn assigned() {
+    ASSIGNED.store(true, Ordering::SeqCst);
+    publish();
+}
+
+/// A restore of newly assigned partitions begins; ends when the guard drops.
+pub fn restoring() -> RestoreGuard {
+    RESTORING.fetch_add(1, Ordering::SeqCst);
+    publish();
+    RestoreGuard(())
+}
+
+/// Marks a restore in progress until dropped (also on an error path).
+#[must_use]
+pub struct RestoreGuard(());
+
+impl Drop for RestoreGuard {
+    fn drop(&mut self) {
+        RESTORING.fetch_sub(1, Ordering::SeqCst);
+        publish();
+    }
+}
+
+/// The health of the process at this moment.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Report {
+    /// See the module documentation.
+    pub live: bool,
+    /// See the module documentation.
+    pub ready: bool,
+    /// Whether a pipeline runs in this process.
+    pub pipeline: bool,
+    /// Milliseconds since the pipeline's last beat.
+    pub last_beat_ms_ago: Option<i64>,
+    /// Model sessions warm.
+    pub models_warm: bool,
+    /// First assignment received.
+    pub assigned: bool,
+    /// Restores in progress.
+    pub restoring: usize,
+}
+
+/// The current report.
+pub fn report() -> Report {
+    if !WATCHED.load(Ordering::SeqCst) {
+        return Report {
+            live: true,
+            ready: true,
+            pipeline: false,
+            last_beat_ms_ago: None,
+            models_warm: false,
+            assigned: false,
+            restoring: 0,
+        };
+    }
+    let ago = now_ms() - LAST_BEAT_MS.load(Ordering::Relaxed);
+    let live = ago <= STALL.as_millis() as i64;
+    let models_warm = MODELS_WARM.load(Ordering::SeqCst);
+    let assigned = ASSIGNED.load(Ordering::SeqCst);
+    let restoring = RESTORING.load(Ordering::SeqCst);
+    Report {
+        live,
+        ready: live && models_warm && assigned && restoring == 0,
+        pipeline: true,
+        last_beat_ms_ago: Some(ago),
+        models_warm,
+        assigned,
+        restoring,
+    }
+}
+
+fn publish() {
+    metrics::gauge!(names::READY).set(if report().ready { 1.0 } else { 0.0 });
+}
