@@ -12,6 +12,11 @@ Writes to models/:
   report.json              held-out quality: PR-AUC and recall at 1% FPR, with and without the
                            rolling features
   reference_scores.json    a fixed batch of feature rows and their scores from Python onnxruntime
+
+Each model also carries, in its metadata under `kscore.reference`, the reference the processor
+measures drift against: the mean of each input feature and, per score, decile bin edges and
+the share of rows in each bin, all over the held-out set. `--reference-only` writes just that
+into the existing models (their graphs, and so their versions, unchanged).
 """
 
 import csv
@@ -72,6 +77,38 @@ def stamp(model: onnx.ModelProto, name: str, doc: str) -> onnx.ModelProto:
     return model
 
 
+def reference(sess, rows, scores, source):
+    """The drift reference: feature means, and per score decile edges with bin shares.
+
+    A value v falls in bin searchsorted(edges, v, side="right"): the number of edges <= v,
+    which is how the processor bins it too."""
+    out = sess.run(None, {"features": rows.astype(np.float32)})
+    by_name = {o.name: v for o, v in zip(sess.get_outputs(), out)}
+    ref = {"source": source, "rows": int(len(rows)),
+           "feature_means": [float(v) for v in rows.mean(axis=0)], "scores": []}
+    for output, column in scores:
+        v = by_name[output]
+        v = v[:, column] if v.ndim == 2 else v
+        edges = np.unique(np.quantile(v, np.linspace(0.1, 0.9, 9)))
+        bins = np.searchsorted(edges, v, side="right")
+        shares = np.bincount(bins, minlength=len(edges) + 1) / len(v)
+        ref["scores"].append({"output": output, "column": column,
+                              "edges": [float(e) for e in edges],
+                              "proportions": [float(p) for p in shares]})
+    return ref
+
+
+def with_reference(path, rows, scores, source):
+    """Writes the reference into the model's metadata, graph untouched."""
+    model = onnx.load(path)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    props = {p.key: p.value for p in model.metadata_props}
+    props["kscore.reference"] = json.dumps(reference(sess, rows, scores, source))
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, props)
+    onnx.save(model, path)
+
+
 def train_gbt(x, y):
     clf = GradientBoostingClassifier(n_estimators=120, max_depth=3, learning_rate=0.1,
                                      subsample=0.8, random_state=SEED)
@@ -126,9 +163,18 @@ def slog(x):
     return np.sign(x) * np.log1p(np.abs(x))
 
 
+def write_references(out, topology, names, x, test):
+    source = f"held-out set: last 30% of event time, {len(test)} events"
+    for m in topology["model"]:
+        c = columns(names, m["features"])
+        scores = [(sc["output"], sc.get("column", 0)) for sc in m["scores"]]
+        with_reference(out / f"{m['name']}.onnx", x[test][:, c], scores, source)
+
+
 def main():
     root = Path(__file__).resolve().parent.parent
-    data = Path(sys.argv[1]) if len(sys.argv) > 1 else root / ".local" / "train"
+    args = [a for a in sys.argv[1:] if a != "--reference-only"]
+    data = Path(args[0]) if args else root / ".local" / "train"
     out = root / "models"
     topology = tomllib.loads((root / "topologies" / "fraud.toml").read_text())
     models = {m["name"]: m["features"] for m in topology["model"]}
@@ -137,6 +183,9 @@ def main():
     order = np.argsort(times, kind="stable")
     cut = int(len(order) * 0.7)
     train, test = order[:cut], order[cut:]
+    if "--reference-only" in sys.argv:
+        write_references(out, topology, names, x, test)
+        return
     print(f"{len(y)} events, {y.sum()} fraud ({y.mean():.2%}); train {len(train)}, test {len(test)} (split by event time)")
 
     report = {"data": {"events": int(len(y)), "fraud": int(y.sum()), "train": int(len(train)), "test": int(len(test)),
@@ -187,6 +236,7 @@ def main():
         scores = result[:, column] if column is not None else result
         ref[name] = {"features": [names[i] for i in c], "rows": rows.tolist(), "output": output,
                      "scores": [float(v) for v in scores]}
+    write_references(out, topology, names, x, test)
     (out / "reference_scores.json").write_text(json.dumps(ref, indent=1) + "\n")
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

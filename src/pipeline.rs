@@ -37,12 +37,15 @@ use tokio::runtime::Handle;
 use crate::batcher::{self, ModelBatcher, Scored};
 use crate::changelog::{self, Restorer};
 use crate::cluster::ClusterArgs;
-use crate::features::{FeatureSet, FeatureState};
+use crate::features::{FeatureError, FeatureSet, FeatureState};
 use crate::schemas;
+use crate::scorer::drift::DriftMonitor;
 use crate::sink::FramedEncoder;
 use crate::sink::output::{self, Provenance, ScoreValue};
 use crate::sink::scored::{self, ScoredEncoder};
 use crate::source::Decoder;
+use crate::source::decode::DecodeError;
+use crate::telemetry::health;
 use crate::telemetry::metrics as names;
 use crate::topology::Loaded;
 use crate::topology::config::Guarantee;
@@ -222,7 +225,9 @@ impl ConsumerContext for SourceContext {
             }
             if let Ok(mut a) = self.assigned.lock() {
                 a.extend(partitions);
+                health::awaiting_restore(a.len());
             }
+            health::assigned();
         }
     }
 }
@@ -273,6 +278,7 @@ pub fn run(
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<RunSummary> {
     let t = &loaded.topology;
+    health::pipeline_started();
     crate::scorer::runtime::init(None)?;
     let sr = cluster.registry()?;
     let decoder = Decoder::new(sr.clone(), loaded.schema.clone());
@@ -357,8 +363,46 @@ pub fn run(
         batcher::start_all(&t.models, &loaded.model_paths, opts.throttle_scoring)?;
     let versions: Vec<String> = batchers.iter().map(|b| b.info().version.clone()).collect();
     for b in &batchers {
-        tracing::info!(model = %b.info().name, version = %b.info().version, "model loaded");
+        tracing::info!(model = %b.info().name, version = %b.info().version,
+            drift_reference = b.info().reference.is_some(), "model loaded");
     }
+    health::models_warm();
+    let mut drift: Vec<DriftMonitor> = t
+        .models
+        .iter()
+        .zip(&batchers)
+        .map(|(m, b)| {
+            let scores: Vec<(String, String, usize)> = m
+                .scores
+                .iter()
+                .map(|s| (s.name.clone(), s.output.clone(), s.column))
+                .collect();
+            let info = b.info();
+            DriftMonitor::new(
+                &m.name,
+                &info.version,
+                &m.features,
+                &scores,
+                info.reference.as_deref(),
+            )
+        })
+        .collect();
+    // Alerts are counted by rule and by the model version whose score fired them.
+    let rule_labels: HashMap<String, (String, String)> = t
+        .alerts
+        .iter()
+        .map(|r| {
+            let model = r.score.split('.').next().unwrap_or_default().to_string();
+            let version = t
+                .models
+                .iter()
+                .position(|m| m.name == model)
+                .and_then(|i| versions.get(i).cloned())
+                .unwrap_or_default();
+            (r.name.clone(), (model, version))
+        })
+        .collect();
+    register_series(&t.input.topic, &rule_labels);
 
     let consumer: BaseConsumer<SourceContext> = source_config(
         cluster,
@@ -425,6 +469,7 @@ pub fn run(
             && pending.len() < opts.max_cycle_records
             && !stop.load(Ordering::Relaxed)
         {
+            health::beat();
             let wait = t
                 .delivery
                 .commit_interval
@@ -583,7 +628,23 @@ pub fn run(
                     metrics::counter!(names::DEAD_LETTERED, "topic" => topic.clone(), "reason" => reason.clone()).increment(*n);
                 }
                 for (rule, n) in &counts.fired {
-                    metrics::counter!(names::ALERTS, "rule" => rule.clone()).increment(*n);
+                    let (model, version) = rule_labels.get(rule).cloned().unwrap_or_default();
+                    metrics::counter!(names::ALERTS, "rule" => rule.clone(), "model" => model, "version" => version).increment(*n);
+                }
+                for p in &pending {
+                    if let Outcome::Scored {
+                        features, scores, ..
+                    } = &p.outcome
+                    {
+                        for ((d, cols), s) in drift.iter_mut().zip(&model_columns).zip(scores) {
+                            if let Some(s) = s {
+                                d.observe(cols.iter().map(|&c| features[c]), s);
+                            }
+                        }
+                    }
+                }
+                for d in &drift {
+                    d.publish();
                 }
                 summary.scored += counts.scored;
                 summary.alerts += counts.alerts;
@@ -782,7 +843,49 @@ fn restore_assigned(
         )?;
     }
     consumer.resume(&tpl)?;
+    health::awaiting_restore(consumer.context().awaiting_restore().len());
     Ok(())
+}
+
+/// Registers at 0 the counters that carry a reason or a rule, for every value they can take:
+/// a rate over a series that appears only at its first occurrence misses that occurrence, and
+/// alerts and panels should see "none yet" rather than "no data".
+fn register_series(topic: &str, rules: &HashMap<String, (String, String)>) {
+    let reasons = DecodeError::REASONS
+        .iter()
+        .chain(FeatureError::REASONS)
+        .chain(&[SCORING_FAILED]);
+    for reason in reasons {
+        metrics::counter!(names::DEAD_LETTERED, "topic" => topic.to_string(), "reason" => *reason)
+            .increment(0);
+    }
+    for reason in ABORT_REASONS {
+        metrics::counter!(names::ABORTS, "reason" => *reason).increment(0);
+    }
+    for (rule, (model, version)) in rules {
+        metrics::counter!(names::ALERTS, "rule" => rule.clone(), "model" => model.clone(), "version" => version.clone())
+            .increment(0);
+    }
+    for reason in ["behind", "ahead", "offsets_behind", "unreadable"] {
+        metrics::counter!(names::STATE_RESTORE_GAPS, "reason" => reason).increment(0);
+    }
+    for kind in ["assign", "revoke"] {
+        metrics::counter!(names::REBALANCES, "kind" => kind).increment(0);
+    }
+    for name in [
+        names::COMMITS,
+        names::CHANGELOG_RECORDS,
+        names::STATE_RESTORE_RECORDS,
+        names::STATE_RESTORE_BYTES,
+        names::BACKPRESSURE_PAUSES,
+        names::REGISTRY_RETRIES,
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    for name in [names::CONSUMED, names::SCORED] {
+        metrics::counter!(name, "topic" => topic.to_string()).increment(0);
+    }
+    metrics::gauge!(names::INPUT_PAUSED).set(0.0);
 }
 
 fn now_ms() -> i64 {
@@ -895,7 +998,7 @@ fn wait_scores(
         if let Some(p) = pending.get_mut(ticket as usize) {
             p.outcome = Outcome::Dead {
                 payload: None,
-                reason: "scoring_failed",
+                reason: SCORING_FAILED,
                 error,
             };
         }
@@ -1191,6 +1294,19 @@ fn send_dead(
 }
 
 /// A short reason label, and whether the producer must be rebuilt.
+/// Every reason [`classify`] gives.
+const ABORT_REASONS: &[&str] = &[
+    "fatal",
+    "abortable",
+    "transaction",
+    "produce",
+    "injected",
+    "other",
+];
+
+/// Why a model's rows go to the dead-letter topic.
+const SCORING_FAILED: &str = "scoring_failed";
+
 fn classify(e: &KafkaError) -> (&'static str, bool) {
     match e {
         KafkaError::Transaction(t) if t.is_fatal() => ("fatal", true),

@@ -64,7 +64,11 @@ impl ModelBatcher {
     ) -> Result<Self, ScorerError> {
         let mut sessions = Vec::new();
         for _ in 0..model.workers.max(1) {
-            sessions.push(ScoringSession::open(model, path)?);
+            let mut session = ScoringSession::open(model, path)?;
+            // Warm-up: the first run allocates and plans; paying for it here keeps it out of
+            // the first cycle's latency, and a model that cannot run fails the start.
+            session.score(&vec![0.0; session.info().width])?;
+            sessions.push(session);
         }
         let info = sessions[0].info().clone();
         let max_rows = model.batching.max_rows.max(1);

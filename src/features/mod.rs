@@ -52,6 +52,15 @@ pub enum FeatureError {
 }
 
 impl FeatureError {
+    /// Every value [`FeatureError::reason`] returns.
+    pub const REASONS: &'static [&'static str] = &[
+        "missing_key",
+        "missing_event_time",
+        "missing_field",
+        "bad_field",
+        "non_finite_feature",
+    ];
+
     /// A short, fixed label for metrics and dead-letter headers.
     pub fn reason(&self) -> &'static str {
         match self {

@@ -1,6 +1,8 @@
 //! Scoring: ONNX Runtime loaded at run time from its shared library, execution providers, and
-//! (with the pipeline) one session per scoring worker.
+//! (with the pipeline) one session per scoring worker; drift of scores and inputs against the
+//! reference stored with each model.
 
+pub mod drift;
 pub mod runtime;
 pub mod session;
 

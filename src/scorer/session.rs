@@ -11,6 +11,7 @@ use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::value::TensorRef;
 
+use super::drift::{REFERENCE_KEY, Reference};
 use super::runtime;
 use crate::topology::config::{ExecutionProvider, Model};
 
@@ -59,7 +60,7 @@ pub enum ScorerError {
 }
 
 /// What a model is, as the processor reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ModelInfo {
     /// Name from the topology.
     pub name: String,
@@ -69,6 +70,8 @@ pub struct ModelInfo {
     pub input: String,
     /// Number of input columns.
     pub width: usize,
+    /// The drift reference stored with the model, if it has a valid one.
+    pub reference: Option<std::sync::Arc<Reference>>,
 }
 
 /// One model's session and how its outputs become scores.
@@ -205,17 +208,30 @@ impl ScoringSession {
             }
             scores.push((s.output.clone(), s.column));
         }
-        let version = session
-            .metadata()
-            .ok()
+        let metadata = session.metadata().ok();
+        let version = metadata
+            .as_ref()
             .and_then(|m| m.custom("version"))
             .filter(|v| !v.is_empty())
             .unwrap_or_else(|| file_digest(path));
+        let reference = match metadata.as_ref().and_then(|m| m.custom(REFERENCE_KEY)) {
+            None => None,
+            Some(json) => match Reference::parse(&json, width) {
+                Ok(r) => Some(std::sync::Arc::new(r)),
+                Err(e) => {
+                    tracing::warn!(model = %name, path = %path.display(),
+                        "metadata `{REFERENCE_KEY}` is invalid ({e}); no drift index for this model");
+                    None
+                }
+            },
+        };
+        drop(metadata);
         let info = ModelInfo {
             name,
             version,
             input: input.name().to_string(),
             width,
+            reference,
         };
         Ok(ScoringSession {
             session,

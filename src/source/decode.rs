@@ -74,6 +74,14 @@ impl DecodeError {
         )
     }
 
+    /// Every value [`DecodeError::reason`] returns.
+    pub const REASONS: &'static [&'static str] = &[
+        "not_confluent_framed",
+        "unknown_schema_id",
+        "incompatible_schema",
+        "undecodable",
+    ];
+
     /// A short, fixed label for metrics and dead-letter headers.
     pub fn reason(&self) -> &'static str {
         match self {

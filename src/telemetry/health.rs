@@ -1,11 +1,11 @@
 //! Liveness and readiness, as the HTTP endpoints report them. The pipeline reports here:
-//! a beat each turn of its loop (and while restoring), its group assignment, restores in
-//! progress and warm model sessions. Commands that run no pipeline are live and ready.
+//! a beat each turn of its loop, its group assignment, the partitions waiting for their state
+//! to be restored, and warm model sessions. Commands that run no pipeline are live and ready.
 //!
 //! * live: the processing loop turned in the last [`STALL`] (a loop stuck in a call that never
 //!   returns is what a restart cures);
 //! * ready: live, the model sessions ran their warm-up batch, the consumer received its first
-//!   assignment, and no newly assigned partition is still being restored.
+//!   assignment, and no assigned partition is still waiting for its state to be restored.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -54,22 +54,10 @@ pub fn assigned() {
     publish();
 }
 
-/// A restore of newly assigned partitions begins; ends when the guard drops.
-pub fn restoring() -> RestoreGuard {
-    RESTORING.fetch_add(1, Ordering::SeqCst);
+/// `n` assigned partitions wait for their state to be restored (0: none).
+pub fn awaiting_restore(n: usize) {
+    RESTORING.store(n, Ordering::SeqCst);
     publish();
-    RestoreGuard(())
-}
-
-/// Marks a restore in progress until dropped (also on an error path).
-#[must_use]
-pub struct RestoreGuard(());
-
-impl Drop for RestoreGuard {
-    fn drop(&mut self) {
-        RESTORING.fetch_sub(1, Ordering::SeqCst);
-        publish();
-    }
 }
 
 /// The health of the process at this moment.
@@ -87,7 +75,7 @@ pub struct Report {
     pub models_warm: bool,
     /// First assignment received.
     pub assigned: bool,
-    /// Restores in progress.
+    /// Assigned partitions whose state is not restored yet.
     pub restoring: usize,
 }
 
