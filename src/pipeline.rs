@@ -205,6 +205,12 @@ impl ConsumerContext for SourceContext {
             Rebalance::Revoke(tpl) => {
                 tracing::info!(partitions = ?partitions_of(tpl), "partitions revoked");
                 metrics::counter!(names::REBALANCES, "kind" => "revoke").increment(1);
+                // Their new owner reports their lag from now on; a gauge left at its last value
+                // here would count it twice in a sum over instances.
+                for e in tpl.elements() {
+                    metrics::gauge!(names::CONSUMER_LAG, "topic" => e.topic().to_string(), "partition" => e.partition().to_string())
+                        .set(0.0);
+                }
                 // No transaction is open here: they open and commit between polls. The cycle in
                 // progress has sent nothing; the loop discards it when this poll returns.
                 self.revoked.store(true, Ordering::SeqCst);

@@ -111,3 +111,41 @@ pub fn report() -> Report {
 fn publish() {
     metrics::gauge!(names::READY).set(if report().ready { 1.0 } else { 0.0 });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The only test touching the process-wide state.
+    #[test]
+    fn ready_only_once_warm_assigned_and_restored() {
+        assert!(report().ready && report().live && !report().pipeline);
+        pipeline_started();
+        let r = report();
+        assert!(r.live && !r.ready, "{r:?}");
+        models_warm();
+        assert!(!report().ready, "no assignment yet");
+        awaiting_restore(2);
+        assigned();
+        assert!(!report().ready, "two partitions still to restore");
+        awaiting_restore(0);
+        let r = report();
+        assert!(
+            r.ready && r.models_warm && r.assigned && r.restoring == 0,
+            "{r:?}"
+        );
+        // A rebalance: partitions wait for their state again.
+        awaiting_restore(1);
+        assert!(!report().ready);
+        awaiting_restore(0);
+        // A loop that stopped turning is neither live nor ready.
+        LAST_BEAT_MS.store(
+            now_ms() - STALL.as_millis() as i64 - 1_000,
+            Ordering::Relaxed,
+        );
+        let r = report();
+        assert!(!r.live && !r.ready, "{r:?}");
+        beat();
+        assert!(report().ready);
+    }
+}

@@ -190,3 +190,4 @@ pub fn field<'v>(v: &'v Value, name: &str) -> &'v Value {
 }
 
 pub mod harness;
+pub mod promql;
