@@ -860,7 +860,7 @@ fn register_series(topic: &str, rules: &HashMap<String, (String, String)>) {
     let reasons = DecodeError::REASONS
         .iter()
         .chain(FeatureError::REASONS)
-        .chain(&[SCORING_FAILED]);
+        .chain(&[SCORING_FAILED, NON_FINITE_SCORE]);
     for reason in reasons {
         metrics::counter!(names::DEAD_LETTERED, "topic" => topic.to_string(), "reason" => *reason)
             .increment(0);
@@ -1098,7 +1098,7 @@ fn publish(
                         t,
                         p,
                         None,
-                        "non_finite_score",
+                        NON_FINITE_SCORE,
                         &error,
                         &mut counts,
                     )?;
@@ -1310,8 +1310,10 @@ const ABORT_REASONS: &[&str] = &[
     "other",
 ];
 
-/// Why a model's rows go to the dead-letter topic.
+/// Why a model's rows go to the dead-letter topic: the model failed on their batch...
 const SCORING_FAILED: &str = "scoring_failed";
+/// ... or gave a score that is not a finite number.
+const NON_FINITE_SCORE: &str = "non_finite_score";
 
 fn classify(e: &KafkaError) -> (&'static str, bool) {
     match e {
