@@ -103,13 +103,15 @@ fn a_slow_model_over_a_large_backlog_keeps_memory_bounded_and_output_exact() {
         .unwrap()
         .port();
     let log = std::fs::File::create(dir.path().join("slow.log")).unwrap();
-    // Each model worker scores at most 20,000 rows a second (300 on the debug build;
-    // `KSCORE_BACKPRESSURE_THROTTLE`): the models are the bottleneck.
+    // Each model worker scores at most 3,000 rows a second (300 on the debug build;
+    // `KSCORE_BACKPRESSURE_THROTTLE`), below what the rest of the processor does (about 5,000
+    // events a second on the release build with this many cards): the models are the
+    // bottleneck.
     let throttle = std::env::var("KSCORE_BACKPRESSURE_THROTTLE").unwrap_or(
         if cfg!(debug_assertions) {
             "300"
         } else {
-            "20000"
+            "3000"
         }
         .into(),
     );
@@ -171,19 +173,15 @@ fn a_slow_model_over_a_large_backlog_keeps_memory_bounded_and_output_exact() {
         started.elapsed()
     );
     assert!(peak > 0.0 && peak < RSS_LIMIT_MIB, "peak RSS {peak:.0} MiB");
-    // The input is paused once the models have been behind for 200 ms in a cycle: with the
-    // debug build's slower model that happens every cycle; the release run's model is slow
-    // enough to be the bottleneck but rarely that far behind, so pausing is checked there.
-    if cfg!(debug_assertions) {
-        assert!(
-            paused_seen && pauses_at_join >= 1.0,
-            "input never paused before the rebalance ({pauses_at_join} pauses)"
-        );
-        assert!(
-            pauses > pauses_at_join,
-            "input not paused again after the rebalance ({pauses} pauses in all)"
-        );
-    }
+    // The input is paused once the models have been behind for 200 ms in a cycle.
+    assert!(
+        paused_seen && pauses_at_join >= 1.0,
+        "input never paused before the rebalance ({pauses_at_join} pauses)"
+    );
+    assert!(
+        pauses > pauses_at_join,
+        "input not paused again after the rebalance ({pauses} pauses in all)"
+    );
     assert!(max_lag > 0.0, "lag never showed in the metrics");
 
     // Exactly one scored record per input.
