@@ -132,6 +132,10 @@ fn stop_flag() -> Arc<AtomicBool> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if matches!(cli.command, Command::Run { .. }) {
+        // Not ready from the endpoint's first answer: the pipeline has yet to start.
+        telemetry::health::pipeline_started();
+    }
     if let Some(addr) = cli.metrics_listen {
         kscore::telemetry::install_exporter(addr).map_err(anyhow::Error::msg)?;
         tracing::info!(%addr, "serving Prometheus metrics at /metrics");

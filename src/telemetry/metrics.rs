@@ -112,6 +112,12 @@ pub const READY: &str = "kscore_ready";
 const SECONDS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
+/// Event-time latency: fine around a commit interval (the latency target is the interval plus
+/// 50 ms), then up to minutes for a backlog.
+const LATENCY: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.175, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0,
+    1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
 /// Rows per model call, in powers of two up to the largest batch anyone configures.
 const ROWS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0,
@@ -163,7 +169,7 @@ pub const CATALOGUE: &[Metric] = &[
     metric(DEAD_LETTERED, Counter, &["topic", "reason"], "Input records sent to the dead-letter topic, by reason (one series per reason from the start, at 0)."),
     metric(ALERTS, Counter, &["rule", "model", "version"], "Alerts published, by the topology's alert rule and the model version whose score fired it."),
     metric(CONSUMER_LAG, Gauge, &["topic", "partition"], "Records between the consumer's position and the partition's last stable offset."),
-    histogram(EVENT_TO_COMMIT_SECONDS, &[], SECONDS, "Seconds from an event's event time to the commit that published its score."),
+    histogram(EVENT_TO_COMMIT_SECONDS, &[], LATENCY, "Seconds from an event's event time to the commit that published its score."),
     // Transactions.
     metric(COMMITS, Counter, &[], "Transactions committed (cycles committed, under at-least-once)."),
     metric(ABORTS, Counter, &["reason"], "Transactions aborted, by reason (`abortable`, `fatal`, `transaction`, `produce`, `injected`, `other`)."),
