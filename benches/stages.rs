@@ -20,6 +20,11 @@ use kscore::source::Decoder;
 use kscore::{schemas, topology};
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
 
+/// The binary's allocator (see Cargo.toml), so the stages are measured as the processor runs
+/// them.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const N: usize = 20_000;
 
 struct Fixture {
