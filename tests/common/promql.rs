@@ -64,18 +64,22 @@ pub fn for_prometheus(expr: &str, rate_interval: &str) -> String {
         .replace("$__range", rate_interval)
 }
 
-const FUNCTIONS_AND_KEYWORDS: &[&str] = &[
-    "sum",
-    "avg",
-    "max",
-    "min",
-    "count",
+/// Keywords followed by a list of label names.
+const GROUPING: &[&str] = &[
     "by",
     "without",
     "on",
     "ignoring",
     "group_left",
     "group_right",
+];
+
+const FUNCTIONS_AND_KEYWORDS: &[&str] = &[
+    "sum",
+    "avg",
+    "max",
+    "min",
+    "count",
     "and",
     "or",
     "unless",
@@ -122,7 +126,8 @@ pub fn metric_names(expr: &str) -> Vec<String> {
                 && !in_group
                 && !in_range
                 && !w.chars().next().is_some_and(|c| c.is_ascii_digit())
-                && !FUNCTIONS_AND_KEYWORDS.contains(&w.as_str());
+                && !FUNCTIONS_AND_KEYWORDS.contains(&w.as_str())
+                && !GROUPING.contains(&w.as_str());
             if selector {
                 names.push(w.clone());
             }
@@ -135,18 +140,7 @@ pub fn metric_names(expr: &str) -> Vec<String> {
             '}' => in_braces = false,
             '[' => in_range = true,
             ']' => in_range = false,
-            '(' if [
-                "by",
-                "without",
-                "on",
-                "ignoring",
-                "group_left",
-                "group_right",
-            ]
-            .contains(&last_word.as_str()) =>
-            {
-                in_group = true
-            }
+            '(' if GROUPING.contains(&last_word.as_str()) => in_group = true,
             ')' => in_group = false,
             _ => {}
         }
