@@ -456,6 +456,7 @@ pub fn run(
 
     let mut states: HashMap<i32, FeatureState> = HashMap::new();
     let mut consumer_errors = Throttled::new("consumer");
+    let mut starved = Starved::new();
     let mut pressure = Pressure::default();
     let mut summary = RunSummary::default();
     let mut reporter = Reporter::new(opts.summary_every, &t.name);
@@ -500,12 +501,18 @@ pub fn run(
                 )?;
             }
             let msg = match msg {
-                None => continue,
+                None => {
+                    starved.check(&consumer, &t.input.topic);
+                    continue;
+                }
                 Some(Err(e)) => {
                     consumer_errors.note(&e);
                     continue;
                 }
-                Some(Ok(m)) => m,
+                Some(Ok(m)) => {
+                    starved.received();
+                    m
+                }
             };
             first_offsets.entry(msg.partition()).or_insert(msg.offset());
             next_offsets.insert(msg.partition(), msg.offset() + 1);
@@ -1414,6 +1421,81 @@ impl Pressure {
             }
             if let Err(e) = consumer.resume(&tpl) {
                 tracing::warn!("resuming after backpressure: {e}");
+            }
+        }
+    }
+}
+
+/// Notices a consumer that receives nothing although records wait in its assigned partitions
+/// (a fetch stuck in the client or the broker), and says so once every [`Starved::AFTER`],
+/// with each such partition's position and end, so it can be told from a quiet input.
+struct Starved {
+    last_record: Instant,
+    last_check: Instant,
+}
+
+impl Starved {
+    const AFTER: Duration = Duration::from_secs(30);
+
+    fn new() -> Self {
+        Starved {
+            last_record: Instant::now(),
+            last_check: Instant::now(),
+        }
+    }
+
+    fn received(&mut self) {
+        self.last_record = Instant::now();
+    }
+
+    fn check(&mut self, consumer: &BaseConsumer<SourceContext>, topic: &str) {
+        if self.last_record.elapsed() < Self::AFTER || self.last_check.elapsed() < Self::AFTER {
+            return;
+        }
+        self.last_check = Instant::now();
+        let waiting = consumer.context().awaiting_restore();
+        let Ok(positions) = consumer.position() else {
+            return;
+        };
+        for e in positions.elements_for_topic(topic) {
+            let p = e.partition();
+            if waiting.contains(&p) {
+                continue;
+            }
+            let Ok((start, end)) = consumer.fetch_watermarks(topic, p, Duration::from_secs(2))
+            else {
+                continue;
+            };
+            let position = match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            };
+            // Before its first record a partition has no position: it starts at the group's
+            // committed offset, else at the partition's start.
+            let from = position.unwrap_or_else(|| {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition(topic, p);
+                consumer
+                    .committed_offsets(tpl, Duration::from_secs(2))
+                    .ok()
+                    .and_then(|c| match c.find_partition(topic, p)?.offset() {
+                        Offset::Offset(o) => Some(o),
+                        _ => None,
+                    })
+                    .unwrap_or(start)
+            });
+            if from < end {
+                tracing::warn!(
+                    partition = p,
+                    ?position,
+                    end,
+                    seconds = self.last_record.elapsed().as_secs(),
+                    from,
+                    "no record received although the partition has records waiting: a \
+                     producer's transaction on the input still open, or a fetch stuck in the \
+                     client or the broker (a position of None: none consumed since the \
+                     assignment)"
+                );
             }
         }
     }
