@@ -17,7 +17,8 @@ struct Cli {
     /// Log format on stderr (filter with RUST_LOG, default `info`).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
-    /// Serve Prometheus metrics on this address (e.g. `127.0.0.1:9464`).
+    /// Serve Prometheus metrics (`/metrics`) and health (`/health/live`, `/health/ready`) on
+    /// this address (e.g. `127.0.0.1:9464`).
     #[arg(long, global = true, env = "KSCORE_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
     #[command(subcommand)]
