@@ -23,7 +23,8 @@ pub mod codec;
 pub mod extract;
 pub mod offline;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
 
 use apache_avro::Schema;
 use apache_avro::schema::RecordSchema;
@@ -435,13 +436,21 @@ fn compute(
             Aggregation::Sum => window().map(num).sum(),
             Aggregation::Mean => mean(window().map(num)),
             Aggregation::Std => {
-                let m = mean(window().map(num));
-                let n = window().count() as f64;
-                (window().map(|e| (num(e) - m).powi(2)).sum::<f64>() / n).sqrt()
+                let (s, n) = sum_count(window().map(num));
+                let m = s / n as f64;
+                (window().map(|e| (num(e) - m).powi(2)).sum::<f64>() / n as f64).sqrt()
             }
             Aggregation::Min => window().map(num).fold(f64::INFINITY, f64::min),
             Aggregation::Max => window().map(num).fold(f64::NEG_INFINITY, f64::max),
-            Aggregation::DistinctCount => window().map(cat).collect::<HashSet<u64>>().len() as f64,
+            Aggregation::DistinctCount => DISTINCT.with(|scratch| {
+                // Sorting a reused buffer: no allocation and no hashing per event.
+                let mut values = scratch.borrow_mut();
+                values.clear();
+                values.extend(window().map(cat));
+                values.sort_unstable();
+                values.dedup();
+                values.len() as f64
+            }),
             Aggregation::IsNew => {
                 let v = cat(current);
                 let seen = window()
@@ -463,8 +472,17 @@ fn compute(
     Ok(out)
 }
 
+thread_local! {
+    /// Scratch space for distinct counts, one per thread.
+    static DISTINCT: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
+}
+
+fn sum_count(xs: impl Iterator<Item = f64>) -> (f64, usize) {
+    xs.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1))
+}
+
 fn mean(xs: impl Iterator<Item = f64>) -> f64 {
-    let (s, n) = xs.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+    let (s, n) = sum_count(xs);
     s / n as f64
 }
 
