@@ -170,6 +170,8 @@ impl Restorer {
         let mut done = BTreeMap::new();
         let mut progress = Instant::now();
         while !open.is_empty() {
+            // A long restore is progress, not a stuck process.
+            crate::telemetry::health::beat();
             if progress.elapsed() > self.stall {
                 return Ok(None);
             }

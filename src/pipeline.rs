@@ -377,21 +377,7 @@ pub fn run(
         .models
         .iter()
         .zip(&batchers)
-        .map(|(m, b)| {
-            let scores: Vec<(String, String, usize)> = m
-                .scores
-                .iter()
-                .map(|s| (s.name.clone(), s.output.clone(), s.column))
-                .collect();
-            let info = b.info();
-            DriftMonitor::new(
-                &m.name,
-                &info.version,
-                &m.features,
-                &scores,
-                info.reference.as_deref(),
-            )
-        })
+        .map(|(m, b)| DriftMonitor::new(m, &b.info().version, b.info().reference.as_deref()))
         .collect();
     // Alerts are counted by rule and by the model version whose score fired them.
     let rule_labels: HashMap<String, (String, String)> = t
@@ -543,6 +529,8 @@ pub fn run(
             b.flush();
         }
         wait_scores(&results, &mut pending, outstanding, &batchers, &mut || {
+            // Waiting on slow models is the loop turning, not a stuck process.
+            health::beat();
             pressure.hold(&consumer)
         });
         if consumer.context().revoked.swap(false, Ordering::SeqCst) {
@@ -619,12 +607,27 @@ pub fn run(
                 }
                 metrics::counter!(names::CHANGELOG_RECORDS).increment(counts.changelog);
                 let now = now_ms();
+                let to_commit = metrics::histogram!(names::EVENT_TO_COMMIT_SECONDS);
                 for p in &pending {
-                    if let Outcome::Scored { event_time, .. } = &p.outcome {
+                    if let Outcome::Scored {
+                        event_time,
+                        features,
+                        scores,
+                        ..
+                    } = &p.outcome
+                    {
                         let secs = (now - event_time) as f64 / 1000.0;
-                        metrics::histogram!(names::EVENT_TO_COMMIT_SECONDS).record(secs);
+                        to_commit.record(secs);
                         reporter.latency(secs);
+                        for ((d, cols), s) in drift.iter_mut().zip(&model_columns).zip(scores) {
+                            if let Some(s) = s {
+                                d.observe(cols.iter().map(|&c| features[c]), s);
+                            }
+                        }
                     }
+                }
+                for d in &drift {
+                    d.publish();
                 }
                 metrics::counter!(names::COMMITS).increment(1);
                 metrics::histogram!(names::COMMIT_SECONDS)
@@ -643,21 +646,6 @@ pub fn run(
                 for (rule, n) in &counts.fired {
                     let (model, version) = rule_labels.get(rule).cloned().unwrap_or_default();
                     metrics::counter!(names::ALERTS, "rule" => rule.clone(), "model" => model, "version" => version).increment(*n);
-                }
-                for p in &pending {
-                    if let Outcome::Scored {
-                        features, scores, ..
-                    } = &p.outcome
-                    {
-                        for ((d, cols), s) in drift.iter_mut().zip(&model_columns).zip(scores) {
-                            if let Some(s) = s {
-                                d.observe(cols.iter().map(|&c| features[c]), s);
-                            }
-                        }
-                    }
-                }
-                for d in &drift {
-                    d.publish();
                 }
                 summary.scored += counts.scored;
                 summary.alerts += counts.alerts;
@@ -867,7 +855,7 @@ fn register_series(topic: &str, rules: &HashMap<String, (String, String)>) {
     let reasons = DecodeError::REASONS
         .iter()
         .chain(FeatureError::REASONS)
-        .chain(&[SCORING_FAILED, NON_FINITE_SCORE]);
+        .chain(&[SCORING_FAILED, NON_FINITE_SCORE, UNENCODABLE]);
     for reason in reasons {
         metrics::counter!(names::DEAD_LETTERED, "topic" => topic.to_string(), "reason" => *reason)
             .increment(0);
@@ -1142,7 +1130,7 @@ fn publish(
                         t,
                         p,
                         None,
-                        "unencodable",
+                        UNENCODABLE,
                         &e.to_string(),
                         &mut counts,
                     )?;
@@ -1306,7 +1294,6 @@ fn send_dead(
     )
 }
 
-/// A short reason label, and whether the producer must be rebuilt.
 /// Every reason [`classify`] gives.
 const ABORT_REASONS: &[&str] = &[
     "fatal",
@@ -1321,7 +1308,10 @@ const ABORT_REASONS: &[&str] = &[
 const SCORING_FAILED: &str = "scoring_failed";
 /// ... or gave a score that is not a finite number.
 const NON_FINITE_SCORE: &str = "non_finite_score";
+/// Why a scored record goes to the dead-letter topic instead: it could not be encoded.
+const UNENCODABLE: &str = "unencodable";
 
+/// A short reason label, and whether the producer must be rebuilt.
 fn classify(e: &KafkaError) -> (&'static str, bool) {
     match e {
         KafkaError::Transaction(t) if t.is_fatal() => ("fatal", true),

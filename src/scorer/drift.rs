@@ -11,6 +11,7 @@
 use metrics::{Gauge, Histogram};
 
 use crate::telemetry::metrics as names;
+use crate::topology::config::Model;
 
 /// The ONNX metadata key holding the reference, as JSON.
 pub const REFERENCE_KEY: &str = "kscore.reference";
@@ -137,19 +138,13 @@ pub struct DriftMonitor {
 }
 
 impl DriftMonitor {
-    /// For model `model` at `version`, with its input `features` and its scores as
-    /// (name, output, column); registers its series (the version's info gauge at 1, the
-    /// reference means).
-    pub fn new(
-        model: &str,
-        version: &str,
-        features: &[String],
-        scores: &[(String, String, usize)],
-        reference: Option<&Reference>,
-    ) -> Self {
-        let (m, v) = (model.to_string(), version.to_string());
+    /// For `model` (its inputs and scores as the topology lists them) at `version`; registers
+    /// its series (the version's info gauge at 1, the reference means).
+    pub fn new(model: &Model, version: &str, reference: Option<&Reference>) -> Self {
+        let (m, v) = (model.name.clone(), version.to_string());
         metrics::gauge!(names::MODEL_INFO, "model" => m.clone(), "version" => v.clone()).set(1.0);
-        let features = features
+        let features = model
+            .features
             .iter()
             .enumerate()
             .map(|(i, f)| {
@@ -161,16 +156,17 @@ impl DriftMonitor {
                 (Recent::default(), g)
             })
             .collect();
-        let scores = scores
+        let scores = model
+            .scores
             .iter()
-            .map(|(name, output, column)| {
+            .map(|spec| {
                 let labels = [
                     ("model", m.clone()),
                     ("version", v.clone()),
-                    ("score", name.clone()),
+                    ("score", spec.name.clone()),
                 ];
                 let bins = reference
-                    .and_then(|r| r.score(output, *column))
+                    .and_then(|r| r.score(&spec.output, spec.column))
                     .map(|s| Bins {
                         edges: s.edges.clone(),
                         expected: s.proportions.clone(),

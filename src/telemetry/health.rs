@@ -1,5 +1,6 @@
 //! Liveness and readiness, as the HTTP endpoints report them. The pipeline reports here:
-//! a beat each turn of its loop, its group assignment, the partitions waiting for their state
+//! a beat each turn of its loop (also while it waits on the models or restores state), its
+//! group assignment, the partitions waiting for their state
 //! to be restored, and warm model sessions. Commands that run no pipeline are live and ready.
 //!
 //! * live: the processing loop turned in the last [`STALL`] (a loop stuck in a call that never

@@ -38,7 +38,6 @@ pub fn install_exporter(addr: SocketAddr) -> Result<(), String> {
     let process = metrics_process::Collector::default();
     process.describe();
     process.collect();
-    health::report();
 
     std::thread::Builder::new()
         .name("metrics-http".into())
