@@ -21,6 +21,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::cluster::ClusterArgs;
 use crate::pipeline::{sink_config, source_config};
+use crate::sink::deliver;
 use crate::telemetry::metrics as names;
 
 /// What to copy where.
@@ -120,7 +121,7 @@ pub fn run(
             .and_then(|cgm| {
                 producer.send_offsets_to_transaction(&tpl, &cgm, Duration::from_secs(30))
             })
-            .and_then(|()| producer.commit_transaction(Duration::from_secs(60)));
+            .and_then(|()| deliver::commit_transaction(&producer, Duration::from_secs(60)));
         if let Err(e) = committed {
             // A baseline, not a product: abort, rewind and go on; a fatal error ends the run.
             tracing::warn!("passthrough transaction failed: {e}");

@@ -40,9 +40,9 @@ use crate::cluster::ClusterArgs;
 use crate::features::{FeatureError, FeatureSet, FeatureState};
 use crate::schemas;
 use crate::scorer::drift::DriftMonitor;
-use crate::sink::FramedEncoder;
 use crate::sink::output::{self, Provenance, ScoreValue};
 use crate::sink::scored::{self, ScoredEncoder};
+use crate::sink::{FramedEncoder, deliver};
 use crate::source::Decoder;
 use crate::source::decode::DecodeError;
 use crate::telemetry::health;
@@ -1182,13 +1182,13 @@ fn publish(
             .ok_or_else(|| KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownMemberId))?;
         if inject_abort {
             // Make sure the records reached the broker, so the abort is visible to readers.
-            producer.flush(Duration::from_secs(30))?;
+            deliver::flush(producer, Duration::from_secs(30))?;
             return Err(KafkaError::Canceled);
         }
         producer.send_offsets_to_transaction(&tpl, &cgm, Duration::from_secs(30))?;
-        producer.commit_transaction(Duration::from_secs(60))?;
+        deliver::commit_transaction(producer, Duration::from_secs(60))?;
     } else {
-        producer.flush(Duration::from_secs(60))?;
+        deliver::flush(producer, Duration::from_secs(60))?;
         consumer.commit(&tpl, rdkafka::consumer::CommitMode::Sync)?;
     }
     Ok(counts)
