@@ -10,6 +10,9 @@ For each of the two it measures, as separate processes:
     time = wall clock) for a while; p50/p99/max of event time (for the passthrough, the record
     timestamp, set when the simulator sends) to commit, from the process's own histogram
     (quantiles interpolated within buckets; the maximum as its bucket's upper bound).
+Every measurement starts on an emptied stack: the stand-in broker rewrites its whole log as one
+JSON file about once a second while records arrive, so its CPU cost grows with everything it
+holds, and a run would otherwise pay for the runs before it.
 Standard library only.
 """
 
@@ -33,6 +36,14 @@ PARTITIONS = 4
 
 def log(msg):
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def fresh_stack():
+    """Stops, empties and restarts the benchmark's stack (names and ports from the environment)."""
+    stack = os.path.join(ROOT, "scripts", "stack.sh")
+    for step in ["stop", "reset", "start"]:
+        subprocess.run([stack, step], check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
 
 
 def simulate(topic, count, rate=None, seed=7):
@@ -150,6 +161,7 @@ def stop(proc):
 
 
 def throughput(kind, directory, events, port):
+    fresh_stack()
     run = uuid.uuid4().hex[:8]
     topic = f"bench-{kind}-{run}"
     sim = simulate(topic, events)
@@ -185,6 +197,7 @@ def throughput(kind, directory, events, port):
 
 
 def latency(kind, directory, rate, seconds, port):
+    fresh_stack()
     run = uuid.uuid4().hex[:8]
     topic = f"lat-{kind}-{run}"
     # Create the topic first, so the process is running and caught up before paced input.
@@ -218,6 +231,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--latency-seconds", type=int, default=20)
+    parser.add_argument("--latency-rate", type=int,
+                        help="events/s for the latency runs (default: half the processor's "
+                             "backlog throughput)")
     parser.add_argument("--port", type=int, default=9470)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
@@ -226,7 +242,7 @@ def main():
     results = {}
     for kind in ["passthrough", "processor"]:
         results[kind] = {"throughput": throughput(kind, directory, args.events, args.port)}
-    half = round(results["processor"]["throughput"]["events_per_s"] / 2)
+    half = args.latency_rate or round(results["processor"]["throughput"]["events_per_s"] / 2)
     for kind in ["passthrough", "processor"]:
         results[kind]["latency"] = latency(kind, directory, half, args.latency_seconds, args.port)
     p, b = results["processor"], results["passthrough"]

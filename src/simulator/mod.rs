@@ -155,8 +155,12 @@ pub async fn run(
     args: &SimulateArgs,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<SimulateSummary> {
-    let cfg = args.sim_config(now_ms()).map_err(anyhow::Error::msg)?;
-    let sim = Simulator::new(cfg).map_err(anyhow::Error::msg)?;
+    let new_sim = || -> anyhow::Result<Simulator> {
+        let cfg = args.sim_config(now_ms()).map_err(anyhow::Error::msg)?;
+        Simulator::new(cfg).map_err(anyhow::Error::msg)
+    };
+    // Checks the options before anything touches the cluster.
+    let sim = new_sim()?;
     if let Some(path) = &args.output_file {
         let (args, path) = (args.clone(), path.clone());
         return tokio::task::spawn_blocking(move || write_file(sim, &args, &path, &stop)).await?;
@@ -180,6 +184,10 @@ pub async fn run(
     let deliveries = Arc::new(Deliveries::default());
     let producer: ThreadedProducer<DeliveryCounter> =
         config.create_with_context(DeliveryCounter(deliveries.clone()))?;
+    // Made again now that the producer is ready: with `--rate` the first event time is `now`,
+    // and paced events are released when the wall clock reaches their event time, not later by
+    // however long the set-up above took.
+    let sim = new_sim()?;
     let args = args.clone();
     let summary = tokio::task::spawn_blocking(move || {
         produce(sim, &args, &encoder, &producer, &deliveries, &stop)
