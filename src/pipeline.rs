@@ -1064,6 +1064,8 @@ fn publish(
             })
         })
         .collect();
+    // Filled in per event: names and versions are not copied for every record.
+    let mut values: Vec<ScoreValue> = templates.iter().map(|(_, _, t)| t.clone()).collect();
     let mut buf = Vec::with_capacity(1024);
     for p in pending {
         match &p.outcome {
@@ -1075,16 +1077,12 @@ fn publish(
                 scores,
                 ..
             } => {
-                let values: Vec<ScoreValue> = templates
-                    .iter()
-                    .map(|(m, i, template)| ScoreValue {
-                        value: scores
-                            .get(*m)
-                            .and_then(|got| got.as_ref()?.get(*i).copied())
-                            .unwrap_or(f64::NAN),
-                        ..template.clone()
-                    })
-                    .collect();
+                for ((m, i, _), v) in templates.iter().zip(&mut values) {
+                    v.value = scores
+                        .get(*m)
+                        .and_then(|got| got.as_ref()?.get(*i).copied())
+                        .unwrap_or(f64::NAN);
+                }
                 if let Some(bad) = values.iter().find(|v| !v.value.is_finite()) {
                     let error = format!("score {} is not a finite number", bad.qualified);
                     send_dead(
