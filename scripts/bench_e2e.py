@@ -9,7 +9,8 @@ For each of the two it measures, as separate processes:
   * latency: the same process fed at half the processor's maximum rate (paced simulator, event
     time = wall clock) for a while; p50/p99/max of event time (for the passthrough, the record
     timestamp, set when the simulator sends) to commit, from the process's own histogram
-    (quantiles interpolated within buckets; the maximum as its bucket's upper bound).
+    (quantiles interpolated within buckets; the maximum as its bucket's upper bound), and the
+    share of a core the broker used meanwhile.
 Every measurement starts on an emptied stack: the stand-in broker rewrites its whole log as one
 JSON file about once a second while records arrive, so its CPU cost grows with everything it
 holds, and a run would otherwise pay for the runs before it.
@@ -44,6 +45,17 @@ def fresh_stack():
     for step in ["stop", "reset", "start"]:
         subprocess.run([stack, step], check=True, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
+
+
+def broker_cpu_seconds():
+    """CPU seconds the stack's broker has used (it shares the two cores with everything else)."""
+    stack = os.environ.get("KSCORE_STACK_DIR", os.path.join(ROOT, ".local"))
+    name = os.environ.get("KSCORE_STACK_NAME", "default")
+    try:
+        pid = int(open(os.path.join(stack, name, "run", "broker.pid")).read().strip())
+        return cpu_seconds(pid)
+    except (OSError, ValueError):
+        return float("nan")
 
 
 def simulate(topic, count, rate=None, seed=7):
@@ -176,14 +188,15 @@ def throughput(kind, directory, events, port):
             sys.exit(f"{kind} exited early; see {directory}")
         n = consumed(scrape(port))
         if n > 0 and first is None:
-            first = (time.time(), n, cpu_seconds(proc.pid))
+            first = (time.time(), n, cpu_seconds(proc.pid), broker_cpu_seconds())
         if n >= events:
-            end = (time.time(), cpu_seconds(proc.pid), peak_rss_mib(proc.pid))
+            end = (time.time(), cpu_seconds(proc.pid), peak_rss_mib(proc.pid),
+                   broker_cpu_seconds())
             break
     else:
         sys.exit(f"{kind} did not finish")
     stop(proc)
-    t0, n0, cpu0 = first
+    t0, n0, cpu0, broker0 = first
     seconds = end[0] - t0
     result = {
         "events": events,
@@ -191,6 +204,7 @@ def throughput(kind, directory, events, port):
         "cpu_s": end[1],
         "cpu_s_per_1M_events": (end[1] - cpu0) / (events - n0) * 1e6,
         "peak_rss_mib": end[2],
+        "broker_cpu_s_per_1M_events": (end[3] - broker0) / (events - n0) * 1e6,
     }
     log(f"{kind} throughput: {json.dumps(result)}")
     return result
@@ -209,12 +223,14 @@ def latency(kind, directory, rate, seconds, port):
         if proc.poll() is not None:
             sys.exit(f"{kind} exited early; see {directory}")
     count = int(rate * seconds)
+    broker0, started = broker_cpu_seconds(), time.time()
     sim = simulate(topic, count, rate=rate, seed=8)
     sim.wait()
     deadline = time.time() + 120
     while consumed(scrape(port)) < count + 1 and time.time() < deadline:
         time.sleep(0.2)
     m = scrape(port)
+    broker = (broker_cpu_seconds() - broker0) / (time.time() - started)
     stop(proc)
     result = {
         "rate": rate,
@@ -222,6 +238,7 @@ def latency(kind, directory, rate, seconds, port):
         "p50_ms": 1000 * (quantile(m, 0.5) or float("nan")),
         "p99_ms": 1000 * (quantile(m, 0.99) or float("nan")),
         "max_ms_at_most": 1000 * (max_bound(m) or float("nan")),
+        "broker_cpu_share": broker,
     }
     log(f"{kind} latency: {json.dumps(result)}")
     return result
@@ -247,13 +264,14 @@ def main():
         results[kind]["latency"] = latency(kind, directory, half, args.latency_seconds, args.port)
     p, b = results["processor"], results["passthrough"]
     print()
-    print(f"{'':14}{'events/s':>10}{'CPU s/1M ev':>13}{'peak RSS MiB':>14}"
-          f"{'rate/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'max ≤ ms':>9}")
+    print(f"{'':14}{'events/s':>10}{'CPU s/1M ev':>13}{'broker s/1M':>13}{'peak RSS MiB':>14}"
+          f"{'rate/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'max ≤ ms':>9}{'broker CPU':>12}")
     for name, r in [("passthrough", b), ("processor", p)]:
         t, l = r["throughput"], r["latency"]
         print(f"{name:14}{t['events_per_s']:>10.0f}{t['cpu_s_per_1M_events']:>13.1f}"
+              f"{t['broker_cpu_s_per_1M_events']:>13.1f}"
               f"{t['peak_rss_mib']:>14.0f}{l['rate']:>9}{l['p50_ms']:>8.0f}{l['p99_ms']:>8.0f}"
-              f"{l['max_ms_at_most']:>9.0f}")
+              f"{l['max_ms_at_most']:>9.0f}{l['broker_cpu_share']:>11.0%}")
     ratio = p["throughput"]["events_per_s"] / b["throughput"]["events_per_s"]
     print(f"\nprocessor / passthrough throughput: {ratio:.2f} "
           f"({args.events} events, exactly-once, commit interval 100 ms, 4 partitions)")
