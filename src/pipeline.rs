@@ -787,11 +787,11 @@ fn restore_assigned(
                      continuing from the changelog's offset (to reprocess from an earlier \
                      offset, delete the changelog topic as well)"
                 );
-                metrics::counter!(names::STATE_RESTORE_GAPS, "reason" => "offsets_behind")
+                metrics::counter!(names::STATE_RESTORE_GAPS, "reason" => GAP_OFFSETS_BEHIND)
                     .increment(1);
                 seek_to.push((p, next));
             } else if found != want {
-                let reason = if ahead { "ahead" } else { "behind" };
+                let reason = if ahead { GAP_AHEAD } else { GAP_BEHIND };
                 tracing::warn!(
                     partition = p,
                     changelog_offset = ?found,
@@ -803,7 +803,7 @@ fn restore_assigned(
                 metrics::counter!(names::STATE_RESTORE_GAPS, "reason" => reason).increment(1);
             }
             if r.unreadable > 0 {
-                metrics::counter!(names::STATE_RESTORE_GAPS, "reason" => "unreadable")
+                metrics::counter!(names::STATE_RESTORE_GAPS, "reason" => GAP_UNREADABLE)
                     .increment(r.unreadable);
             }
             records += r.records;
@@ -867,8 +867,8 @@ fn register_series(topic: &str, rules: &HashMap<String, (String, String)>) {
         metrics::counter!(names::ALERTS, "rule" => rule.clone(), "model" => model.clone(), "version" => version.clone())
             .increment(0);
     }
-    for reason in ["behind", "ahead", "offsets_behind", "unreadable"] {
-        metrics::counter!(names::STATE_RESTORE_GAPS, "reason" => reason).increment(0);
+    for reason in GAP_REASONS {
+        metrics::counter!(names::STATE_RESTORE_GAPS, "reason" => *reason).increment(0);
     }
     for kind in ["assign", "revoke"] {
         metrics::counter!(names::REBALANCES, "kind" => kind).increment(0);
@@ -1292,15 +1292,34 @@ fn send_dead(
     )
 }
 
+// Why a cycle was aborted, as `classify` labels it: a fatal transactional error (the producer is
+// rebuilt), an abortable one, another transactional error, a failed produce, an injected abort
+// (tests), anything else.
+const ABORT_FATAL: &str = "fatal";
+const ABORT_ABORTABLE: &str = "abortable";
+const ABORT_TRANSACTION: &str = "transaction";
+const ABORT_PRODUCE: &str = "produce";
+const ABORT_INJECTED: &str = "injected";
+const ABORT_OTHER: &str = "other";
 /// Every reason [`classify`] gives.
 const ABORT_REASONS: &[&str] = &[
-    "fatal",
-    "abortable",
-    "transaction",
-    "produce",
-    "injected",
-    "other",
+    ABORT_FATAL,
+    ABORT_ABORTABLE,
+    ABORT_TRANSACTION,
+    ABORT_PRODUCE,
+    ABORT_INJECTED,
+    ABORT_OTHER,
 ];
+
+// Why a restored partition's state does not match the group's committed offset: the changelog
+// is behind it or ahead of it, the offsets are behind the changelog under exactly-once (the
+// changelog wins), or some changelog records could not be read.
+const GAP_BEHIND: &str = "behind";
+const GAP_AHEAD: &str = "ahead";
+const GAP_OFFSETS_BEHIND: &str = "offsets_behind";
+const GAP_UNREADABLE: &str = "unreadable";
+/// Every restore-gap reason.
+const GAP_REASONS: &[&str] = &[GAP_BEHIND, GAP_AHEAD, GAP_OFFSETS_BEHIND, GAP_UNREADABLE];
 
 /// Why a model's rows go to the dead-letter topic: the model failed on their batch...
 const SCORING_FAILED: &str = "scoring_failed";
@@ -1312,12 +1331,12 @@ const UNENCODABLE: &str = "unencodable";
 /// A short reason label, and whether the producer must be rebuilt.
 fn classify(e: &KafkaError) -> (&'static str, bool) {
     match e {
-        KafkaError::Transaction(t) if t.is_fatal() => ("fatal", true),
-        KafkaError::Transaction(t) if t.txn_requires_abort() => ("abortable", false),
-        KafkaError::Transaction(_) => ("transaction", false),
-        KafkaError::MessageProduction(_) => ("produce", false),
-        KafkaError::Canceled => ("injected", false),
-        _ => ("other", false),
+        KafkaError::Transaction(t) if t.is_fatal() => (ABORT_FATAL, true),
+        KafkaError::Transaction(t) if t.txn_requires_abort() => (ABORT_ABORTABLE, false),
+        KafkaError::Transaction(_) => (ABORT_TRANSACTION, false),
+        KafkaError::MessageProduction(_) => (ABORT_PRODUCE, false),
+        KafkaError::Canceled => (ABORT_INJECTED, false),
+        _ => (ABORT_OTHER, false),
     }
 }
 

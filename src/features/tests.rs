@@ -430,3 +430,27 @@ fn a_malformed_or_foreign_changelog_value_is_an_error_not_a_panic() {
     );
     assert_eq!(fresh.keys(), 0);
 }
+
+/// `REASONS` (registered at 0 for the dashboards) is exactly what `reason` gives.
+#[test]
+fn every_feature_reason_is_listed_and_every_listed_reason_occurs() {
+    let wrong = || ExtractError::WrongType {
+        field: "amount".into(),
+        found: "string".into(),
+    };
+    let errors = [
+        FeatureError::Key(ExtractError::Missing("card_id".into())),
+        FeatureError::Key(wrong()),
+        FeatureError::EventTime(ExtractError::Missing("event_time".into())),
+        FeatureError::EventTime(wrong()),
+        FeatureError::Extract(ExtractError::NotARecord),
+        FeatureError::Extract(ExtractError::Missing("amount".into())),
+        FeatureError::Extract(wrong()),
+        FeatureError::Extract(ExtractError::NotFinite("amount".into())),
+        FeatureError::NotFinite("mean_7d".into()),
+    ];
+    let given: HashSet<&str> = errors.iter().map(FeatureError::reason).collect();
+    let listed: HashSet<&str> = FeatureError::REASONS.iter().copied().collect();
+    assert_eq!(given, listed);
+    assert_eq!(listed.len(), FeatureError::REASONS.len(), "listed twice");
+}

@@ -198,3 +198,42 @@ impl Decoder {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// `REASONS` (registered at 0 for the dashboards) is exactly what `reason` gives.
+    #[test]
+    fn every_reason_is_listed_and_every_listed_reason_occurs() {
+        let errors = [
+            DecodeError::Frame(FrameError::Missing),
+            DecodeError::Frame(FrameError::TooShort(3)),
+            DecodeError::Frame(FrameError::BadMagic(7)),
+            DecodeError::Schema {
+                id: 1,
+                reason: "404".into(),
+                retriable: false,
+            },
+            DecodeError::Schema {
+                id: 1,
+                reason: "503".into(),
+                retriable: true,
+            },
+            DecodeError::Incompatible {
+                id: 1,
+                reason: "no field".into(),
+            },
+            DecodeError::Datum {
+                id: 1,
+                reason: "eof".into(),
+            },
+        ];
+        let given: BTreeSet<&str> = errors.iter().map(DecodeError::reason).collect();
+        let listed: BTreeSet<&str> = DecodeError::REASONS.iter().copied().collect();
+        assert_eq!(given, listed);
+        assert_eq!(listed.len(), DecodeError::REASONS.len(), "listed twice");
+    }
+}
