@@ -117,11 +117,30 @@ pub fn source_config(
         .set("enable.auto.offset.store", "false")
         .set("isolation.level", "read_committed")
         .set("auto.offset.reset", "earliest")
-        .set("statistics.interval.ms", "5000")
-        // A fetch waits at most this long for data: well under the commit interval, so a quiet
-        // partition does not hold events back (librdkafka's default is 500 ms).
-        .set("fetch.wait.max.ms", "100");
+        .set("statistics.interval.ms", "5000");
+    tune(
+        &mut cfg,
+        &[
+            // A fetch waits at most this long for data: well under the commit interval, so a
+            // quiet partition does not hold events back (librdkafka's default is 500 ms).
+            ("fetch.wait.max.ms", "100"),
+            // Prefetch per partition: a cycle takes at most 20,000 records, and librdkafka's
+            // default of 100,000 kept its broker thread fetching twice as hard (measured:
+            // 1.6 -> 0.7 CPU-s for a 200,000-event backlog) and holds more memory.
+            ("queued.min.messages", "20000"),
+        ],
+    );
     Ok(cfg)
+}
+
+/// Sets performance settings the operator has not set (`-X` or the properties file win);
+/// settings the guarantees depend on are set unconditionally by the callers instead.
+fn tune(cfg: &mut ClientConfig, defaults: &[(&str, &str)]) {
+    for (key, value) in defaults {
+        if cfg.get(key).is_none() {
+            cfg.set(*key, *value);
+        }
+    }
 }
 
 /// The output producer's settings: idempotent, and transactional with `transactional_id`.
@@ -131,8 +150,9 @@ pub fn sink_config(
 ) -> anyhow::Result<ClientConfig> {
     let mut cfg = cluster.client_config()?;
     cfg.set("enable.idempotence", "true")
-        .set("linger.ms", "5")
+        // Same partition for a key as Java clients' default partitioner.
         .set("partitioner", "murmur2_random");
+    tune(&mut cfg, &[("linger.ms", "5")]);
     if let Some(id) = transactional_id {
         cfg.set("transactional.id", id)
             .set("transaction.timeout.ms", "60000");
