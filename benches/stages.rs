@@ -37,6 +37,10 @@ struct Fixture {
     values: Vec<Value>,
 }
 
+/// Events per partition between two commits, as the pipeline checkpoints feature state: about
+/// a 100 ms cycle of a backlog over 4 partitions. A checkpoint starts a new undo log.
+const CYCLE: usize = 1024;
+
 fn fixture() -> Fixture {
     runtime::init(None).expect("ONNX Runtime: set ORT_DYLIB_PATH");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
@@ -156,9 +160,45 @@ fn stages(c: &mut Criterion) {
         b.iter_batched(
             FeatureState::default,
             |mut state| {
-                for v in &f.values {
+                for (i, v) in f.values.iter().enumerate() {
                     let e = f.set.extract(v).expect("extract");
                     state.update(&f.set, e).expect("features");
+                    if i % CYCLE == CYCLE - 1 {
+                        state.checkpoint();
+                    }
+                }
+                state
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    // Keys with a long history, as a card has after weeks in production: 2,000 cards, each seen
+    // every 5 minutes, so a key holds ~50 events when the measured 20,000 arrive.
+    let (warm, rest) = {
+        let mut events = Simulator::new(SimConfig {
+            cards: 2_000,
+            events_per_sec: 6.7,
+            ..SimConfig::default()
+        })
+        .expect("sim")
+        .take(100_000 + N)
+        .map(|(p, _)| f.set.extract(&p.to_value()).expect("extract"));
+        let mut warm = FeatureState::default();
+        for e in events.by_ref().take(100_000) {
+            warm.update(&f.set, e).expect("features");
+        }
+        warm.checkpoint();
+        (warm, events.collect::<Vec<_>>())
+    };
+    g.bench_function("features_long_history", |b| {
+        b.iter_batched(
+            || (warm.clone(), rest.clone()),
+            |(mut state, events)| {
+                for (i, e) in events.into_iter().enumerate() {
+                    state.update(&f.set, e).expect("features");
+                    if i % CYCLE == CYCLE - 1 {
+                        state.checkpoint();
+                    }
                 }
                 state
             },
@@ -246,7 +286,10 @@ fn stages(c: &mut Criterion) {
         b.iter_batched(
             FeatureState::default,
             |mut state| {
-                for frames in f.frames.chunks(batch) {
+                for (n, frames) in f.frames.chunks(batch).enumerate() {
+                    if n % (CYCLE / batch) == 0 {
+                        state.checkpoint();
+                    }
                     let mut events = Vec::with_capacity(batch);
                     let mut feats = Vec::with_capacity(batch);
                     for fr in frames {

@@ -234,6 +234,20 @@ struct KeyState {
     newest: i64,
 }
 
+/// How to take a key back to the last checkpoint. Events added since carry a `seq` at or above
+/// the checkpoint's and are dropped; events the checkpoint had that were trimmed or evicted
+/// since are kept here, oldest first (they left from the front, so they all sort before the
+/// key's remaining events). Nothing of the key's history is copied on its first change.
+#[derive(Debug, Clone, PartialEq)]
+struct Undo {
+    /// Whether the key existed at the checkpoint.
+    existed: bool,
+    /// Its `newest` then.
+    newest: i64,
+    /// Its events removed since, oldest first.
+    removed: Vec<Stored>,
+}
+
 /// Feature state of one partition: every key's recent events, and an undo log of the keys
 /// changed since the last [`FeatureState::checkpoint`], so an aborted transaction can take its
 /// changes back ([`FeatureState::rollback`]) and a commit can changelog exactly those keys
@@ -244,8 +258,8 @@ pub struct FeatureState {
     seq: u64,
     watermark: i64,
     since_sweep: u64,
-    /// Key → its state at the last checkpoint (`None`: it did not exist).
-    undo: HashMap<String, Option<KeyState>>,
+    /// Keys changed since the last checkpoint, and how to take each back.
+    undo: HashMap<String, Undo>,
     at_checkpoint: (u64, i64, u64),
     /// The next input offset of the last commit this state belongs to (`None`: none yet).
     committed_next: Option<i64>,
@@ -287,15 +301,18 @@ impl FeatureState {
 
     /// Takes back every change since the last checkpoint.
     pub fn rollback(&mut self) {
-        for (key, original) in self.undo.drain() {
-            match original {
-                Some(s) => {
-                    self.keys.insert(key, s);
-                }
-                None => {
-                    self.keys.remove(&key);
-                }
+        let checkpoint_seq = self.at_checkpoint.0;
+        for (key, undo) in self.undo.drain() {
+            if !undo.existed {
+                self.keys.remove(&key);
+                continue;
             }
+            let state = self.keys.entry(key).or_default();
+            state.events.retain(|e| e.seq < checkpoint_seq);
+            for (i, e) in undo.removed.into_iter().enumerate() {
+                state.events.insert(i, e);
+            }
+            state.newest = undo.newest;
         }
         (self.seq, self.watermark, self.since_sweep) = self.at_checkpoint;
     }
@@ -326,8 +343,15 @@ impl FeatureState {
             cats,
         } = event;
         if !self.undo.contains_key(&key) {
-            self.undo.insert(key.clone(), self.keys.get(&key).cloned());
+            let at_checkpoint = self.keys.get(&key);
+            let undo = Undo {
+                existed: at_checkpoint.is_some(),
+                newest: at_checkpoint.map_or(0, |s| s.newest),
+                removed: Vec::new(),
+            };
+            self.undo.insert(key.clone(), undo);
         }
+        let checkpoint_seq = self.at_checkpoint.0;
         let mut fresh = None;
         let state = match self.keys.get_mut(&key) {
             Some(s) => s,
@@ -355,11 +379,18 @@ impl FeatureState {
         state.newest = state.newest.max(t);
         // Trim: outside the longest window of the newest event, and over the cap.
         let horizon = state.newest.saturating_sub(set.max_window_ms);
+        let mut trimmed = Vec::new();
         while state.events.front().is_some_and(|e| e.time <= horizon) && state.events.len() > 1 {
-            state.events.pop_front();
+            trimmed.extend(state.events.pop_front());
         }
         while state.events.len() > set.limits.max_events_per_key {
-            state.events.pop_front();
+            trimmed.extend(state.events.pop_front());
+        }
+        if !trimmed.is_empty()
+            && let Some(undo) = self.undo.get_mut(&key)
+        {
+            undo.removed
+                .extend(trimmed.into_iter().filter(|e| e.seq < checkpoint_seq));
         }
         if let Some(s) = fresh {
             self.keys.insert(key, s);
@@ -377,11 +408,20 @@ impl FeatureState {
         self.since_sweep = 0;
         let ttl = set.limits.idle_key_ttl.as_millis() as i64;
         let cutoff = self.watermark.saturating_sub(ttl);
+        let checkpoint_seq = self.at_checkpoint.0;
         let undo = &mut self.undo;
         self.keys.retain(|key, k| {
             let keep = k.newest >= cutoff;
-            if !keep && !undo.contains_key(key) {
-                undo.insert(key.clone(), Some(k.clone()));
+            if !keep {
+                let entry = undo.entry(key.clone()).or_insert_with(|| Undo {
+                    existed: true,
+                    newest: k.newest,
+                    removed: Vec::new(),
+                });
+                let events = std::mem::take(&mut k.events);
+                entry
+                    .removed
+                    .extend(events.into_iter().filter(|e| e.seq < checkpoint_seq));
             }
             keep
         });

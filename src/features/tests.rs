@@ -454,3 +454,51 @@ fn every_feature_reason_is_listed_and_every_listed_reason_occurs() {
     assert_eq!(given, listed);
     assert_eq!(listed.len(), FeatureError::REASONS.len(), "listed twice");
 }
+
+/// Rolling back restores the checkpoint's state exactly, also when the cycle trimmed keys to
+/// their cap, evicted idle keys, brought them back and held late events.
+#[test]
+fn rollback_restores_the_checkpoint_through_trims_evictions_and_late_events() {
+    let set =
+        feature_set(&TOPOLOGY.replace("max_events_per_key = 100000", "max_events_per_key = 3"));
+    let mut events: Vec<Payment> = Simulator::new(SimConfig {
+        cards: 30,
+        events_per_sec: 0.01,
+        ..SimConfig::default()
+    })
+    .expect("sim")
+    .take(2_000)
+    .map(|(p, _)| p)
+    .collect();
+    // Every 7th event arrives an hour late.
+    for e in events.iter_mut().step_by(7) {
+        e.event_time -= 3_600_000;
+    }
+    let feed = |state: &mut FeatureState, range: std::ops::Range<usize>| {
+        for i in range {
+            state
+                .update(&set, set.extract(&events[i].to_value()).expect("extract"))
+                .expect("features");
+        }
+    };
+    let mut state = FeatureState::default();
+    let mut evicted = 0;
+    for (n, start) in (0..2_000).step_by(200).enumerate() {
+        state.checkpoint();
+        let at_checkpoint = state.clone();
+        // A cycle that is rolled back: trims (cap 3), a sweep half way (2 h idle TTL).
+        feed(&mut state, start..start + 100);
+        let before_sweep = state.keys();
+        state.sweep(&set);
+        evicted += before_sweep - state.keys();
+        feed(&mut state, start + 100..start + 200);
+        state.rollback();
+        assert_eq!(state, at_checkpoint, "cycle {n} not taken back");
+        // The same cycle again, kept.
+        feed(&mut state, start..start + 200);
+    }
+    assert!(
+        evicted > 0,
+        "the test needs evictions inside a rolled-back cycle"
+    );
+}
