@@ -446,13 +446,11 @@ fn compute(
             Source::Cat(i) => e.cats[i],
             _ => 0,
         };
-        // The window: events[start..=pos] with time > t - window.
+        // The window: events[start..=pos] with time > t - window. Events are sorted by time
+        // and none after `pos` is older than `t`, so a binary search finds its start.
         let window = || {
             let from = t.saturating_sub(spec.window_ms);
-            let start = events
-                .range(..pos)
-                .rposition(|e| e.time <= from)
-                .map_or(0, |i| i + 1);
+            let start = events.partition_point(|e| e.time <= from).min(pos);
             events.range(start..=pos)
         };
         let x = match spec.aggregation {
