@@ -1066,26 +1066,26 @@ fn publish(
     }
     let now = now_ms();
     let mut counts = Counts::default();
-    // What every event's scores are, bar the values: (model index, score index, template).
-    let templates: Vec<(usize, usize, ScoreValue)> = t
+    // Every event's scores, bar the values, which are filled in per event (names and versions
+    // are not copied for every record); `slots` says where each value comes from: (model
+    // index, score index).
+    let (slots, mut values): (Vec<(usize, usize)>, Vec<ScoreValue>) = t
         .models
         .iter()
         .enumerate()
         .flat_map(|(m, model)| {
             model.scores.iter().enumerate().map(move |(i, spec)| {
-                let template = ScoreValue {
+                let value = ScoreValue {
                     model: model.name.clone(),
                     version: versions[m].clone(),
                     score: spec.name.clone(),
                     qualified: format!("{}.{}", model.name, spec.name),
                     value: f64::NAN,
                 };
-                (m, i, template)
+                ((m, i), value)
             })
         })
-        .collect();
-    // Filled in per event: names and versions are not copied for every record.
-    let mut values: Vec<ScoreValue> = templates.iter().map(|(_, _, t)| t.clone()).collect();
+        .unzip();
     let mut buf = Vec::with_capacity(1024);
     for p in pending {
         match &p.outcome {
@@ -1097,7 +1097,7 @@ fn publish(
                 scores,
                 ..
             } => {
-                for ((m, i, _), v) in templates.iter().zip(&mut values) {
+                for ((m, i), v) in slots.iter().zip(&mut values) {
                     v.value = scores
                         .get(*m)
                         .and_then(|got| got.as_ref()?.get(*i).copied())

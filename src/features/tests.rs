@@ -84,6 +84,19 @@ scored_topic = "s"
 dead_letter_topic = "d"
 "#;
 
+/// `n` simulated payments over `cards` cards, `events_per_sec` in event time.
+fn payments(cards: usize, events_per_sec: f64, n: usize) -> Vec<Payment> {
+    Simulator::new(SimConfig {
+        cards,
+        events_per_sec,
+        ..SimConfig::default()
+    })
+    .expect("sim")
+    .take(n)
+    .map(|(p, _)| p)
+    .collect()
+}
+
 fn feature_set(toml: &str) -> FeatureSet {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(
@@ -272,15 +285,7 @@ fn a_non_finite_feature_is_an_error_and_leaves_state_unchanged() {
 #[test]
 fn rollback_takes_back_everything_since_the_checkpoint() {
     let set = feature_set(TOPOLOGY);
-    let events: Vec<Payment> = Simulator::new(SimConfig {
-        cards: 5,
-        events_per_sec: 0.05,
-        ..SimConfig::default()
-    })
-    .expect("sim")
-    .take(40)
-    .map(|(p, _)| p)
-    .collect();
+    let events = payments(5, 0.05, 40);
     let run = |state: &mut FeatureState, range: std::ops::Range<usize>| -> Vec<Vec<f64>> {
         range
             .map(|i| {
@@ -325,15 +330,7 @@ fn state_restored_from_its_changelog_equals_the_committed_state_and_computes_the
     // evictions (tombstones) as well as updates.
     let set =
         feature_set(&TOPOLOGY.replace("max_events_per_key = 100000", "max_events_per_key = 3"));
-    let events: Vec<Payment> = Simulator::new(SimConfig {
-        cards: 30,
-        events_per_sec: 0.01,
-        ..SimConfig::default()
-    })
-    .expect("sim")
-    .take(3_000)
-    .map(|(p, _)| p)
-    .collect();
+    let events = payments(30, 0.01, 3_000);
     let feed = |state: &mut FeatureState, range: std::ops::Range<usize>| -> Vec<Vec<f64>> {
         range
             .map(|i| {
@@ -461,15 +458,7 @@ fn every_feature_reason_is_listed_and_every_listed_reason_occurs() {
 fn rollback_restores_the_checkpoint_through_trims_evictions_and_late_events() {
     let set =
         feature_set(&TOPOLOGY.replace("max_events_per_key = 100000", "max_events_per_key = 3"));
-    let mut events: Vec<Payment> = Simulator::new(SimConfig {
-        cards: 30,
-        events_per_sec: 0.01,
-        ..SimConfig::default()
-    })
-    .expect("sim")
-    .take(2_000)
-    .map(|(p, _)| p)
-    .collect();
+    let mut events = payments(30, 0.01, 2_000);
     // Every 7th event arrives an hour late.
     for e in events.iter_mut().step_by(7) {
         e.event_time -= 3_600_000;
