@@ -88,7 +88,8 @@ struct Spec {
     aggregation: Aggregation,
     source: Source,
     other: Source,
-    window_ms: i64,
+    /// Index of the feature's window length in [`FeatureSet::windows`].
+    window: usize,
     equals_num: Option<f64>,
     equals_cat: Option<u64>,
     default: f64,
@@ -98,6 +99,9 @@ struct Spec {
 #[derive(Debug, Clone)]
 pub struct FeatureSet {
     specs: Vec<Spec>,
+    /// The distinct window lengths (ms) of the specs: each window's start is found once per
+    /// event, not once per feature.
+    windows: Vec<i64>,
     /// (field name, position in the reader record) for numeric and categorical inputs.
     num_fields: Vec<(String, usize)>,
     cat_fields: Vec<(String, usize)>,
@@ -131,6 +135,7 @@ impl FeatureSet {
         let mut num_fields = Vec::new();
         let mut cat_fields = Vec::new();
         let mut specs = Vec::new();
+        let mut windows: Vec<i64> = Vec::new();
         let mut max_window_ms = 0;
         for f in &topology.features {
             let a = f.aggregation;
@@ -153,12 +158,19 @@ impl FeatureSet {
             };
             let window_ms = f.window.map_or(0, |w| w.as_millis() as i64);
             max_window_ms = max_window_ms.max(window_ms);
+            let window = windows
+                .iter()
+                .position(|&w| w == window_ms)
+                .unwrap_or_else(|| {
+                    windows.push(window_ms);
+                    windows.len() - 1
+                });
             specs.push(Spec {
                 name: f.name.clone(),
                 aggregation: a,
                 source,
                 other,
-                window_ms,
+                window,
                 equals_num: f.equals.as_deref().and_then(|e| e.parse().ok()),
                 equals_cat: f.equals.as_deref().map(extract::hash_str),
                 default: f.default.unwrap_or(-1.0),
@@ -168,6 +180,7 @@ impl FeatureSet {
         let time = &topology.input.event_time_field;
         FeatureSet {
             specs,
+            windows,
             num_fields,
             cat_fields,
             key_field: (key.clone(), position(schema, key)),
@@ -436,6 +449,16 @@ fn compute(
     let current = &events[pos];
     let t = current.time;
     let idle_ms = set.limits.idle_key_ttl.as_millis() as i64;
+    // Each window is events[start..=pos] with time > t - window. Events are sorted by time and
+    // none after `pos` is older than `t`, so a binary search finds its start.
+    let starts: Vec<usize> = set
+        .windows
+        .iter()
+        .map(|w| {
+            let from = t.saturating_sub(*w);
+            events.partition_point(|e| e.time <= from).min(pos)
+        })
+        .collect();
     let mut out = Vec::with_capacity(set.specs.len());
     for spec in &set.specs {
         let num = |e: &Stored| match spec.source {
@@ -446,13 +469,8 @@ fn compute(
             Source::Cat(i) => e.cats[i],
             _ => 0,
         };
-        // The window: events[start..=pos] with time > t - window. Events are sorted by time
-        // and none after `pos` is older than `t`, so a binary search finds its start.
-        let window = || {
-            let from = t.saturating_sub(spec.window_ms);
-            let start = events.partition_point(|e| e.time <= from).min(pos);
-            events.range(start..=pos)
-        };
+        let start = starts[spec.window];
+        let window = || events.range(start..=pos);
         let x = match spec.aggregation {
             Aggregation::Value => num(current),
             Aggregation::Equals => {
@@ -480,6 +498,18 @@ fn compute(
             }
             Aggregation::Min => window().map(num).fold(f64::INFINITY, f64::min),
             Aggregation::Max => window().map(num).fold(f64::NEG_INFINITY, f64::max),
+            Aggregation::DistinctCount if pos + 1 - start <= SMALL_WINDOW => {
+                // A few values: count those not seen earlier in the window, on the stack.
+                let mut seen = [0u64; SMALL_WINDOW];
+                let mut n = 0;
+                for v in window().map(cat) {
+                    if !seen[..n].contains(&v) {
+                        seen[n] = v;
+                        n += 1;
+                    }
+                }
+                n as f64
+            }
             Aggregation::DistinctCount => DISTINCT.with(|scratch| {
                 // Sorting a reused buffer: no allocation and no hashing per event.
                 let mut values = scratch.borrow_mut();
@@ -509,6 +539,9 @@ fn compute(
     }
     Ok(out)
 }
+
+/// Windows up to this many events count distinct values by comparing each with those before it.
+const SMALL_WINDOW: usize = 16;
 
 thread_local! {
     /// Scratch space for distinct counts, one per thread.
