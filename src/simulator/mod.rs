@@ -14,13 +14,13 @@ use std::time::{Duration, Instant};
 use rdkafka::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::DeliveryResult;
-use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, ProducerContext, ThreadedProducer};
 
 pub use model::{Label, Pattern, SimConfig, Simulator};
 
 use crate::cluster::ClusterArgs;
 use crate::schemas;
-use crate::sink::FramedEncoder;
+use crate::sink::{FramedEncoder, deliver};
 use crate::telemetry::metrics as names;
 
 /// Options of `kscore simulate`.
@@ -346,7 +346,7 @@ fn produce(
     if let Some(mut w) = labels {
         w.flush()?;
     }
-    producer.flush(Duration::from_secs(60))?;
+    deliver::flush(producer, Duration::from_secs(60))?;
     let summary = SimulateSummary {
         produced,
         delivered: deliveries.ok.load(Ordering::Relaxed),
