@@ -10,6 +10,7 @@
 #   scripts/stack.sh status    what is running, and where
 #   scripts/stack.sh env       the environment variables that point programs at this stack
 #   scripts/stack.sh restart-broker   stop the broker and start it again (tests)
+#   scripts/stack.sh stop-broker | start-broker   the broker alone, for outage tests
 #
 # Ports and locations come from the environment (defaults in brackets):
 #   KSCORE_KAFKA_PORT [9092]  KSCORE_REGISTRY_PORT [8081]  KSCORE_STACK_DIR [<repo>/.local]
@@ -218,10 +219,12 @@ case "${1:-}" in
   # out periodically, so a SIGKILLed stand-in loses acknowledged records, which real Kafka
   # does not.)
   restart-broker) stop_one broker 60; start_broker ;;
+  stop-broker) stop_one broker 60 ;;
+  start-broker) start_broker ;;
   status) status ;;
   env) print_env ;;
   reset)
     stop_one registry; stop_one broker 60
     rm -rf "$DATA"; say "removed $DATA" ;;
-  *) echo "usage: $0 install|install-prometheus|start|stop|status|env|reset|restart-broker" >&2; exit 2 ;;
+  *) echo "usage: $0 install|install-prometheus|start|stop|status|env|reset|restart-broker|stop-broker|start-broker" >&2; exit 2 ;;
 esac

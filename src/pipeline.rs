@@ -434,21 +434,29 @@ pub fn run(
             sink_config(cluster, transactional.then_some(txn_id.as_str()))?.create()?;
         if transactional {
             // Fences an earlier producer with this id and aborts what it left open.
-            p.init_transactions(Duration::from_secs(60))?;
+            p.init_transactions(BROKER_CALL)?;
         }
         Ok(p)
     };
     // While the broker is unreachable, keep trying: a supervisor restarting the process would
     // do no better.
+    // It beats while it tries: the process is live (a restart would not bring the broker back)
+    // but not ready.
     let make_producer = || -> anyhow::Result<ThreadedProducer<DefaultProducerContext>> {
         let mut backoff = Duration::from_millis(500);
         loop {
+            health::beat();
             match try_producer() {
-                Ok(p) => return Ok(p),
+                Ok(p) => {
+                    health::producer_down(false);
+                    return Ok(p);
+                }
                 Err(e) if !stop.load(Ordering::Relaxed) => {
+                    health::producer_down(true);
                     tracing::warn!(
                         "transactional producer not ready, retrying in {backoff:?}: {e:#}"
                     );
+                    health::beat();
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
@@ -681,7 +689,8 @@ pub fn run(
                 metrics::counter!(names::ABORTS, "reason" => reason).increment(1);
                 tracing::warn!(error = %e, fatal, "cycle failed; rolling back feature state and rewinding to the cycle's first offsets");
                 if transactional {
-                    if !fatal && let Err(e) = producer.abort_transaction(Duration::from_secs(30)) {
+                    health::beat();
+                    if !fatal && let Err(e) = producer.abort_transaction(BROKER_CALL) {
                         tracing::warn!("abort_transaction: {e}");
                     }
                     // A fresh producer with the same transactional.id: init_transactions fences
@@ -911,6 +920,12 @@ fn register_series(topic: &str, rules: &HashMap<String, (String, String)>) {
     }
     metrics::gauge!(names::INPUT_PAUSED).set(0.0);
 }
+
+/// The longest one blocking producer call (init, flush, offsets, commit, abort) may wait. The
+/// loop beats between them, so even a chain of them failing against an unreachable broker stays
+/// well inside [`health::STALL`]; a call that runs out fails the cycle, which is rolled back and
+/// redone.
+const BROKER_CALL: Duration = Duration::from_secs(20);
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -1203,13 +1218,15 @@ fn publish(
             .ok_or_else(|| KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownMemberId))?;
         if inject_abort {
             // Make sure the records reached the broker, so the abort is visible to readers.
-            deliver::flush(producer, Duration::from_secs(30))?;
+            deliver::flush(producer, BROKER_CALL)?;
             return Err(KafkaError::Canceled);
         }
-        producer.send_offsets_to_transaction(&tpl, &cgm, Duration::from_secs(30))?;
-        deliver::commit_transaction(producer, Duration::from_secs(60))?;
+        health::beat();
+        producer.send_offsets_to_transaction(&tpl, &cgm, BROKER_CALL)?;
+        health::beat();
+        deliver::commit_transaction(producer, BROKER_CALL)?;
     } else {
-        deliver::flush(producer, Duration::from_secs(60))?;
+        deliver::flush(producer, BROKER_CALL)?;
         consumer.commit(&tpl, rdkafka::consumer::CommitMode::Sync)?;
     }
     Ok(counts)
@@ -1242,6 +1259,7 @@ fn produce(
             Ok(()) => return Ok(()),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                 record = r;
+                health::beat();
                 std::thread::sleep(Duration::from_millis(2));
             }
             Err((e, _)) => return Err(e),

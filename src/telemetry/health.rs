@@ -6,7 +6,9 @@
 //! * live: the processing loop turned in the last [`STALL`] (a loop stuck in a call that never
 //!   returns is what a restart cures);
 //! * ready: live, the model sessions ran their warm-up batch, the consumer received its first
-//!   assignment, and no assigned partition is still waiting for its state to be restored.
+//!   assignment, no assigned partition is still waiting for its state to be restored, and the
+//!   output producer is not being re-created (as it is while the broker is unreachable: the
+//!   process stays live then, since a restart would do no better).
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -21,6 +23,7 @@ static LAST_BEAT_MS: AtomicI64 = AtomicI64::new(0);
 static MODELS_WARM: AtomicBool = AtomicBool::new(false);
 static ASSIGNED: AtomicBool = AtomicBool::new(false);
 static RESTORING: AtomicUsize = AtomicUsize::new(0);
+static PRODUCER_DOWN: AtomicBool = AtomicBool::new(false);
 
 fn now_ms() -> i64 {
     SystemTime::now()
@@ -33,6 +36,7 @@ pub fn pipeline_started() {
     MODELS_WARM.store(false, Ordering::SeqCst);
     ASSIGNED.store(false, Ordering::SeqCst);
     RESTORING.store(0, Ordering::SeqCst);
+    PRODUCER_DOWN.store(false, Ordering::SeqCst);
     beat();
     WATCHED.store(true, Ordering::SeqCst);
     publish();
@@ -61,6 +65,12 @@ pub fn awaiting_restore(n: usize) {
     publish();
 }
 
+/// The output producer failed and is being re-created (`true`), or is ready again (`false`).
+pub fn producer_down(down: bool) {
+    PRODUCER_DOWN.store(down, Ordering::SeqCst);
+    publish();
+}
+
 /// The health of the process at this moment.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Report {
@@ -78,6 +88,8 @@ pub struct Report {
     pub assigned: bool,
     /// Assigned partitions whose state is not restored yet.
     pub restoring: usize,
+    /// The output producer is being re-created.
+    pub producer_down: bool,
 }
 
 /// The current report.
@@ -91,6 +103,7 @@ pub fn report() -> Report {
             models_warm: false,
             assigned: false,
             restoring: 0,
+            producer_down: false,
         };
     }
     let ago = now_ms() - LAST_BEAT_MS.load(Ordering::Relaxed);
@@ -98,14 +111,16 @@ pub fn report() -> Report {
     let models_warm = MODELS_WARM.load(Ordering::SeqCst);
     let assigned = ASSIGNED.load(Ordering::SeqCst);
     let restoring = RESTORING.load(Ordering::SeqCst);
+    let producer_down = PRODUCER_DOWN.load(Ordering::SeqCst);
     Report {
         live,
-        ready: live && models_warm && assigned && restoring == 0,
+        ready: live && models_warm && assigned && restoring == 0 && !producer_down,
         pipeline: true,
         last_beat_ms_ago: Some(ago),
         models_warm,
         assigned,
         restoring,
+        producer_down,
     }
 }
 
@@ -139,6 +154,12 @@ mod tests {
         awaiting_restore(1);
         assert!(!report().ready);
         awaiting_restore(0);
+        // The broker unreachable: the producer is re-created, live but not ready.
+        producer_down(true);
+        let r = report();
+        assert!(r.live && !r.ready && r.producer_down, "{r:?}");
+        producer_down(false);
+        assert!(report().ready);
         // A loop that stopped turning is neither live nor ready.
         LAST_BEAT_MS.store(
             now_ms() - STALL.as_millis() as i64 - 1_000,

@@ -134,7 +134,6 @@ impl<'a> Instances<'a> {
             .args(["run", "--topology"])
             .arg(&self.pipeline.file)
             .args(["--instance-id", id])
-            .args(extra)
             // A member killed without leaving is noticed after the session timeout.
             .args([
                 "-X",
@@ -142,6 +141,8 @@ impl<'a> Instances<'a> {
                 "-X",
                 "heartbeat.interval.ms=500",
             ])
+            // After the defaults, so a test can override them.
+            .args(extra)
             .env("RUST_LOG", "info,ort=warn,librdkafka=off,rdkafka=off")
             .stdout(log.try_clone().unwrap())
             .stderr(log)
