@@ -186,8 +186,11 @@ pub async fn run(
         config.create_with_context(DeliveryCounter(deliveries.clone()))?;
     // Made again now that the producer is ready: with `--rate` the first event time is `now`,
     // and paced events are released when the wall clock reaches their event time, not later by
-    // however long the set-up above took.
-    let sim = new_sim()?;
+    // however long the set-up above, or building the world, took.
+    let mut sim = new_sim()?;
+    if args.rate.is_some() && matches!(args.start.as_deref(), None | Some("now")) {
+        sim.start_at(now_ms());
+    }
     let args = args.clone();
     let summary = tokio::task::spawn_blocking(move || {
         produce(sim, &args, &encoder, &producer, &deliveries, &stop)

@@ -574,6 +574,14 @@ impl Simulator {
         &self.cfg
     }
 
+    /// Moves the start of event time to `start_ms`; call it before drawing any event. A live
+    /// run starts its clock once the world is built (300,000 cards take about a second), so
+    /// that paced events leave at their event time, not that much after it.
+    pub fn start_at(&mut self, start_ms: i64) {
+        self.cfg.start_ms = start_ms;
+        self.clock_ms = start_ms as f64;
+    }
+
     fn uuid(&mut self) -> Uuid {
         let mut bytes = [0u8; 16];
         self.rng.fill_bytes(&mut bytes);
