@@ -9,7 +9,7 @@ use std::path::Path;
 
 use apache_avro::types::Value;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use kscore::features::{FeatureSet, FeatureState};
+use kscore::features::{Event, FeatureSet, FeatureState};
 use kscore::registry_standin::{Store, router};
 use kscore::scorer::{ScoringSession, runtime};
 use kscore::simulator::{SimConfig, Simulator};
@@ -40,6 +40,21 @@ struct Fixture {
 /// Events per partition between two commits, as the pipeline checkpoints feature state: about
 /// a 100 ms cycle of a backlog over 4 partitions. A checkpoint starts a new undo log.
 const CYCLE: usize = 1024;
+
+/// Feeds `events` to `state`, checkpointing every [`CYCLE`] events.
+fn update_in_cycles(
+    set: &FeatureSet,
+    mut state: FeatureState,
+    events: impl IntoIterator<Item = Event>,
+) -> FeatureState {
+    for (i, e) in events.into_iter().enumerate() {
+        state.update(set, e).expect("features");
+        if i % CYCLE == CYCLE - 1 {
+            state.checkpoint();
+        }
+    }
+    state
+}
 
 fn fixture() -> Fixture {
     runtime::init(None).expect("ONNX Runtime: set ORT_DYLIB_PATH");
@@ -159,15 +174,9 @@ fn stages(c: &mut Criterion) {
     g.bench_function("features", |b| {
         b.iter_batched(
             FeatureState::default,
-            |mut state| {
-                for (i, v) in f.values.iter().enumerate() {
-                    let e = f.set.extract(v).expect("extract");
-                    state.update(&f.set, e).expect("features");
-                    if i % CYCLE == CYCLE - 1 {
-                        state.checkpoint();
-                    }
-                }
-                state
+            |state| {
+                let events = f.values.iter().map(|v| f.set.extract(v).expect("extract"));
+                update_in_cycles(&f.set, state, events)
             },
             BatchSize::LargeInput,
         )
@@ -193,15 +202,7 @@ fn stages(c: &mut Criterion) {
     g.bench_function("features_long_history", |b| {
         b.iter_batched(
             || (warm.clone(), rest.clone()),
-            |(mut state, events)| {
-                for (i, e) in events.into_iter().enumerate() {
-                    state.update(&f.set, e).expect("features");
-                    if i % CYCLE == CYCLE - 1 {
-                        state.checkpoint();
-                    }
-                }
-                state
-            },
+            |(state, events)| update_in_cycles(&f.set, state, events),
             BatchSize::LargeInput,
         )
     });

@@ -438,10 +438,8 @@ pub fn run(
         }
         Ok(p)
     };
-    // While the broker is unreachable, keep trying: a supervisor restarting the process would
-    // do no better.
-    // It beats while it tries: the process is live (a restart would not bring the broker back)
-    // but not ready.
+    // While the broker is unreachable, keep trying, and beat meanwhile: the process is live (a
+    // supervisor restarting it would do no better) but not ready.
     let make_producer = || -> anyhow::Result<ThreadedProducer<DefaultProducerContext>> {
         let mut backoff = Duration::from_millis(500);
         loop {

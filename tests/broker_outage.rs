@@ -11,27 +11,14 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kscore::cluster::ClusterArgs;
 
 use common::harness::{
-    Instances, LogDir, assert_same_output, end_offsets, pipeline, reference_run, simulate,
+    Instances, LogDir, assert_same_output, end_offsets, pipeline, reference_run, simulate, stack,
 };
 use common::wait_committed;
-
-fn stack(command: &str) {
-    assert!(
-        std::env::var_os("KSCORE_STACK_NAME").is_some(),
-        "this test stops the local stack's broker: run it through scripts/test.sh"
-    );
-    let status = Command::new("scripts/stack.sh")
-        .arg(command)
-        .status()
-        .unwrap();
-    assert!(status.success(), "scripts/stack.sh {command} failed");
-}
 
 /// The HTTP status of `GET path`, or `None` while nothing answers.
 fn status(port: u16, path: &str) -> Option<u16> {

@@ -60,6 +60,20 @@ pub fn pipeline(dir: &Path, input: &str, name: &str, run: &str) -> Pipeline {
     }
 }
 
+/// Runs `scripts/stack.sh <command>` on the test stack (the broker tests stop, start and
+/// restart its broker).
+pub fn stack(command: &str) {
+    assert!(
+        std::env::var_os("KSCORE_STACK_NAME").is_some(),
+        "this test drives the local stack's broker: run it through scripts/test.sh"
+    );
+    let status = Command::new("scripts/stack.sh")
+        .arg(command)
+        .status()
+        .unwrap();
+    assert!(status.success(), "scripts/stack.sh {command} failed");
+}
+
 /// Simulated payments to `topic` (4 partitions, keyed by card) from 200 cards
 /// (`KSCORE_CRASH_CARDS`): paced at `rate`
 /// per second of wall clock (and event time), or, with `rate` 0, all at once at one payment per
