@@ -123,7 +123,7 @@ fn feature_rows(f: &Fixture) -> Vec<Vec<f64>> {
         .iter()
         .map(|v| {
             state
-                .update(&f.set, f.set.extract(v).expect("extract"))
+                .update(&f.set, f.set.extract(v, None).expect("extract"))
                 .expect("features")
         })
         .collect()
@@ -175,7 +175,10 @@ fn stages(c: &mut Criterion) {
         b.iter_batched(
             FeatureState::default,
             |state| {
-                let events = f.values.iter().map(|v| f.set.extract(v).expect("extract"));
+                let events = f
+                    .values
+                    .iter()
+                    .map(|v| f.set.extract(v, None).expect("extract"));
                 update_in_cycles(&f.set, state, events)
             },
             BatchSize::LargeInput,
@@ -191,7 +194,7 @@ fn stages(c: &mut Criterion) {
         })
         .expect("sim")
         .take(100_000 + N)
-        .map(|(p, _)| f.set.extract(&p.to_value()).expect("extract"));
+        .map(|(p, _)| f.set.extract(&p.to_value(), None).expect("extract"));
         let mut warm = FeatureState::default();
         for e in events.by_ref().take(100_000) {
             warm.update(&f.set, e).expect("features");
@@ -295,7 +298,7 @@ fn stages(c: &mut Criterion) {
                     let mut feats = Vec::with_capacity(batch);
                     for fr in frames {
                         let d = f.rt.block_on(f.decoder.decode(Some(fr))).expect("decode");
-                        let e = f.set.extract(&d.value).expect("extract");
+                        let e = f.set.extract(&d.value, None).expect("extract");
                         feats.push(state.update(&f.set, e).expect("features"));
                         events.push(d);
                     }

@@ -964,7 +964,7 @@ fn take(
     };
     let outcome = match decoded {
         Err(e) => dead(e.reason(), e.to_string()),
-        Ok(d) => match set.extract(&d.value) {
+        Ok(d) => match set.extract(&d.value, None) {
             Err(e) => dead(e.reason(), e.to_string()),
             Ok(ev) => {
                 let event_time = ev.time;

@@ -9,15 +9,20 @@
 //! processor computes the same features the uninterrupted one would have.
 //!
 //! Values start with a format version and a fingerprint of the feature set's inputs; state
-//! written by a topology that reads different fields is refused instead of misread. Numbers
-//! are little-endian; floats keep their exact bits.
+//! written by a topology that reads different fields, or by another version of the format, is
+//! refused key by key instead of misread. Numbers are little-endian; floats keep their exact
+//! bits; categories are their XXH3-64 hashes ([`super::extract::hash_str`]).
+//!
+//! Version 2 (this one): categories hashed with XXH3-64, and the partition record carries the
+//! eviction clock. Version 1 hashed categories with std's `DefaultHasher`, whose output Rust
+//! does not promise to keep; its records are refused.
 
-use super::{FeatureSet, FeatureState, KeyState, Stored};
+use super::{CLOCK_BASE, EvictionClock, FeatureSet, FeatureState, KeyState, Stored};
 
 /// Changelog key of a partition's own record. `0xFF` never occurs in UTF-8.
 pub const PARTITION_KEY: &[u8] = b"\xFFpartition";
 
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 
 /// Why a changelog record cannot be restored.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -103,8 +108,8 @@ impl FeatureState {
         header(&mut buf, fingerprint);
         buf.extend_from_slice(&next_offset.to_le_bytes());
         buf.extend_from_slice(&self.seq.to_le_bytes());
-        buf.extend_from_slice(&self.watermark.to_le_bytes());
         buf.extend_from_slice(&self.since_sweep.to_le_bytes());
+        encode_clock(&mut buf, &self.clock);
         emit(PARTITION_KEY, Some(&buf))?;
         Ok(n + 1)
     }
@@ -124,10 +129,11 @@ impl FeatureState {
             };
             let mut r = Reader::new(value, fingerprint)?;
             let next_offset = r.i64()?;
-            self.seq = r.u64()?;
-            self.watermark = r.i64()?;
-            self.since_sweep = r.u64()?;
+            let seq = r.u64()?;
+            let since_sweep = r.u64()?;
+            let clock = decode_clock(&mut r)?;
             r.end()?;
+            (self.seq, self.since_sweep, self.clock) = (seq, since_sweep, clock);
             self.committed_next = Some(next_offset);
             return Ok(Some(PartitionMark { next_offset }));
         }
@@ -153,6 +159,44 @@ impl FeatureState {
 fn header(buf: &mut Vec<u8>, fingerprint: u64) {
     buf.push(VERSION);
     buf.extend_from_slice(&fingerprint.to_le_bytes());
+}
+
+fn encode_clock(buf: &mut Vec<u8>, clock: &EvictionClock) {
+    buf.extend_from_slice(&clock.now.to_le_bytes());
+    for (values, len) in [
+        (&clock.times, clock.times_len),
+        (&clock.medians, clock.medians_len),
+    ] {
+        buf.push(len as u8);
+        for v in &values[..len] {
+            buf.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+}
+
+fn decode_clock(r: &mut Reader<'_>) -> Result<EvictionClock, CodecError> {
+    let mut clock = EvictionClock {
+        now: r.i64()?,
+        ..EvictionClock::default()
+    };
+    for level in 0..2 {
+        let [len] = r.take::<1>()?;
+        let len = usize::from(len);
+        if len >= CLOCK_BASE {
+            return Err(CodecError::Malformed("eviction clock"));
+        }
+        let values = if level == 0 {
+            clock.times_len = len;
+            &mut clock.times
+        } else {
+            clock.medians_len = len;
+            &mut clock.medians
+        };
+        for v in &mut values[..len] {
+            *v = r.i64()?;
+        }
+    }
+    Ok(clock)
 }
 
 fn encode_key(buf: &mut Vec<u8>, fingerprint: u64, state: &KeyState) {

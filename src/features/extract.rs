@@ -1,8 +1,6 @@
 //! Pulling what the features need out of a decoded Avro record: the key, the event time, and
 //! the numeric and categorical field values, by field position resolved once per topology.
 
-use std::hash::{DefaultHasher, Hash, Hasher};
-
 use apache_avro::types::Value;
 
 /// Why a record cannot feed the features.
@@ -25,6 +23,9 @@ pub enum ExtractError {
     /// A numeric field is NaN or infinite.
     #[error("field `{0}` is not a finite number")]
     NotFinite(String),
+    /// A text field that must say something (the key) is empty.
+    #[error("field `{0}` is empty")]
+    Empty(String),
 }
 
 fn unwrap_union(v: &Value) -> &Value {
@@ -67,7 +68,7 @@ pub fn numeric(fields: &[(String, Value)], index: usize, name: &str) -> Result<f
         other => {
             return Err(ExtractError::WrongType {
                 field: name.to_string(),
-                found: format!("{other:?}"),
+                found: type_name(other).to_string(),
             });
         }
     };
@@ -78,11 +79,11 @@ pub fn numeric(fields: &[(String, Value)], index: usize, name: &str) -> Result<f
     }
 }
 
-/// A stable 64-bit hash of a string (SipHash with fixed keys: the same in every process).
+/// The 64-bit hash a category is kept as: XXH3-64 of its UTF-8 bytes, seed 0. A specified
+/// algorithm, so the values in feature state (and in its changelog) are the same in every
+/// build, toolchain and release; std's `DefaultHasher` promises none of that.
 pub fn hash_str(s: &str) -> u64 {
-    let mut h = DefaultHasher::new();
-    s.hash(&mut h);
-    h.finish()
+    xxhash_rust::xxh3::xxh3_64(s.as_bytes())
 }
 
 /// The category of a null value (an optional field left empty): a value of its own.
@@ -110,22 +111,55 @@ pub fn categorical(
         other => {
             return Err(ExtractError::WrongType {
                 field: name.to_string(),
-                found: format!("{other:?}"),
+                found: type_name(other).to_string(),
             });
         }
     })
 }
 
-/// A field value as text (for the record key).
+/// A field value as text (for the record key). An empty string is refused: as a key it would
+/// pool every such record into one history.
 pub fn text(fields: &[(String, Value)], index: usize, name: &str) -> Result<String, ExtractError> {
-    match field(fields, index, name)? {
-        Value::String(s) => Ok(s.clone()),
-        Value::Enum(_, s) => Ok(s.clone()),
-        Value::Uuid(u) => Ok(u.to_string()),
-        other => Err(ExtractError::WrongType {
-            field: name.to_string(),
-            found: format!("{other:?}"),
-        }),
+    let text = match field(fields, index, name)? {
+        Value::String(s) => s.clone(),
+        Value::Enum(_, s) => s.clone(),
+        Value::Uuid(u) => u.to_string(),
+        other => {
+            return Err(ExtractError::WrongType {
+                field: name.to_string(),
+                found: type_name(other).to_string(),
+            });
+        }
+    };
+    if text.is_empty() {
+        return Err(ExtractError::Empty(name.to_string()));
+    }
+    Ok(text)
+}
+
+/// An Avro value's type, for error messages (the value itself may be large or sensitive).
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Boolean(_) => "boolean",
+        Value::Int(_) => "int",
+        Value::Long(_) => "long",
+        Value::Float(_) => "float",
+        Value::Double(_) => "double",
+        Value::Bytes(_) | Value::Fixed(..) => "bytes",
+        Value::String(_) => "string",
+        Value::Enum(..) => "enum",
+        Value::Union(..) => "union",
+        Value::Array(_) => "array",
+        Value::Map(_) => "map",
+        Value::Record(_) => "record",
+        Value::Date(_) => "date",
+        Value::Decimal(_) | Value::BigDecimal(_) => "decimal",
+        Value::TimeMillis(_) | Value::TimeMicros(_) => "time",
+        Value::TimestampMillis(_) => "timestamp-millis",
+        Value::TimestampMicros(_) => "timestamp-micros",
+        Value::Uuid(_) => "uuid",
+        _ => "another type",
     }
 }
 
@@ -136,7 +170,7 @@ pub fn time_ms(fields: &[(String, Value)], index: usize, name: &str) -> Result<i
         Value::TimestampMicros(t) => Ok(t.div_euclid(1000)),
         other => Err(ExtractError::WrongType {
             field: name.to_string(),
-            found: format!("{other:?}"),
+            found: type_name(other).to_string(),
         }),
     }
 }

@@ -12,9 +12,20 @@
 //! - a key keeps only events within its longest window of its newest event time, and at most
 //!   `max_events_per_key` of them (the oldest by event time are dropped first);
 //! - `time_since_last` is `default` when the previous event is older than `idle_key_ttl`, so
-//!   evicting a key idle for that long (by event time, against the partition's newest event)
-//!   changes nothing;
+//!   evicting a key idle for that long changes nothing for its next event (unless that event
+//!   is older than the partition's eviction clock, see below);
 //! - a late event older than the key's retained history sees only what is retained.
+//!
+//! Eviction of idle keys is driven by an [`EvictionClock`] per partition: a robust estimate of
+//! the partition's event time (a median of medians of its recent event times) that no single
+//! event can move, so an event dated far in the future or past never evicts other keys. Every
+//! [`SWEEP_EVERY`] events taken by a partition's state, the keys whose newest event time is more
+//! than `idle_key_ttl` behind that clock are evicted.
+//!
+//! Every aggregation has a value for every finite input: where the maths is undefined (the
+//! ratio to a mean of 0, no earlier event) it is the feature's `default`. Arithmetic on event
+//! times saturates; event times outside the topology's range never reach the state (see
+//! [`EventTimeRange`]).
 //!
 //! The same code computes features online (`pipeline`) and offline (`kscore features`), so
 //! training and serving cannot drift.
@@ -47,7 +58,11 @@ pub enum FeatureError {
     /// The event-time field is missing or unusable.
     #[error("event time: {0}")]
     EventTime(ExtractError),
-    /// A feature came out NaN or infinite (for example a ratio to a zero mean).
+    /// The event time is outside the topology's accepted range.
+    #[error("event time {0}")]
+    EventTimeOutOfRange(String),
+    /// A feature of finite inputs came out NaN or infinite (a sum or spread of `double` values
+    /// near the largest representable, say).
     #[error("feature `{0}` is not a finite number")]
     NotFinite(String),
 }
@@ -57,6 +72,7 @@ impl FeatureError {
     pub const REASONS: &'static [&'static str] = &[
         "missing_key",
         "missing_event_time",
+        "event_time_out_of_range",
         "missing_field",
         "bad_field",
         "non_finite_feature",
@@ -67,11 +83,83 @@ impl FeatureError {
         match self {
             FeatureError::Key(_) => "missing_key",
             FeatureError::EventTime(_) => "missing_event_time",
+            FeatureError::EventTimeOutOfRange(_) => "event_time_out_of_range",
             FeatureError::Extract(ExtractError::Missing(_)) => "missing_field",
+            FeatureError::Extract(ExtractError::NotFinite(_)) => "non_finite_feature",
             FeatureError::Extract(_) => "bad_field",
             FeatureError::NotFinite(_) => "non_finite_feature",
         }
     }
+}
+
+/// The latest event time accepted whatever the topology says: 9999-12-31T23:59:59.999Z, the
+/// last instant RFC 3339 (and Avro libraries that turn `timestamp-millis` into dates) can show.
+pub const LATEST_EVENT_TIME_MS: i64 = 253_402_300_799_999;
+
+/// The event times a topology accepts (`input.event_time_earliest`,
+/// `input.event_time_max_ahead`). Others are dead-lettered as `event_time_out_of_range` before
+/// they touch any state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventTimeRange {
+    /// Earliest accepted event time, ms since the epoch.
+    pub earliest_ms: i64,
+    /// How far an event time may be ahead of the record's own timestamp (when it was produced
+    /// or appended), ms.
+    pub max_ahead_ms: i64,
+}
+
+impl EventTimeRange {
+    /// Checks `time` against the range. `produced_at` is the Kafka record's timestamp (or, for a
+    /// record without one, the time it is processed); `None` (offline) checks the fixed bounds
+    /// only.
+    pub fn check(&self, time: i64, produced_at: Option<i64>) -> Result<(), FeatureError> {
+        let out = |why: String| {
+            Err(FeatureError::EventTimeOutOfRange(format!(
+                "{} {why}",
+                show_time(time)
+            )))
+        };
+        if time < self.earliest_ms {
+            return out(format!(
+                "is before input.event_time_earliest ({})",
+                show_time(self.earliest_ms)
+            ));
+        }
+        if time > LATEST_EVENT_TIME_MS {
+            return out(format!("is after {}", show_time(LATEST_EVENT_TIME_MS)));
+        }
+        if let Some(at) = produced_at
+            && time > at.saturating_add(self.max_ahead_ms)
+        {
+            return out(format!(
+                "is {} ahead of the record's timestamp {} (input.event_time_max_ahead = {})",
+                humantime::format_duration(std::time::Duration::from_millis(
+                    time.saturating_sub(at).unsigned_abs()
+                )),
+                show_time(at),
+                humantime::format_duration(std::time::Duration::from_millis(
+                    self.max_ahead_ms.unsigned_abs()
+                ))
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// An event time for messages: RFC 3339 where it has one, else milliseconds.
+pub fn show_time(ms: i64) -> String {
+    match u64::try_from(ms) {
+        Ok(ms) if ms <= LATEST_EVENT_TIME_MS as u64 => humantime::format_rfc3339_millis(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
+        )
+        .to_string(),
+        _ => format!("{ms} ms"),
+    }
+}
+
+/// Milliseconds of a duration, saturating (a `Duration` holds more than an `i64` of ms).
+pub fn millis(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// Where a feature reads its value.
@@ -92,6 +180,7 @@ struct Spec {
     window: usize,
     equals_num: Option<f64>,
     equals_cat: Option<u64>,
+    /// The value where the aggregation is undefined (no earlier event, a mean of 0).
     default: f64,
 }
 
@@ -107,7 +196,10 @@ pub struct FeatureSet {
     cat_fields: Vec<(String, usize)>,
     key_field: (String, usize),
     time_field: (String, usize),
+    time_range: EventTimeRange,
     max_window_ms: i64,
+    /// `idle_key_ttl`, ms.
+    idle_ms: i64,
     limits: StateLimits,
 }
 
@@ -156,7 +248,7 @@ impl FeatureSet {
                 (Some(n), _) => Source::Cat(intern(&mut cat_fields, schema, n)),
                 (None, _) => Source::None,
             };
-            let window_ms = f.window.map_or(0, |w| w.as_millis() as i64);
+            let window_ms = f.window.map_or(0, millis);
             max_window_ms = max_window_ms.max(window_ms);
             let window = windows
                 .iter()
@@ -173,7 +265,7 @@ impl FeatureSet {
                 window,
                 equals_num: f.equals.as_deref().and_then(|e| e.parse().ok()),
                 equals_cat: f.equals.as_deref().map(extract::hash_str),
-                default: f.default.unwrap_or(-1.0),
+                default: f.default.unwrap_or(a.default_value()),
             });
         }
         let key = &topology.input.key_field;
@@ -185,9 +277,23 @@ impl FeatureSet {
             cat_fields,
             key_field: (key.clone(), position(schema, key)),
             time_field: (time.clone(), position(schema, time)),
+            time_range: EventTimeRange {
+                earliest_ms: topology
+                    .input
+                    .event_time_earliest
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, millis),
+                max_ahead_ms: millis(topology.input.event_time_max_ahead),
+            },
             max_window_ms,
+            idle_ms: millis(topology.state.idle_key_ttl),
             limits: topology.state.clone(),
         }
+    }
+
+    /// The event times this topology accepts.
+    pub fn time_range(&self) -> EventTimeRange {
+        self.time_range
     }
 
     /// Feature names, in output order.
@@ -195,13 +301,16 @@ impl FeatureSet {
         self.specs.iter().map(|s| s.name.as_str()).collect()
     }
 
-    /// Reads key, event time and feature inputs from a record.
-    pub fn extract(&self, value: &Value) -> Result<Event, FeatureError> {
+    /// Reads key, event time and feature inputs from a record, and checks the event time
+    /// against the topology's range ([`EventTimeRange::check`]; `produced_at`: the Kafka
+    /// record's timestamp, `None` offline).
+    pub fn extract(&self, value: &Value, produced_at: Option<i64>) -> Result<Event, FeatureError> {
         let fields = extract::record(value)?;
         let key = extract::text(fields, self.key_field.1, &self.key_field.0)
             .map_err(FeatureError::Key)?;
         let time = extract::time_ms(fields, self.time_field.1, &self.time_field.0)
             .map_err(FeatureError::EventTime)?;
+        self.time_range.check(time, produced_at)?;
         let nums = self
             .num_fields
             .iter()
@@ -261,6 +370,80 @@ struct Undo {
     removed: Vec<Stored>,
 }
 
+/// A robust, never decreasing estimate of a partition's event time, which drives eviction: the
+/// remedian (Rousseeuw & Bassett, 1990) of its event times with base [`CLOCK_BASE`] and two
+/// levels. Each group of 15 consecutive event times gives its median; each 15 such medians give
+/// their median, and the clock moves up to it. So the clock follows the bulk of the partition's
+/// events, a group of 225 at a time, and cannot be moved by a single event, nor by any number of
+/// outliers fewer than 64 (8 × 8) of 225 consecutive events. Before its first 225 events a
+/// partition's clock is unset and nothing is evicted.
+#[derive(Debug, Clone, Copy)]
+pub struct EvictionClock {
+    /// Event times of the group being filled.
+    times: [i64; CLOCK_BASE],
+    times_len: usize,
+    /// Medians of the groups since the clock last moved.
+    medians: [i64; CLOCK_BASE],
+    medians_len: usize,
+    /// The clock (`i64::MIN`: unset).
+    now: i64,
+}
+
+/// Group size of the [`EvictionClock`]'s two levels.
+pub const CLOCK_BASE: usize = 15;
+
+impl Default for EvictionClock {
+    fn default() -> Self {
+        EvictionClock {
+            times: [0; CLOCK_BASE],
+            times_len: 0,
+            medians: [0; CLOCK_BASE],
+            medians_len: 0,
+            now: i64::MIN,
+        }
+    }
+}
+
+/// Equal when they hold the same times (what lies past each level's length is not part of it).
+impl PartialEq for EvictionClock {
+    fn eq(&self, other: &Self) -> bool {
+        self.now == other.now
+            && self.times[..self.times_len] == other.times[..other.times_len]
+            && self.medians[..self.medians_len] == other.medians[..other.medians_len]
+    }
+}
+
+impl Eq for EvictionClock {}
+
+impl EvictionClock {
+    /// Takes one event time.
+    fn observe(&mut self, t: i64) {
+        self.times[self.times_len] = t;
+        self.times_len += 1;
+        if self.times_len < CLOCK_BASE {
+            return;
+        }
+        self.times_len = 0;
+        self.medians[self.medians_len] = median(&mut self.times);
+        self.medians_len += 1;
+        if self.medians_len < CLOCK_BASE {
+            return;
+        }
+        self.medians_len = 0;
+        self.now = self.now.max(median(&mut self.medians));
+    }
+
+    /// The clock, ms (`None` until the partition's first 225 events).
+    pub fn now(&self) -> Option<i64> {
+        (self.now != i64::MIN).then_some(self.now)
+    }
+}
+
+fn median(values: &mut [i64; CLOCK_BASE]) -> i64 {
+    values.sort_unstable();
+    values[CLOCK_BASE / 2]
+}
+
 /// Feature state of one partition: every key's recent events, and an undo log of the keys
 /// changed since the last [`FeatureState::checkpoint`], so an aborted transaction can take its
 /// changes back ([`FeatureState::rollback`]) and a commit can changelog exactly those keys
@@ -269,26 +452,27 @@ struct Undo {
 pub struct FeatureState {
     keys: HashMap<String, KeyState>,
     seq: u64,
-    watermark: i64,
+    clock: EvictionClock,
     since_sweep: u64,
     /// Keys changed since the last checkpoint, and how to take each back.
     undo: HashMap<String, Undo>,
-    at_checkpoint: (u64, i64, u64),
+    at_checkpoint: (u64, EvictionClock, u64),
     /// The next input offset of the last commit this state belongs to (`None`: none yet).
     committed_next: Option<i64>,
 }
 
-const SWEEP_EVERY: u64 = 10_000;
+/// Events a partition's state takes between two sweeps for idle keys.
+pub const SWEEP_EVERY: u64 = 10_000;
 
 impl Default for FeatureState {
     fn default() -> Self {
         FeatureState {
             keys: HashMap::new(),
             seq: 0,
-            watermark: i64::MIN,
+            clock: EvictionClock::default(),
             since_sweep: 0,
             undo: HashMap::new(),
-            at_checkpoint: (0, i64::MIN, 0),
+            at_checkpoint: (0, EvictionClock::default(), 0),
             committed_next: None,
         }
     }
@@ -298,7 +482,7 @@ impl FeatureState {
     /// Forgets the undo log: everything so far is committed.
     pub fn checkpoint(&mut self) {
         self.undo.clear();
-        self.at_checkpoint = (self.seq, self.watermark, self.since_sweep);
+        self.at_checkpoint = (self.seq, self.clock, self.since_sweep);
     }
 
     /// Everything so far is committed, together with the input offsets up to `next_offset`.
@@ -310,6 +494,11 @@ impl FeatureState {
     /// The next input offset of the commit this state belongs to, if any.
     pub fn committed_next(&self) -> Option<i64> {
         self.committed_next
+    }
+
+    /// The partition's eviction clock.
+    pub fn clock(&self) -> &EvictionClock {
+        &self.clock
     }
 
     /// Takes back every change since the last checkpoint.
@@ -327,7 +516,7 @@ impl FeatureState {
             }
             state.newest = undo.newest;
         }
-        (self.seq, self.watermark, self.since_sweep) = self.at_checkpoint;
+        (self.seq, self.clock, self.since_sweep) = self.at_checkpoint;
     }
 
     /// Keys changed since the last checkpoint.
@@ -355,7 +544,8 @@ impl FeatureState {
             nums,
             cats,
         } = event;
-        if !self.undo.contains_key(&key) {
+        let first_change = !self.undo.contains_key(&key);
+        if first_change {
             let at_checkpoint = self.keys.get(&key);
             let undo = Undo {
                 existed: at_checkpoint.is_some(),
@@ -385,11 +575,18 @@ impl FeatureState {
             Ok(out) => out,
             Err(e) => {
                 state.events.remove(pos);
+                if first_change {
+                    self.undo.remove(&key);
+                }
                 return Err(e);
             }
         };
         self.seq += 1;
-        state.newest = state.newest.max(t);
+        state.newest = if state.events.len() == 1 {
+            t
+        } else {
+            state.newest.max(t)
+        };
         // Trim: outside the longest window of the newest event, and over the cap.
         let horizon = state.newest.saturating_sub(set.max_window_ms);
         let mut trimmed = Vec::new();
@@ -408,7 +605,7 @@ impl FeatureState {
         if let Some(s) = fresh {
             self.keys.insert(key, s);
         }
-        self.watermark = self.watermark.max(t);
+        self.clock.observe(t);
         self.since_sweep += 1;
         if self.since_sweep >= SWEEP_EVERY {
             self.sweep(set);
@@ -416,11 +613,14 @@ impl FeatureState {
         Ok(out)
     }
 
-    /// Evicts keys idle for longer than `idle_key_ttl` against the newest event time seen.
+    /// Evicts the keys whose newest event time is more than `idle_key_ttl` behind the
+    /// partition's eviction clock (none while the clock is unset).
     pub fn sweep(&mut self, set: &FeatureSet) {
         self.since_sweep = 0;
-        let ttl = set.limits.idle_key_ttl.as_millis() as i64;
-        let cutoff = self.watermark.saturating_sub(ttl);
+        let Some(now) = self.clock.now() else {
+            return;
+        };
+        let cutoff = now.saturating_sub(set.idle_ms);
         let checkpoint_seq = self.at_checkpoint.0;
         let undo = &mut self.undo;
         self.keys.retain(|key, k| {
@@ -448,7 +648,7 @@ fn compute(
 ) -> Result<Vec<f64>, FeatureError> {
     let current = &events[pos];
     let t = current.time;
-    let idle_ms = set.limits.idle_key_ttl.as_millis() as i64;
+    let idle_ms = set.idle_ms;
     // Each window is events[start..=pos] with time > t - window. Events are sorted by time and
     // none after `pos` is older than `t`, so a binary search finds its start.
     let starts: Vec<usize> = set
@@ -527,10 +727,20 @@ fn compute(
                 f64::from(u8::from(!seen))
             }
             Aggregation::TimeSinceLast => match pos.checked_sub(1).map(|p| &events[p]) {
-                Some(prev) if t - prev.time <= idle_ms => (t - prev.time) as f64 / 1000.0,
+                Some(prev) if t.saturating_sub(prev.time) <= idle_ms => {
+                    t.saturating_sub(prev.time) as f64 / 1000.0
+                }
                 _ => spec.default,
             },
-            Aggregation::RatioToMean => num(current) / mean(window().map(num)),
+            Aggregation::RatioToMean => {
+                let m = mean(window().map(num));
+                // A mean of 0 (a card's first payment is a $0 verification): undefined.
+                if m == 0.0 {
+                    spec.default
+                } else {
+                    num(current) / m
+                }
+            }
         };
         if !x.is_finite() {
             return Err(FeatureError::NotFinite(spec.name.clone()));

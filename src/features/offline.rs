@@ -74,7 +74,7 @@ pub fn run(args: &FeaturesArgs) -> anyhow::Result<FeaturesSummary> {
         let value =
             record.map_err(|e| anyhow::anyhow!("{}: record {n}: {e}", args.events.display()))?;
         let id = id_of(&value, &args.id_field);
-        let row = set.extract(&value).and_then(|event| {
+        let row = set.extract(&value, None).and_then(|event| {
             let (key, time) = (event.key.clone(), event.time);
             state.update(&set, event).map(|f| (key, time, f))
         });

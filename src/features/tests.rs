@@ -1,6 +1,8 @@
 use std::collections::HashSet;
 use std::path::Path;
 
+use apache_avro::types::Value;
+
 use super::*;
 use crate::payments::Payment;
 use crate::simulator::{SimConfig, Simulator};
@@ -216,7 +218,7 @@ fn features_match_the_straightforward_definition_including_late_events() {
     let mut state = FeatureState::default();
     for (i, p) in events.iter().enumerate() {
         let got = state
-            .update(&set, set.extract(&p.to_value()).expect("extract"))
+            .update(&set, set.extract(&p.to_value(), None).expect("extract"))
             .expect("features");
         let want = reference(&events, i);
         assert!(
@@ -236,12 +238,13 @@ fn a_key_never_holds_more_than_the_cap_and_idle_keys_are_evicted() {
         .next()
         .expect("event")
         .0;
+    let t0 = base.event_time;
     let at = |card: &str, t: i64, amount: i64| {
         let mut p = base.clone();
         p.card_id = card.into();
-        p.event_time = t;
+        p.event_time = t0 + t;
         p.amount_minor = amount;
-        set.extract(&p.to_value()).expect("extract")
+        set.extract(&p.to_value(), None).expect("extract")
     };
     for (k, amount) in [100, 200, 300, 400, 500].into_iter().enumerate() {
         let f = state
@@ -251,35 +254,106 @@ fn a_key_never_holds_more_than_the_cap_and_idle_keys_are_evicted() {
         assert_eq!(f[1], (k + 1).min(4) as f64);
     }
     assert_eq!(state.events(), 3);
-    // Another key, 3 hours later: "a" is idle for longer than 2h and goes at the next sweep.
-    state
-        .update(&set, at("b", 3 * 3_600_000, 100))
-        .expect("features");
+    // Other keys, 3 hours later, enough of them to move the partition's eviction clock (one
+    // group of 15 × 15 events): "a" is idle for longer than 2h and goes at the next sweep.
+    assert_eq!(state.clock().now(), None);
+    for i in 0..CLOCK_BASE * CLOCK_BASE {
+        state
+            .update(
+                &set,
+                at(&format!("b{}", i % 7), 3 * 3_600_000 + i as i64, 100),
+            )
+            .expect("features");
+    }
+    assert!(state.clock().now().is_some_and(|c| c >= t0 + 3 * 3_600_000));
     state.sweep(&set);
-    assert_eq!(state.keys(), 1);
+    assert_eq!(state.keys(), 7);
     // Its next event starts afresh, exactly as if it had been kept (gap > idle TTL → default).
     let f = state
-        .update(&set, at("a", 3 * 3_600_000 + 1, 700))
+        .update(&set, at("a", 3 * 3_600_000 + 1_000, 700))
         .expect("features");
     assert_eq!((f[1], f[9]), (1.0, -1.0));
 }
 
+/// A schema with a `double` field, for the non-finite cases a payment (integer amounts) cannot
+/// produce.
+const READINGS_AVSC: &str = r#"{"type": "record", "name": "Reading", "fields": [
+  {"name": "sensor", "type": "string"},
+  {"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+  {"name": "x", "type": "double"}]}"#;
+
+const READINGS: &str = r#"
+name = "r"
+[input]
+topic = "in"
+group = "g"
+key_field = "sensor"
+event_time_field = "at"
+schema = "reading.avsc"
+[[feature]]
+name = "x"
+aggregation = "value"
+field = "x"
+[[feature]]
+name = "sum_1h"
+aggregation = "sum"
+field = "x"
+window = "1h"
+[output]
+scored_topic = "s"
+dead_letter_topic = "d"
+"#;
+
+fn readings_set() -> FeatureSet {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("reading.avsc"), READINGS_AVSC).expect("schema");
+    let file = dir.path().join("r.toml");
+    std::fs::write(&file, READINGS).expect("topology");
+    let loaded = topology::load(Path::new(&file)).expect("valid topology");
+    FeatureSet::new(&loaded.topology, &loaded.schema)
+}
+
+fn reading(sensor: &str, at: i64, x: f64) -> Value {
+    Value::Record(vec![
+        ("sensor".into(), Value::String(sensor.into())),
+        ("at".into(), Value::TimestampMillis(at)),
+        ("x".into(), Value::Double(x)),
+    ])
+}
+
 #[test]
 fn a_non_finite_feature_is_an_error_and_leaves_state_unchanged() {
-    let set = feature_set(TOPOLOGY);
+    let set = readings_set();
     let mut state = FeatureState::default();
-    let mut p = Simulator::new(SimConfig::default())
-        .expect("sim")
-        .next()
-        .expect("event")
-        .0;
-    p.amount_minor = 0; // ratio to a zero mean
+    let t = 1_767_225_600_000;
+    // A sum of two finite values that overflows: the second event is refused...
+    state
+        .update(
+            &set,
+            set.extract(&reading("s", t, 1e308), None).expect("extract"),
+        )
+        .expect("features");
+    let before = state.clone();
     let err = state
-        .update(&set, set.extract(&p.to_value()).expect("extract"))
+        .update(
+            &set,
+            set.extract(&reading("s", t + 1, 1e308), None)
+                .expect("extract"),
+        )
         .expect_err("non-finite");
-    assert_eq!(err, FeatureError::NotFinite("ratio_1h".into()));
+    assert_eq!(err, FeatureError::NotFinite("sum_1h".into()));
     assert_eq!(err.reason(), "non_finite_feature");
-    assert_eq!((state.keys(), state.events()), (0, 0));
+    // ... and leaves the state as it was.
+    assert_eq!(state, before);
+    // A non-finite input is refused before the features.
+    let nan = set
+        .extract(&reading("s", t + 2, f64::NAN), None)
+        .expect_err("NaN input");
+    assert_eq!(nan.reason(), "non_finite_feature");
+    let inf = set
+        .extract(&reading("s", t + 2, f64::INFINITY), None)
+        .expect_err("inf input");
+    assert_eq!(inf.reason(), "non_finite_feature");
 }
 
 #[test]
@@ -290,7 +364,10 @@ fn rollback_takes_back_everything_since_the_checkpoint() {
         range
             .map(|i| {
                 state
-                    .update(&set, set.extract(&events[i].to_value()).expect("extract"))
+                    .update(
+                        &set,
+                        set.extract(&events[i].to_value(), None).expect("extract"),
+                    )
                     .expect("features")
             })
             .collect()
@@ -330,12 +407,16 @@ fn state_restored_from_its_changelog_equals_the_committed_state_and_computes_the
     // evictions (tombstones) as well as updates.
     let set =
         feature_set(&TOPOLOGY.replace("max_events_per_key = 100000", "max_events_per_key = 3"));
-    let events = payments(30, 0.01, 3_000);
+    // 300 cards, one payment each about every 8 hours: at the forced sweep many are idle.
+    let events = payments(300, 0.01, 3_000);
     let feed = |state: &mut FeatureState, range: std::ops::Range<usize>| -> Vec<Vec<f64>> {
         range
             .map(|i| {
                 state
-                    .update(&set, set.extract(&events[i].to_value()).expect("extract"))
+                    .update(
+                        &set,
+                        set.extract(&events[i].to_value(), None).expect("extract"),
+                    )
                     .expect("features")
             })
             .collect()
@@ -386,7 +467,7 @@ fn a_malformed_or_foreign_changelog_value_is_an_error_not_a_panic() {
         .expect("event")
         .0;
     state
-        .update(&set, set.extract(&p.to_value()).expect("extract"))
+        .update(&set, set.extract(&p.to_value(), None).expect("extract"))
         .expect("features");
     let log = changelog_of(&state, &set, 1);
     let (key, value) = log
@@ -444,6 +525,8 @@ fn every_feature_reason_is_listed_and_every_listed_reason_occurs() {
         FeatureError::Extract(ExtractError::Missing("amount".into())),
         FeatureError::Extract(wrong()),
         FeatureError::Extract(ExtractError::NotFinite("amount".into())),
+        FeatureError::Key(ExtractError::Empty("card_id".into())),
+        FeatureError::EventTimeOutOfRange("0 ms is before ...".into()),
         FeatureError::NotFinite("mean_7d".into()),
     ];
     let given: HashSet<&str> = errors.iter().map(FeatureError::reason).collect();
@@ -466,7 +549,10 @@ fn rollback_restores_the_checkpoint_through_trims_evictions_and_late_events() {
     let feed = |state: &mut FeatureState, range: std::ops::Range<usize>| {
         for i in range {
             state
-                .update(&set, set.extract(&events[i].to_value()).expect("extract"))
+                .update(
+                    &set,
+                    set.extract(&events[i].to_value(), None).expect("extract"),
+                )
                 .expect("features");
         }
     };
@@ -490,4 +576,235 @@ fn rollback_restores_the_checkpoint_through_trims_evictions_and_late_events() {
         evicted > 0,
         "the test needs evictions inside a rolled-back cycle"
     );
+}
+
+// --- One bad record never changes another key's features (issue 13) -------------------------
+
+/// The features each event gets, feeding `events` in order through one partition's state.
+fn features_of(set: &FeatureSet, events: &[Payment]) -> Vec<Result<Vec<f64>, FeatureError>> {
+    let mut state = FeatureState::default();
+    events
+        .iter()
+        .map(|p| {
+            set.extract(&p.to_value(), None)
+                .and_then(|e| state.update(set, e))
+        })
+        .collect()
+}
+
+/// One event dated ten days ahead (a terminal with a wrong clock) must not evict the other
+/// cards: every other event gets the features it gets without the outlier, also after many
+/// sweeps' worth of events.
+#[test]
+fn an_event_far_in_the_future_does_not_change_other_keys_features() {
+    let set = feature_set(&TOPOLOGY.replace("idle_key_ttl = \"2h\"", "idle_key_ttl = \"8d\""));
+    // 300 cards, 30,000 events over ~8 hours of event time: every card has recent history.
+    let events = payments(300, 1.0, 30_000);
+    let mut with_outlier = events.clone();
+    let mut outlier = events[100].clone();
+    outlier.card_id = "crd_wrong_clock".into();
+    outlier.event_time += 10 * 24 * 3_600_000;
+    with_outlier.insert(101, outlier);
+
+    let want = features_of(&set, &events);
+    let got = features_of(&set, &with_outlier);
+    let got: Vec<_> = got
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 101)
+        .map(|(_, f)| f)
+        .collect();
+    let differ = want.iter().zip(&got).filter(|(w, g)| w != g).count();
+    assert_eq!(differ, 0, "{differ} of {} events changed", want.len());
+}
+
+/// A $0 card-verification payment as a card's first event is scored: the ratio to a zero mean
+/// takes its documented default instead of 0/0.
+#[test]
+fn a_zero_amount_first_payment_has_defined_features() {
+    let set = feature_set(TOPOLOGY);
+    let mut state = FeatureState::default();
+    let mut p = payments(1, 1.0, 1).remove(0);
+    p.amount_minor = 0;
+    let f = state
+        .update(&set, set.extract(&p.to_value(), None).expect("extract"))
+        .expect("a $0 payment has features");
+    let ratio = set
+        .names()
+        .iter()
+        .position(|n| *n == "ratio_1h")
+        .expect("ratio");
+    assert_eq!(f[ratio], 1.0);
+    // A second $0 payment, and then a normal one: the mean is no longer 0.
+    let mut q = p.clone();
+    q.event_time += 1_000;
+    let f = state
+        .update(&set, set.extract(&q.to_value(), None).expect("extract"))
+        .expect("features");
+    assert_eq!(f[ratio], 1.0);
+    let mut r = q.clone();
+    r.event_time += 1_000;
+    r.amount_minor = 300;
+    let f = state
+        .update(&set, set.extract(&r.to_value(), None).expect("extract"))
+        .expect("features");
+    assert_eq!(f[ratio], 3.0);
+}
+
+/// An empty key would pool every such event into one history: it is a missing key.
+#[test]
+fn an_empty_key_is_a_missing_key() {
+    let set = feature_set(TOPOLOGY);
+    let mut p = payments(1, 1.0, 1).remove(0);
+    p.card_id = String::new();
+    let err = set
+        .extract(&p.to_value(), None)
+        .expect_err("empty key refused");
+    assert_eq!(err.reason(), "missing_key");
+}
+
+/// Event-time arithmetic saturates: extreme times (which the range check keeps out of the
+/// pipeline) never overflow inside the features.
+#[test]
+fn extreme_event_times_do_not_overflow() {
+    let set = feature_set(TOPOLOGY);
+    let mut state = FeatureState::default();
+    let p = payments(1, 1.0, 1).remove(0);
+    for t in [i64::MIN, i64::MAX, 0, i64::MIN + 1, i64::MAX - 1, -1] {
+        // Past the range check, which would refuse them.
+        let mut event = set.extract(&p.to_value(), None).expect("extract");
+        event.time = t;
+        let f = state.update(&set, event).expect("features");
+        assert!(f.iter().all(|x| x.is_finite()), "{t}: {f:?}");
+    }
+    state.sweep(&set);
+}
+
+/// Category values are hashed with a specified hash (XXH3-64 of the UTF-8 bytes), since they
+/// are persisted in the changelog: values from the reference implementation.
+#[test]
+fn category_hashes_are_xxh3_64() {
+    assert_eq!(extract::hash_str(""), 0x2d06_8005_38d3_94c2);
+    assert_eq!(extract::hash_str("abc"), 0x78af_5f94_892f_3950);
+    assert_eq!(extract::hash_str("ECOMMERCE"), 0x9688_0ec5_09e2_3c52);
+}
+
+/// Event times outside the topology's range are refused before they reach any state: before
+/// `event_time_earliest` (2000-01-01 by default), after 9999-12-31, or more than
+/// `event_time_max_ahead` (1 h by default) ahead of the record's own timestamp.
+#[test]
+fn event_times_outside_the_range_are_refused() {
+    let set = feature_set(TOPOLOGY);
+    let p = payments(1, 1.0, 1).remove(0);
+    let produced = p.event_time;
+    let at = |t: i64, produced_at: Option<i64>| {
+        let mut e = p.clone();
+        e.event_time = t;
+        set.extract(&e.to_value(), produced_at).map(|_| ())
+    };
+    let hour = 3_600_000;
+    for t in [
+        i64::MIN,
+        -1,
+        0,
+        946_684_799_999,
+        LATEST_EVENT_TIME_MS + 1,
+        i64::MAX,
+        produced + 10 * 24 * hour,
+        produced + hour + 1,
+    ] {
+        let err = at(t, Some(produced)).expect_err("out of range");
+        assert_eq!(err.reason(), "event_time_out_of_range", "{t}: {err}");
+    }
+    assert!(
+        at(produced + 10 * 24 * hour, Some(produced))
+            .expect_err("ahead")
+            .to_string()
+            .contains("10days ahead of the record's timestamp"),
+    );
+    for t in [
+        946_684_800_000,
+        produced - 365 * 24 * hour,
+        produced,
+        produced + hour,
+    ] {
+        assert_eq!(at(t, Some(produced)), Ok(()), "{t}");
+    }
+    // Offline there is no record timestamp: only the fixed bounds apply.
+    assert_eq!(at(produced + 10 * 24 * hour, None), Ok(()));
+    assert!(at(0, None).is_err());
+}
+
+/// The eviction clock follows the bulk of a partition's event times and cannot be moved by a
+/// single event, nor by fewer than 64 of each 225.
+#[test]
+fn the_eviction_clock_is_not_moved_by_outliers() {
+    let t0 = 1_767_225_600_000_i64;
+    let mut clock = EvictionClock::default();
+    for i in 0..CLOCK_BASE * CLOCK_BASE - 1 {
+        clock.observe(t0 + i as i64);
+    }
+    assert_eq!(clock.now(), None, "unset before the first 225 events");
+    clock.observe(t0 + 224);
+    assert_eq!(clock.now(), Some(t0 + 112));
+    // 63 of the next 225 events far in the future, placed as harmfully as they can be (8 in
+    // each of 7 groups, 7 in the 8th, right at the start): the clock moves with the others.
+    let mut clock2 = clock;
+    let mut outliers = 0;
+    for g in 0..CLOCK_BASE {
+        for i in 0..CLOCK_BASE {
+            let far = g < 8 && i < if g < 7 { 8 } else { 7 };
+            outliers += usize::from(far);
+            let t = if far {
+                i64::MAX / 2
+            } else {
+                t0 + 1_000 + (g * CLOCK_BASE + i) as i64
+            };
+            clock2.observe(t);
+        }
+    }
+    assert_eq!(outliers, 63);
+    assert!(
+        clock2.now().is_some_and(|c| c < t0 + 1_000 + 225),
+        "{:?}",
+        clock2.now()
+    );
+    // The bound is tight: 64 so placed (8 in each of 8 groups) do move it.
+    let mut clock3 = clock;
+    for g in 0..CLOCK_BASE {
+        for i in 0..CLOCK_BASE {
+            let far = g < 8 && i < 8;
+            clock3.observe(if far { i64::MAX / 2 } else { t0 + 1_000 });
+        }
+    }
+    assert_eq!(clock3.now(), Some(i64::MAX / 2));
+    // Never backwards: a partition whose events go back in time keeps its clock.
+    for _ in 0..CLOCK_BASE * CLOCK_BASE {
+        clock.observe(t0 - 1_000_000);
+    }
+    assert_eq!(clock.now(), Some(t0 + 112));
+}
+
+/// State written by the first changelog format (categories hashed with std's `DefaultHasher`)
+/// is refused key by key, not misread.
+#[test]
+fn changelog_records_of_the_previous_format_are_refused() {
+    let set = feature_set(TOPOLOGY);
+    let mut state = FeatureState::default();
+    for p in payments(3, 1.0, 10) {
+        state
+            .update(&set, set.extract(&p.to_value(), None).expect("extract"))
+            .expect("features");
+    }
+    let mut fresh = FeatureState::default();
+    for (key, value) in changelog_of(&state, &set, 10) {
+        let mut value = value.expect("a value");
+        assert_eq!(value[0], 2, "format version");
+        value[0] = 1;
+        assert_eq!(
+            fresh.restore_record(&set, &key, Some(&value)),
+            Err(CodecError::Version(1))
+        );
+    }
+    assert_eq!(fresh, FeatureState::default());
 }

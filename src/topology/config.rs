@@ -3,7 +3,7 @@
 //! `"100ms"`, `"5m"`, `"7d"`.
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 
@@ -60,6 +60,29 @@ pub struct Input {
     pub event_time_field: String,
     /// Reader schema (Avro `.avsc`), relative to the topology file. Records are resolved to it.
     pub schema: PathBuf,
+    /// The latest an event time may be, relative to its Kafka record's timestamp (the time the
+    /// producer created the record, or the broker appended it): an event stamped later than
+    /// that, by a terminal with a wrong clock say, is dead-lettered as `event_time_out_of_range`
+    /// instead of entering the features. Kafka's broker applies the same guard to record
+    /// timestamps (`log.message.timestamp.after.max.ms`, one hour by default). A record without
+    /// a timestamp is measured against the time it is processed.
+    #[serde(default = "Input::default_max_ahead", with = "humantime_serde")]
+    pub event_time_max_ahead: Duration,
+    /// The earliest accepted event time (RFC 3339); earlier ones (0, negative: a missing clock)
+    /// are dead-lettered as `event_time_out_of_range`. Event times after
+    /// 9999-12-31T23:59:59.999Z always are.
+    #[serde(default = "Input::default_earliest", with = "humantime_serde")]
+    pub event_time_earliest: SystemTime,
+}
+
+impl Input {
+    const fn default_max_ahead() -> Duration {
+        Duration::from_secs(3600)
+    }
+    fn default_earliest() -> SystemTime {
+        // 2000-01-01T00:00:00Z
+        SystemTime::UNIX_EPOCH + Duration::from_secs(946_684_800)
+    }
 }
 
 /// Bounds on per-key state.
@@ -127,13 +150,28 @@ pub enum Aggregation {
     DistinctCount,
     /// 1 if the event's value of a field did not occur earlier in the window, else 0.
     IsNew,
-    /// Seconds since the key's previous event (`default` when there is none).
+    /// Seconds since the key's previous event (`default` when there is none, or when it is
+    /// older than `idle_key_ttl`).
     TimeSinceLast,
-    /// The event's value of a numeric field divided by the field's mean over the window.
+    /// The event's value of a numeric field divided by the field's mean over the window
+    /// (`default` when that mean is 0).
     RatioToMean,
 }
 
 impl Aggregation {
+    /// The value where the aggregation is undefined, unless the feature sets `default`:
+    /// `time_since_last` with no earlier event (or one older than `idle_key_ttl`) is -1,
+    /// `ratio_to_mean` over a window whose mean is 0 is 1 (the amount is the key's typical one).
+    pub fn default_value(self) -> f64 {
+        match self {
+            Aggregation::RatioToMean => 1.0,
+            _ => -1.0,
+        }
+    }
+    /// Whether the aggregation takes a `default`.
+    pub fn has_default(self) -> bool {
+        matches!(self, Aggregation::TimeSinceLast | Aggregation::RatioToMean)
+    }
     /// Whether the aggregation needs `window`.
     pub fn windowed(self) -> bool {
         !matches!(
@@ -182,7 +220,10 @@ pub struct Feature {
     pub equals: Option<String>,
     /// For `differs`: the second field.
     pub other_field: Option<String>,
-    /// For `time_since_last`: the value when the key has no earlier event.
+    /// The value where the aggregation is undefined: for `time_since_last`, when the key has
+    /// no earlier event or its previous one is older than `idle_key_ttl` (default -1); for
+    /// `ratio_to_mean`, when the window's mean is 0, as for a card whose first payment is a $0
+    /// verification (default 1).
     pub default: Option<f64>,
 }
 
