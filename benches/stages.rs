@@ -300,7 +300,9 @@ fn stages(c: &mut Criterion) {
                         let d = f.rt.block_on(f.decoder.decode(Some(fr))).expect("decode");
                         let e = f.set.extract(&d.value, None).expect("extract");
                         feats.push(state.update(&f.set, e).expect("features"));
-                        events.push(d);
+                        // The pipeline keeps each record's value (for its dead letter, and as
+                        // the scored record's event bytes).
+                        events.push((d, fr.to_vec()));
                     }
                     let mut scores: Vec<Vec<Vec<f64>>> = Vec::new();
                     for (session, cols) in sessions.iter_mut().zip(&columns) {
@@ -310,7 +312,7 @@ fn stages(c: &mut Criterion) {
                             .collect();
                         scores.push(session.score(&input).expect("score"));
                     }
-                    for (i, (event, r)) in events.into_iter().zip(&feats).enumerate() {
+                    for (i, ((event, value), r)) in events.into_iter().zip(&feats).enumerate() {
                         let values: Vec<ScoreValue> = templates
                             .iter()
                             .map(|(m, k, tpl)| ScoreValue {
@@ -319,9 +321,10 @@ fn stages(c: &mut Criterion) {
                             })
                             .collect();
                         let (decision, fired) = output::decide(&t.alerts, &values);
-                        let ev = match &event.verbatim {
-                            Some(bytes) => scored::Event::Verbatim(bytes),
-                            None => scored::Event::Value(&event.value),
+                        let ev = if event.verbatim {
+                            scored::Event::Verbatim(&value[5..])
+                        } else {
+                            scored::Event::Value(&event.value)
                         };
                         out.clear();
                         fast.encode_into(&mut out, ev, &names, r, &values, decision, &fired, &prov)

@@ -6,21 +6,34 @@
 //! 1. poll records; decode each (source), compute its features (features), hand its rows to
 //!    the models' batchers (batcher → scorer threads), or set it aside for the dead-letter
 //!    topic with the reason;
-//! 2. at the end of the cycle, flush the batchers and wait for every score;
+//! 2. at the end of the cycle, flush the batchers and wait for every score; a record whose
+//!    scores are not all finite becomes a dead letter;
 //! 3. in one Kafka transaction: the scored events (and alerts) in input order, the dead
 //!    letters, the changelog of the feature state the cycle changed (see [`crate::changelog`]),
 //!    and the input offsets (next offset to read, with the consumer's group metadata), then
 //!    commit. Feature state is checkpointed only when the commit succeeded.
 //!
+//! One record never stops the stream: a record whose scored output the producer refuses (too
+//! large) is dead-lettered as `output_too_large` instead, and a dead letter that cannot be
+//! published whole is cut down (see [`crate::sink::dead_letter`]). The broker refuses whole
+//! batches, so when it refuses records the cycle is redone with a producer that batches nothing,
+//! which tells the records at fault; those are dead-lettered on the next try.
+//!
 //! If the transaction must be aborted, the feature state changes of the cycle are rolled back
-//! and the consumer is rewound to the cycle's first offsets, so the cycle is redone exactly;
-//! if the producer hits a fatal error it is rebuilt with the same `transactional.id`, which
-//! fences the old one and aborts whatever it left open. A rebalance discards the cycle in
-//! progress (nothing of it was sent) and rolls its state changes back; newly assigned
-//! partitions stay paused until their state is restored from the changelog.
-//! `at_least_once` sends the same records without a transaction, then commits the offsets.
+//! and the consumer is rewound to the cycle's first offsets, so the cycle is redone exactly,
+//! after a backoff that doubles with each consecutive failure (0.1 s up to 30 s); after
+//! [`health::FAILED_CYCLES_NOT_READY`] consecutive failures the instance reports not ready. If
+//! the producer hits a fatal error it is rebuilt with the same `transactional.id`, which fences
+//! the old one and aborts whatever it left open. A commit whose outcome is unknown (it timed
+//! out, or failed fatally) is decided by the broker: a rebuilt producer settles the
+//! transaction, then the group's committed offsets say whether the cycle was committed.
+//! Retriable commit errors are retried. A rebalance discards the cycle in progress (nothing of
+//! it was sent) and rolls its state changes back; newly assigned partitions stay paused until
+//! their state is restored from the changelog. `at_least_once` sends the same records without
+//! a transaction, then commits the offsets.
 
 use std::collections::{BTreeMap, HashMap};
+use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,19 +41,21 @@ use std::time::{Duration, Instant};
 use apache_avro::types::Value;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::producer::Producer;
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tokio::runtime::Handle;
 
-use crate::batcher::{self, ModelBatcher, Scored};
+use crate::batcher::{self, BatcherError, ModelBatcher, Refused, Scored};
 use crate::changelog::{self, Restorer};
 use crate::cluster::ClusterArgs;
-use crate::features::{FeatureError, FeatureSet, FeatureState};
+use crate::features::{FeatureSet, FeatureState};
 use crate::schemas;
 use crate::scorer::drift::DriftMonitor;
-use crate::sink::output::{self, Provenance, ScoreValue};
+use crate::sink::dead_letter::{Cut, DeadLetter};
+use crate::sink::output::{self, Provenance, Rules, ScoreValue};
+use crate::sink::produce::{self, Deliveries, Out, OutputProducer, SendError};
 use crate::sink::scored::{self, ScoredEncoder};
 use crate::sink::{FramedEncoder, deliver};
 use crate::source::Decoder;
@@ -63,10 +78,25 @@ pub struct RunOptions {
     /// Testing aid: abort the n-th transaction (once) after all its records were sent, to show
     /// that an aborted cycle is redone and its records never reach `read_committed`.
     pub abort_once_at: Option<u64>,
+    /// Testing aid: while set, abort every transaction after its records were sent (a broker
+    /// that refuses every commit), to show backoff, readiness and lag.
+    pub fail_cycles: Option<Arc<AtomicBool>>,
+    /// Testing aid: make the n-th transaction's commit fail (once) in this way.
+    pub commit_fault: Option<(u64, CommitFault)>,
     /// Testing aid: cap each model worker at this many rows per second, to show backpressure.
     pub throttle_scoring: Option<f64>,
     /// How this instance belongs to its consumer group.
     pub membership: Membership,
+}
+
+/// A commit failure a test can inject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitFault {
+    /// The commit succeeds, but is reported as timed out (librdkafka completing a commit whose
+    /// call ran out of time): the processor must find from the broker that it committed.
+    TimedOutAfterCommit,
+    /// A retriable error before the commit: the processor must retry, not abort.
+    RetriableBeforeCommit,
 }
 
 /// Consumer-group membership (KIP-345).
@@ -89,6 +119,8 @@ impl Default for RunOptions {
             max_cycle_records: 20_000,
             summary_every: None,
             abort_once_at: None,
+            fail_cycles: None,
+            commit_fault: None,
             throttle_scoring: None,
             membership: Membership::Static,
         }
@@ -182,6 +214,9 @@ struct SourceContext {
     revoked: AtomicBool,
     /// Partitions assigned and paused until their state is restored.
     assigned: Mutex<Vec<i32>>,
+    /// Per assigned partition, the next offset committed: lag counts from here, so it grows
+    /// while nothing commits (cycles failing), however far the consumer has read.
+    committed: Mutex<HashMap<i32, i64>>,
 }
 
 impl SourceContext {
@@ -195,24 +230,36 @@ impl SourceContext {
     fn awaiting_restore(&self) -> Vec<i32> {
         self.assigned.lock().map(|a| a.clone()).unwrap_or_default()
     }
+
+    fn set_committed(&self, partition: i32, next: i64) {
+        if let Ok(mut c) = self.committed.lock() {
+            c.insert(partition, next);
+        }
+    }
+
+    fn committed(&self, partition: i32) -> Option<i64> {
+        self.committed.lock().ok()?.get(&partition).copied()
+    }
 }
 
 impl ClientContext for SourceContext {
     fn stats(&self, stats: Statistics) {
         for (topic, t) in stats.topics {
             for (partition, p) in t.partitions {
-                // Records between the consumer's position and the end of the partition (the
-                // last stable offset, as read `read_committed`). librdkafka's own
-                // `consumer_lag` counts from offsets it committed, and offsets here are
-                // committed by the transactional producer, which it does not see.
+                // Records between what is committed and the end of the partition (the last
+                // stable offset, as read `read_committed`). librdkafka's own `consumer_lag`
+                // counts from offsets it committed, and offsets here are committed by the
+                // transactional producer, which it does not see; its position (`app_offset`)
+                // runs ahead of the commits while cycles fail.
                 let end = if p.ls_offset >= 0 {
                     p.ls_offset
                 } else {
                     p.hi_offset
                 };
-                if partition >= 0 && p.desired && p.app_offset >= 0 && end >= 0 {
+                if partition >= 0 && p.desired && end >= 0 {
+                    let from = self.committed(partition).unwrap_or(p.lo_offset.max(0));
                     metrics::gauge!(names::CONSUMER_LAG, "topic" => topic.clone(), "partition" => partition.to_string())
-                        .set((end - p.app_offset).max(0) as f64);
+                        .set((end - from).max(0) as f64);
                 }
             }
         }
@@ -230,6 +277,9 @@ impl ConsumerContext for SourceContext {
                 for e in tpl.elements() {
                     metrics::gauge!(names::CONSUMER_LAG, "topic" => e.topic().to_string(), "partition" => e.partition().to_string())
                         .set(0.0);
+                    if let Ok(mut c) = self.committed.lock() {
+                        c.remove(&e.partition());
+                    }
                 }
                 // No transaction is open here: they open and commit between polls. The cycle in
                 // progress has sent nothing; the loop discards it when this poll returns.
@@ -267,14 +317,18 @@ struct Pending {
     partition: i32,
     offset: i64,
     key: Option<Vec<u8>>,
+    /// The input value as it was: the dead letter's value, and the scored record's `event`
+    /// bytes when written with the reader schema.
+    value: Option<Vec<u8>>,
     outcome: Outcome,
 }
 
 enum Outcome {
     Scored {
         event: Value,
-        /// The input datum, when written with the reader schema (copied into the output).
-        verbatim: Option<Vec<u8>>,
+        /// Whether the input datum was written with the reader schema (and is copied into the
+        /// output as it is).
+        verbatim: bool,
         schema_id: u32,
         event_time: i64,
         features: Vec<f64>,
@@ -282,17 +336,70 @@ enum Outcome {
         scores: Vec<Option<Vec<f64>>>,
     },
     Dead {
-        payload: Option<Vec<u8>>,
         reason: &'static str,
         error: String,
+        /// How much of the input its dead letter carries.
+        cut: Cut,
     },
 }
 
 struct Outputs {
     scored: ScoredEncoder,
+    /// The scored schema's id under the scored topic's subject, and under the alerts topic's
+    /// (the same with a registry that keeps ids global, as Confluent's does).
+    scored_id: u32,
+    alerts_id: u32,
     scored_topic: String,
     alerts_topic: Option<String>,
     dlq_topic: String,
+}
+
+/// What the producer learned about records of the cycle it could not publish: on the next try
+/// they are dead-lettered, or their dead letters cut down.
+#[derive(Debug, Clone)]
+struct Poison {
+    reason: &'static str,
+    error: String,
+    cut: Cut,
+}
+
+/// Why a dead letter is a scored record's instead: the producer refused it for its size...
+const OUTPUT_TOO_LARGE: &str = "output_too_large";
+/// ... or for another reason of the record's own.
+const OUTPUT_REJECTED: &str = "output_rejected";
+
+/// Delivery tags: each record's place in the cycle times four, plus what it is.
+const TAG_SCORED: usize = 0;
+const TAG_ALERT: usize = 1;
+const TAG_DEAD: usize = 2;
+/// Changelog records (not a record of the cycle).
+const TAG_CHANGELOG: usize = usize::MAX;
+
+fn tag(index: usize, kind: usize) -> usize {
+    index.saturating_mul(4).saturating_add(kind)
+}
+
+/// Where each model's input columns come from among the features.
+fn model_columns(loaded: &Loaded, feature_names: &[&str]) -> anyhow::Result<Vec<Vec<usize>>> {
+    loaded
+        .topology
+        .models
+        .iter()
+        .map(|m| {
+            m.features
+                .iter()
+                .map(|f| {
+                    feature_names.iter().position(|n| n == f).ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "{}: model `{}` takes feature `{f}`, which the topology does not define",
+                            loaded.file.display(),
+                            m.name
+                        )
+                    })
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// Runs the processor until `stop` is set. Blocking: call it from a thread of its own.
@@ -309,6 +416,9 @@ pub fn run(
     let sr = cluster.registry()?;
     let decoder = Decoder::new(sr.clone(), loaded.schema.clone());
     let scored_avsc = output::scored_schema(&loaded.schema_text).map_err(anyhow::Error::msg)?;
+    let set = FeatureSet::new(t, &loaded.schema);
+    let feature_names = set.names();
+    let model_columns = model_columns(loaded, &feature_names)?;
 
     // Output topics, with as many partitions as the input.
     let meta_consumer: BaseConsumer = cluster.client_config()?.create()?;
@@ -353,38 +463,35 @@ pub fn run(
         &changelog_topic,
         partitions,
     ))?;
+    out_topics.push(changelog_topic.clone());
+    // The smallest record batch the output topics take: the producer's batches stay under it,
+    // so a topic's `max.message.bytes` refuses only records that are too large themselves.
+    let batch_limit = rt.block_on(cluster.max_message_bytes(&out_topics));
     let restorer = Restorer::new(cluster, &changelog_topic)?;
     let scored = rt.block_on(FramedEncoder::register(
         &sr,
         &schemas::value_subject(&t.output.scored_topic),
         &scored_avsc,
     ))?;
-    if let Some(alerts) = &t.output.alerts_topic {
-        rt.block_on(FramedEncoder::register(
-            &sr,
-            &schemas::value_subject(alerts),
-            &scored_avsc,
-        ))?;
-    }
+    let alerts_id = match &t.output.alerts_topic {
+        Some(alerts) => rt
+            .block_on(FramedEncoder::register(
+                &sr,
+                &schemas::value_subject(alerts),
+                &scored_avsc,
+            ))?
+            .schema_id(),
+        None => scored.schema_id(),
+    };
     let outputs = Outputs {
         scored: ScoredEncoder::new(scored.schema_id(), &loaded.schema)?,
+        scored_id: scored.schema_id(),
+        alerts_id,
         scored_topic: t.output.scored_topic.clone(),
         alerts_topic: t.output.alerts_topic.clone(),
         dlq_topic: t.output.dead_letter_topic.clone(),
     };
 
-    let set = FeatureSet::new(t, &loaded.schema);
-    let feature_names = set.names();
-    let model_columns: Vec<Vec<usize>> = t
-        .models
-        .iter()
-        .map(|m| {
-            m.features
-                .iter()
-                .map(|f| feature_names.iter().position(|n| n == f).unwrap_or(0))
-                .collect()
-        })
-        .collect();
     let (batchers, results) =
         batcher::start_all(&t.models, &loaded.model_paths, opts.throttle_scoring)?;
     let versions: Vec<String> = batchers.iter().map(|b| b.info().version.clone()).collect();
@@ -399,19 +506,17 @@ pub fn run(
         .zip(&batchers)
         .map(|(m, b)| DriftMonitor::new(m, &b.info().version, b.info().reference.as_deref()))
         .collect();
-    // Alerts are counted by rule and by the model version whose score fired them.
-    let rule_labels: HashMap<String, (String, String)> = t
-        .alerts
-        .iter()
+    let scores = ScoreSlots::new(loaded, &versions);
+    let rules = Rules::new(&t.alerts, &scores.qualified()).map_err(anyhow::Error::msg)?;
+    // Alerts are counted by rule and by the model version whose score fired it.
+    let rule_labels: Vec<(String, String, String)> = (0..rules.len())
         .map(|r| {
-            let model = r.score.split('.').next().unwrap_or_default().to_string();
-            let version = t
-                .models
-                .iter()
-                .position(|m| m.name == model)
-                .and_then(|i| versions.get(i).cloned())
+            let (model, version) = rules
+                .score_of(r)
+                .and_then(|i| scores.values.get(i))
+                .map(|v| (v.model.clone(), v.version.clone()))
                 .unwrap_or_default();
-            (r.name.clone(), (model, version))
+            (rules.name(r).to_string(), model, version)
         })
         .collect();
     register_series(&t.input.topic, &rule_labels);
@@ -424,14 +529,21 @@ pub fn run(
     .create_with_context(SourceContext {
         revoked: AtomicBool::new(false),
         assigned: Mutex::new(Vec::new()),
+        committed: Mutex::new(HashMap::new()),
     })?;
     consumer.subscribe(&[&t.input.topic])?;
 
     let transactional = t.delivery.guarantee == Guarantee::ExactlyOnce;
     let txn_id = format!("kscore-{}-{}", t.input.group, opts.instance_id);
-    let try_producer = || -> anyhow::Result<ThreadedProducer<DefaultProducerContext>> {
-        let p: ThreadedProducer<DefaultProducerContext> =
-            sink_config(cluster, transactional.then_some(txn_id.as_str()))?.create()?;
+    let try_producer = |isolate: bool| -> anyhow::Result<OutputProducer> {
+        let mut cfg = sink_config(cluster, transactional.then_some(txn_id.as_str()))?;
+        if let Some(limit) = batch_limit {
+            limit_batches(&mut cfg, limit);
+        }
+        if isolate {
+            produce::isolating(&mut cfg);
+        }
+        let p: OutputProducer = cfg.create_with_context(Deliveries::default())?;
         if transactional {
             // Fences an earlier producer with this id and aborts what it left open.
             p.init_transactions(BROKER_CALL)?;
@@ -440,11 +552,11 @@ pub fn run(
     };
     // While the broker is unreachable, keep trying, and beat meanwhile: the process is live (a
     // supervisor restarting it would do no better) but not ready.
-    let make_producer = || -> anyhow::Result<ThreadedProducer<DefaultProducerContext>> {
+    let make_producer = |isolate: bool| -> anyhow::Result<OutputProducer> {
         let mut backoff = Duration::from_millis(500);
         loop {
             health::beat();
-            match try_producer() {
+            match try_producer(isolate) {
                 Ok(p) => {
                     health::producer_down(false);
                     return Ok(p);
@@ -462,7 +574,8 @@ pub fn run(
             }
         }
     };
-    let mut producer = make_producer()?;
+    let mut isolating = false;
+    let mut producer = make_producer(isolating)?;
     tracing::info!(topology = %t.name, input = %t.input.topic, group = %t.input.group, transactional_id = %txn_id,
         guarantee = ?t.delivery.guarantee, "processor running");
 
@@ -473,6 +586,19 @@ pub fn run(
     let mut summary = RunSummary::default();
     let mut reporter = Reporter::new(opts.summary_every, &t.name);
     let mut cycles = 0u64;
+    let mut failures = Failures::default();
+    let mut poisoned: HashMap<(i32, i64), Poison> = HashMap::new();
+    let publisher = Publisher {
+        outputs: &outputs,
+        loaded,
+        feature_names: &feature_names,
+        scores: &scores,
+        rules: &rules,
+        instance: &opts.instance_id,
+        changelog_topic: &changelog_topic,
+        set: &set,
+        transactional,
+    };
 
     // The cycle's records. Kept between cycles so its capacity is reused: growing it to a
     // cycle's thousands of records again every cycle showed in profiles (copies, page faults).
@@ -530,15 +656,27 @@ pub fn run(
                 }
             };
             first_offsets.entry(msg.partition()).or_insert(msg.offset());
+            // While the registry is away, the record waits; so does the consumer, serving its
+            // group, and a stop or a revocation ends the wait and the cycle.
+            let mut wait_registry = |d: Duration| -> bool {
+                let until = Instant::now() + d;
+                while Instant::now() < until {
+                    health::beat();
+                    if stop.load(Ordering::Relaxed)
+                        || consumer.context().revoked.load(Ordering::SeqCst)
+                    {
+                        return false;
+                    }
+                    pressure.hold(&consumer);
+                }
+                true
+            };
+            let state = states.entry(msg.partition()).or_default();
+            let Some(p) = take(&msg, &decoder, &rt, &set, state, &mut wait_registry) else {
+                discarded = true;
+                break;
+            };
             next_offsets.insert(msg.partition(), msg.offset() + 1);
-            let p = take(
-                &msg,
-                &decoder,
-                &rt,
-                &set,
-                states.entry(msg.partition()).or_default(),
-                &stop,
-            );
             if let Outcome::Scored { features, .. } = &p.outcome {
                 let ticket = pending.len() as u64;
                 for ((b, cols), open) in batchers.iter().zip(&model_columns).zip(&mut open) {
@@ -546,22 +684,24 @@ pub fn run(
                     open.1.extend(cols.iter().map(|&c| features[c] as f32));
                     outstanding += 1;
                     if open.0.len() >= b.max_rows() {
-                        submit(b, open, &mut pressure, &consumer);
+                        submit(b, open, &mut pressure, &consumer)?;
                     }
                 }
             }
             pending.push(p);
         }
         // 2. Every score. Polling goes on while they are awaited, every partition paused.
-        for (b, open) in batchers.iter().zip(&mut open) {
-            submit(b, open, &mut pressure, &consumer);
-            b.flush();
+        if !discarded {
+            for (b, open) in batchers.iter().zip(&mut open) {
+                submit(b, open, &mut pressure, &consumer)?;
+                b.flush()?;
+            }
+            wait_scores(&results, &mut pending, outstanding, &batchers, &mut || {
+                // Waiting on slow models is the loop turning, not a stuck process.
+                health::beat();
+                pressure.hold(&consumer)
+            })?;
         }
-        wait_scores(&results, &mut pending, outstanding, &batchers, &mut || {
-            // Waiting on slow models is the loop turning, not a stuck process.
-            health::beat();
-            pressure.hold(&consumer)
-        });
         if consumer.context().revoked.swap(false, Ordering::SeqCst) {
             discarded = true;
         }
@@ -569,70 +709,119 @@ pub fn run(
         if discarded {
             tracing::info!(
                 records = pending.len(),
-                "rebalance: discarding the cycle in progress (nothing of it was sent)"
+                "discarding the cycle in progress (nothing of it was sent): {}",
+                if stop.load(Ordering::Relaxed) {
+                    "stopping"
+                } else {
+                    "rebalance"
+                }
             );
-            for s in states.values_mut() {
-                s.rollback();
-            }
-            // Partitions reassigned start again from the committed offsets. Any kept through
-            // the rebalance (cooperative assignment) are rewound to where the cycle began.
-            let reassigned = consumer.context().awaiting_restore();
-            let kept = consumer.assignment().unwrap_or_default();
-            for (partition, offset) in &first_offsets {
-                if reassigned.contains(partition)
-                    || kept.find_partition(&t.input.topic, *partition).is_none()
-                {
-                    continue;
-                }
-                if let Err(e) = consumer.seek(
-                    &t.input.topic,
-                    *partition,
-                    Offset::Offset(*offset),
-                    Duration::from_secs(10),
-                ) {
-                    tracing::warn!(
-                        partition,
-                        "rewinding a kept partition failed: {e}; its state is restored again"
-                    );
-                    states.remove(partition);
-                }
-            }
+            discard(&consumer, &t.input.topic, &mut states, &first_offsets);
             continue;
         }
         if pending.is_empty() {
             reporter.tick(&summary);
             continue;
         }
+        settle(&mut pending, &scores, &poisoned);
 
         // 3. Publish and commit.
         let commit_started = Instant::now();
         cycles += 1;
-        let inject = transactional && opts.abort_once_at == Some(cycles);
-        let result = publish(
+        let inject = transactional
+            && (opts.abort_once_at == Some(cycles)
+                || opts
+                    .fail_cycles
+                    .as_ref()
+                    .is_some_and(|f| f.load(Ordering::Relaxed)));
+        let fault = opts
+            .commit_fault
+            .filter(|(at, _)| transactional && *at == cycles)
+            .map(|(_, f)| f);
+        let result = publisher.publish(
             &producer,
             &consumer,
-            &outputs,
-            loaded,
-            &feature_names,
-            &versions,
-            opts,
             &pending,
             &next_offsets,
-            &Changelog {
-                topic: &changelog_topic,
-                set: &set,
-                states: &states,
-            },
-            transactional,
+            &states,
             inject,
+            fault,
         );
-        match result {
-            Ok(counts) => {
+        let committed = match result {
+            Ok(counts) => Some(counts),
+            Err(failure) => {
+                let (reason, fatal) = failure.classify();
+                let refused = producer.context().take_refused();
+                // Settle the transaction: abort what can be aborted; a fresh producer with the
+                // same transactional.id fences the old one and completes or aborts whatever it
+                // left open. (Readers of the local stand-in broker only move past an aborted
+                // transaction after this; failures are rare, so it is done after every one.)
+                if transactional {
+                    health::beat();
+                    if let Failure::NotCommitted(_) = &failure
+                        && !fatal
+                        && let Err(e) = producer.abort_transaction(BROKER_CALL)
+                    {
+                        tracing::warn!("abort_transaction: {e}");
+                    }
+                    isolating = learn(&refused, &pending, isolating, &mut poisoned);
+                    producer = make_producer(isolating)?;
+                }
+                match failure {
+                    // The outcome of the commit is unknown: the group's committed offsets, now
+                    // that the transaction is settled, say whether the cycle went through.
+                    Failure::Unknown { error, counts } => {
+                        match committed_outcome(&consumer, &t.input.topic, &next_offsets, &stop) {
+                            Some(true) => {
+                                tracing::warn!(error = %error, "the commit was reported failed, but the group has the cycle's offsets: it was committed");
+                                Some(*counts)
+                            }
+                            Some(false) => {
+                                summary.aborts += 1;
+                                metrics::counter!(names::ABORTS, "reason" => reason).increment(1);
+                                failures.note(
+                                    &error.to_string(),
+                                    &first_offsets,
+                                    &next_offsets,
+                                    &t.input.topic,
+                                );
+                                None
+                            }
+                            // Stopping with the outcome unknown: nothing more is sent; a restart
+                            // finds the state and offsets of whichever it was.
+                            None => break,
+                        }
+                    }
+                    Failure::NotCommitted(error) => {
+                        summary.aborts += 1;
+                        metrics::counter!(names::ABORTS, "reason" => reason).increment(1);
+                        failures.note(
+                            &error.to_string(),
+                            &first_offsets,
+                            &next_offsets,
+                            &t.input.topic,
+                        );
+                        None
+                    }
+                }
+            }
+        };
+        match committed {
+            Some(counts) => {
                 for (partition, s) in &mut states {
                     match next_offsets.get(partition) {
-                        Some(next) => s.commit(*next),
+                        Some(next) => {
+                            s.commit(*next);
+                            consumer.context().set_committed(*partition, *next);
+                        }
                         None => s.checkpoint(),
                     }
+                }
+                poisoned.retain(|(p, o), _| next_offsets.get(p).is_none_or(|next| o >= next));
+                if failures.succeeded() && isolating {
+                    // Back to batching, now that the records at fault are known.
+                    isolating = false;
+                    producer = make_producer(isolating)?;
                 }
                 metrics::counter!(names::CHANGELOG_RECORDS).increment(counts.changelog);
                 let now = now_ms();
@@ -645,7 +834,7 @@ pub fn run(
                         ..
                     } = &p.outcome
                     {
-                        let secs = (now - event_time) as f64 / 1000.0;
+                        let secs = now.saturating_sub(*event_time) as f64 / 1000.0;
                         to_commit.record(secs);
                         reporter.latency(secs);
                         for ((d, cols), s) in drift.iter_mut().zip(&model_columns).zip(scores) {
@@ -670,51 +859,30 @@ pub fn run(
                     .increment(pending.len() as u64);
                 metrics::counter!(names::SCORED, "topic" => topic.clone()).increment(counts.scored);
                 for (reason, n) in &counts.dead {
-                    metrics::counter!(names::DEAD_LETTERED, "topic" => topic.clone(), "reason" => reason.clone()).increment(*n);
+                    metrics::counter!(names::DEAD_LETTERED, "topic" => topic.clone(), "reason" => *reason).increment(*n);
                 }
-                for (rule, n) in &counts.fired {
-                    let (model, version) = rule_labels.get(rule).cloned().unwrap_or_default();
-                    metrics::counter!(names::ALERTS, "rule" => rule.clone(), "model" => model, "version" => version).increment(*n);
+                for (rule, n) in counts.fired.iter().enumerate() {
+                    if *n > 0
+                        && let Some((name, model, version)) = rule_labels.get(rule)
+                    {
+                        metrics::counter!(names::ALERTS, "rule" => name.clone(), "model" => model.clone(), "version" => version.clone()).increment(*n);
+                    }
                 }
                 summary.scored += counts.scored;
                 summary.alerts += counts.alerts;
                 summary.dead_lettered += counts.dead.values().sum::<u64>();
                 summary.commits += 1;
             }
-            Err(e) => {
-                summary.aborts += 1;
-                let (reason, fatal) = classify(&e);
-                metrics::counter!(names::ABORTS, "reason" => reason).increment(1);
-                tracing::warn!(error = %e, fatal, "cycle failed; rolling back feature state and rewinding to the cycle's first offsets");
-                if transactional {
+            None => {
+                discard(&consumer, &t.input.topic, &mut states, &first_offsets);
+                // Wait out the backoff serving the group: paused, polling, rewinding anything
+                // fetched meanwhile.
+                let until = Instant::now() + failures.backoff();
+                while Instant::now() < until && !stop.load(Ordering::Relaxed) {
                     health::beat();
-                    if !fatal && let Err(e) = producer.abort_transaction(BROKER_CALL) {
-                        tracing::warn!("abort_transaction: {e}");
-                    }
-                    // A fresh producer with the same transactional.id: init_transactions fences
-                    // the old one and settles whatever it left open. Readers of the local
-                    // stand-in broker only move past an aborted transaction after this; aborts
-                    // are rare, so it is done after every one.
-                    producer = make_producer()?;
+                    pressure.hold_now(&consumer);
                 }
-                for s in states.values_mut() {
-                    s.rollback();
-                }
-                for (partition, offset) in &first_offsets {
-                    if let Err(e) = consumer.seek(
-                        &t.input.topic,
-                        *partition,
-                        Offset::Offset(*offset),
-                        Duration::from_secs(10),
-                    ) {
-                        tracing::warn!(
-                            partition,
-                            offset,
-                            "seek after abort failed: {e}; discarding the partition's state"
-                        );
-                        states.remove(partition);
-                    }
-                }
+                pressure.release(&consumer);
             }
         }
         reporter.tick(&summary);
@@ -724,6 +892,222 @@ pub fn run(
     }
     tracing::info!(?summary, "processor stopped");
     Ok(summary)
+}
+
+/// Consecutive failed cycles: the backoff before the next try, and readiness.
+#[derive(Default)]
+struct Failures {
+    consecutive: u32,
+}
+
+impl Failures {
+    const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+    const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+    /// A cycle failed: log it with the input it held, and count it.
+    fn note(
+        &mut self,
+        error: &str,
+        first: &BTreeMap<i32, i64>,
+        next: &BTreeMap<i32, i64>,
+        topic: &str,
+    ) {
+        self.consecutive = self.consecutive.saturating_add(1);
+        health::failed_cycles(self.consecutive);
+        metrics::gauge!(names::FAILED_CYCLES).set(f64::from(self.consecutive));
+        let ranges: Vec<String> = first
+            .iter()
+            .map(|(p, from)| format!("{p}:[{from}..{})", next.get(p).copied().unwrap_or(*from)))
+            .collect();
+        tracing::warn!(
+            topic,
+            offsets = %ranges.join(" "),
+            consecutive = self.consecutive,
+            retry_in = ?self.backoff(),
+            error,
+            "cycle failed; rolled back feature state and rewound to the cycle's first offsets"
+        );
+    }
+
+    /// A cycle committed. Whether it ended a run of failures.
+    fn succeeded(&mut self) -> bool {
+        let had = self.consecutive > 0;
+        if had {
+            tracing::info!(
+                after = self.consecutive,
+                "cycle committed after failed attempts"
+            );
+            self.consecutive = 0;
+            health::failed_cycles(0);
+            metrics::gauge!(names::FAILED_CYCLES).set(0.0);
+        }
+        had
+    }
+
+    /// The wait before the next try: 0.1 s after one failure, doubling to 30 s.
+    fn backoff(&self) -> Duration {
+        let doublings = self.consecutive.saturating_sub(1).min(16);
+        (Self::FIRST_BACKOFF * 2u32.pow(doublings)).min(Self::MAX_BACKOFF)
+    }
+}
+
+/// Takes back the cycle's state changes and rewinds the partitions it read to where it began
+/// (a partition that cannot be rewound gives up its state, which is restored again).
+fn discard(
+    consumer: &BaseConsumer<SourceContext>,
+    topic: &str,
+    states: &mut HashMap<i32, FeatureState>,
+    first_offsets: &BTreeMap<i32, i64>,
+) {
+    for s in states.values_mut() {
+        s.rollback();
+    }
+    // Partitions reassigned start again from the committed offsets; the others are rewound.
+    let reassigned = consumer.context().awaiting_restore();
+    let kept = consumer.assignment().unwrap_or_default();
+    for (partition, offset) in first_offsets {
+        if reassigned.contains(partition) || kept.find_partition(topic, *partition).is_none() {
+            continue;
+        }
+        if let Err(e) = consumer.seek(
+            topic,
+            *partition,
+            Offset::Offset(*offset),
+            Duration::from_secs(10),
+        ) {
+            tracing::warn!(
+                partition,
+                offset,
+                "rewinding failed: {e}; discarding the partition's state"
+            );
+            states.remove(partition);
+        }
+    }
+}
+
+/// Whether the group's committed offsets are the cycle's (`None`: stopping before the broker
+/// answered). Asked once the transaction is settled, so they are final.
+fn committed_outcome(
+    consumer: &BaseConsumer<SourceContext>,
+    topic: &str,
+    next_offsets: &BTreeMap<i32, i64>,
+    stop: &AtomicBool,
+) -> Option<bool> {
+    let mut tpl = TopicPartitionList::new();
+    for p in next_offsets.keys() {
+        tpl.add_partition(topic, *p);
+    }
+    loop {
+        health::beat();
+        match consumer.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
+            Ok(c) => {
+                let at = |p: i32| match c.find_partition(topic, p).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => o,
+                    _ => -1,
+                };
+                return Some(next_offsets.iter().all(|(p, next)| at(*p) >= *next));
+            }
+            Err(e) => {
+                tracing::warn!("reading the group's committed offsets to settle a commit: {e}");
+                if stop.load(Ordering::Relaxed) {
+                    return None;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// Keeps batches under the smallest `max.message.bytes` of the output topics, unless the
+/// operator set `batch.size`.
+fn limit_batches(cfg: &mut ClientConfig, limit: usize) {
+    // librdkafka's default batch.size.
+    const DEFAULT: usize = 1_000_000;
+    match cfg.get("batch.size").map(str::parse::<usize>) {
+        Some(Ok(set)) if set > limit => tracing::warn!(
+            batch_size = set,
+            limit,
+            "batch.size is larger than an output topic's max.message.bytes: batches that \
+             large are refused, and their records are then redone one batch each"
+        ),
+        Some(_) => {}
+        None if limit < DEFAULT => {
+            cfg.set("batch.size", limit.to_string());
+        }
+        None => {}
+    }
+}
+
+/// After a failed cycle, what the broker refused: records at fault go on the poison list (with
+/// a producer that batched nothing, the refusal is theirs), or the next try isolates them.
+/// Returns whether the next producer must batch nothing.
+fn learn(
+    refused: &HashMap<usize, RDKafkaErrorCode>,
+    pending: &[Pending],
+    isolating: bool,
+    poisoned: &mut HashMap<(i32, i64), Poison>,
+) -> bool {
+    let own: Vec<(usize, RDKafkaErrorCode)> = refused
+        .iter()
+        .filter(|(_, code)| produce::is_record_error(**code))
+        .map(|(t, c)| (*t, *c))
+        .collect();
+    if own.is_empty() {
+        return isolating;
+    }
+    if !isolating {
+        tracing::warn!(
+            records = own.len(),
+            "the broker refused records; redoing the cycle with one record per batch to find \
+             those at fault"
+        );
+        return true;
+    }
+    for (tag, code) in own {
+        if tag == TAG_CHANGELOG {
+            tracing::error!("the broker refused a changelog record: {code}");
+            continue;
+        }
+        let Some(p) = pending.get(tag / 4) else {
+            continue;
+        };
+        let at = (p.partition, p.offset);
+        let entry = poisoned.entry(at).or_insert_with(|| Poison {
+            reason: reason_for(code),
+            error: String::new(),
+            cut: Cut::Whole,
+        });
+        match tag % 4 {
+            TAG_SCORED | TAG_ALERT => {
+                entry.reason = reason_for(code);
+                entry.error = format!("the broker refused the scored record: {code}");
+            }
+            _ => {
+                // Its dead letter was refused: the next try sends less of it.
+                if let Outcome::Dead { reason, error, cut } = &p.outcome {
+                    entry.reason = reason;
+                    entry.error.clone_from(error);
+                    entry.cut = cut.next().unwrap_or(Cut::WithoutKeyOrValue);
+                }
+            }
+        }
+        tracing::warn!(
+            partition = at.0,
+            offset = at.1,
+            reason = entry.reason,
+            "the broker refused this record's output ({code}); dead-lettering it on the next try"
+        );
+    }
+    true
+}
+
+fn reason_for(code: RDKafkaErrorCode) -> &'static str {
+    match code {
+        RDKafkaErrorCode::MessageSizeTooLarge
+        | RDKafkaErrorCode::InvalidMessageSize
+        | RDKafkaErrorCode::MessageBatchTooLarge => OUTPUT_TOO_LARGE,
+        _ => OUTPUT_REJECTED,
+    }
 }
 
 /// Gives newly assigned partitions the state they were last committed with, then resumes them.
@@ -772,6 +1156,11 @@ fn restore_assigned(
         }
     };
     let expected = |p: &i32| committed.get(p).copied().flatten();
+    for (p, o) in &committed {
+        if let Some(o) = o {
+            consumer.context().set_committed(*p, *o);
+        }
+    }
     let mut todo: Vec<i32> = assigned
         .iter()
         .copied()
@@ -866,6 +1255,7 @@ fn restore_assigned(
         "feature state restored"
     );
     for (partition, offset) in seek_to {
+        consumer.context().set_committed(partition, offset);
         consumer.seek(
             topic,
             partition,
@@ -881,19 +1271,15 @@ fn restore_assigned(
 /// Registers at 0 the counters that carry a reason or a rule, for every value they can take:
 /// a rate over a series that appears only at its first occurrence misses that occurrence, and
 /// alerts and panels should see "none yet" rather than "no data".
-fn register_series(topic: &str, rules: &HashMap<String, (String, String)>) {
-    let reasons = DecodeError::REASONS
-        .iter()
-        .chain(FeatureError::REASONS)
-        .chain(&[SCORING_FAILED, NON_FINITE_SCORE, UNENCODABLE]);
-    for reason in reasons {
-        metrics::counter!(names::DEAD_LETTERED, "topic" => topic.to_string(), "reason" => *reason)
+fn register_series(topic: &str, rules: &[(String, String, String)]) {
+    for reason in dead_letter_reasons() {
+        metrics::counter!(names::DEAD_LETTERED, "topic" => topic.to_string(), "reason" => reason)
             .increment(0);
     }
     for reason in ABORT_REASONS {
         metrics::counter!(names::ABORTS, "reason" => *reason).increment(0);
     }
-    for (rule, (model, version)) in rules {
+    for (rule, model, version) in rules {
         metrics::counter!(names::ALERTS, "rule" => rule.clone(), "model" => model.clone(), "version" => version.clone())
             .increment(0);
     }
@@ -917,6 +1303,22 @@ fn register_series(topic: &str, rules: &HashMap<String, (String, String)>) {
         metrics::counter!(name, "topic" => topic.to_string()).increment(0);
     }
     metrics::gauge!(names::INPUT_PAUSED).set(0.0);
+    metrics::gauge!(names::FAILED_CYCLES).set(0.0);
+}
+
+/// Every reason a record can be dead-lettered with.
+pub fn dead_letter_reasons() -> impl Iterator<Item = &'static str> {
+    DecodeError::REASONS
+        .iter()
+        .chain(crate::features::FeatureError::REASONS)
+        .chain(&[
+            SCORING_FAILED,
+            NON_FINITE_SCORE,
+            UNENCODABLE,
+            OUTPUT_TOO_LARGE,
+            OUTPUT_REJECTED,
+        ])
+        .copied()
 }
 
 /// The longest one blocking producer call (init, flush, offsets, commit, abort) may wait. The
@@ -928,43 +1330,54 @@ const BROKER_CALL: Duration = Duration::from_secs(20);
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+        .map_or(0, crate::features::millis)
 }
 
-/// Decodes and featurises one record.
+/// Decodes and featurises one record. While the registry cannot be reached the record waits
+/// (`wait(d)`: up to `d`, serving the consumer; `false` when the cycle must end, for a stop or a
+/// revocation): `None` then, and the cycle is discarded, never the record dead-lettered.
 fn take(
     msg: &BorrowedMessage<'_>,
     decoder: &Decoder,
     rt: &Handle,
     set: &FeatureSet,
     state: &mut FeatureState,
-    stop: &AtomicBool,
-) -> Pending {
+    wait: &mut dyn FnMut(Duration) -> bool,
+) -> Option<Pending> {
     let dead = |reason: &'static str, error: String| Outcome::Dead {
-        payload: msg.payload().map(<[u8]>::to_vec),
         reason,
         error,
+        cut: Cut::Whole,
     };
     let mut backoff = Duration::from_millis(100);
+    let mut warned: Option<Instant> = None;
     let decoded = loop {
         match rt.block_on(decoder.decode(msg.payload())) {
-            Err(e) if e.is_retriable() && !stop.load(Ordering::Relaxed) => {
+            Err(e) if e.is_retriable() => {
                 // The registry being down says nothing about the record: wait, do not dead-letter.
                 metrics::counter!(names::REGISTRY_RETRIES).increment(1);
-                tracing::warn!(
-                    partition = msg.partition(),
-                    offset = msg.offset(),
-                    "registry unavailable, retrying in {backoff:?}: {e}"
-                );
-                std::thread::sleep(backoff);
+                if warned.is_none_or(|w| w.elapsed() >= Duration::from_secs(10)) {
+                    tracing::warn!(
+                        partition = msg.partition(),
+                        offset = msg.offset(),
+                        "registry unavailable, retrying (every {backoff:?} at most): {e}"
+                    );
+                    warned = Some(Instant::now());
+                }
+                if !wait(backoff) {
+                    return None;
+                }
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
             other => break other,
         }
     };
+    // The record's own timestamp (when it was produced, or appended), against which its event
+    // time is checked; a record without one is checked against now.
+    let produced_at = msg.timestamp().to_millis().unwrap_or_else(now_ms);
     let outcome = match decoded {
         Err(e) => dead(e.reason(), e.to_string()),
-        Ok(d) => match set.extract(&d.value, None) {
+        Ok(d) => match set.extract(&d.value, Some(produced_at)) {
             Err(e) => dead(e.reason(), e.to_string()),
             Ok(ev) => {
                 let event_time = ev.time;
@@ -982,12 +1395,13 @@ fn take(
             }
         },
     };
-    Pending {
+    Some(Pending {
         partition: msg.partition(),
         offset: msg.offset(),
         key: msg.key().map(<[u8]>::to_vec),
+        value: msg.payload().map(<[u8]>::to_vec),
         outcome,
-    }
+    })
 }
 
 fn wait_scores(
@@ -996,7 +1410,7 @@ fn wait_scores(
     mut outstanding: usize,
     batchers: &[ModelBatcher],
     idle: &mut dyn FnMut(),
-) {
+) -> Result<(), BatcherError> {
     for p in pending.iter_mut() {
         if let Outcome::Scored { scores, .. } = &mut p.outcome {
             scores.resize(batchers.len(), None);
@@ -1007,14 +1421,26 @@ fn wait_scores(
         let batch = match results.recv_timeout(Duration::from_millis(50)) {
             Ok(batch) => batch,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                // A dead worker's rows never come back: stop waiting for them.
+                for b in batchers {
+                    b.check()?;
+                }
                 idle();
                 continue;
             }
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                for b in batchers {
+                    b.check()?;
+                }
+                return Err(BatcherError::Died {
+                    model: "every model".into(),
+                    reason: "the scoring threads are gone".into(),
+                });
+            }
         };
         match batch.rows {
             Ok(rows) => {
-                outstanding -= rows.len();
+                outstanding = outstanding.saturating_sub(rows.len());
                 for (ticket, values) in rows {
                     if let Some(Pending {
                         outcome: Outcome::Scored { scores, .. },
@@ -1026,7 +1452,7 @@ fn wait_scores(
                 }
             }
             Err((tickets, e)) => {
-                outstanding -= tickets.len();
+                outstanding = outstanding.saturating_sub(tickets.len());
                 failures.extend(tickets.into_iter().map(|t| (t, e.to_string())));
             }
         }
@@ -1034,19 +1460,88 @@ fn wait_scores(
     for (ticket, error) in failures {
         if let Some(p) = pending.get_mut(ticket as usize) {
             p.outcome = Outcome::Dead {
-                payload: None,
                 reason: SCORING_FAILED,
                 error,
+                cut: Cut::Whole,
             };
+        }
+    }
+    Ok(())
+}
+
+/// Every score of the topology, in order: names and versions kept once, the value filled in per
+/// event. `slots[i]` says where score `i` comes from: (model index, score index).
+struct ScoreSlots {
+    slots: Vec<(usize, usize)>,
+    values: Vec<ScoreValue>,
+}
+
+impl ScoreSlots {
+    fn new(loaded: &Loaded, versions: &[String]) -> Self {
+        let (slots, values) = loaded
+            .topology
+            .models
+            .iter()
+            .enumerate()
+            .flat_map(|(m, model)| {
+                model.scores.iter().enumerate().map(move |(i, spec)| {
+                    let value = ScoreValue {
+                        model: model.name.clone(),
+                        version: versions.get(m).cloned().unwrap_or_default(),
+                        score: spec.name.clone(),
+                        qualified: format!("{}.{}", model.name, spec.name),
+                        value: f64::NAN,
+                    };
+                    ((m, i), value)
+                })
+            })
+            .unzip();
+        ScoreSlots { slots, values }
+    }
+
+    fn qualified(&self) -> Vec<String> {
+        self.values.iter().map(|v| v.qualified.clone()).collect()
+    }
+
+    /// Fills `values` with an event's scores (NaN where one is missing).
+    fn fill(&self, values: &mut [ScoreValue], scores: &[Option<Vec<f64>>]) {
+        for ((m, i), v) in self.slots.iter().zip(values) {
+            v.value = scores
+                .get(*m)
+                .and_then(|got| got.as_ref()?.get(*i).copied())
+                .unwrap_or(f64::NAN);
         }
     }
 }
 
-/// Where and what to changelog.
-struct Changelog<'a> {
-    topic: &'a str,
-    set: &'a FeatureSet,
-    states: &'a HashMap<i32, FeatureState>,
+/// Decides, before anything is published, the records that are dead letters after all: those
+/// the producer refused on an earlier try, and those with a score that is not a finite number
+/// (so only published scores reach the drift and latency metrics).
+fn settle(pending: &mut [Pending], scores: &ScoreSlots, poisoned: &HashMap<(i32, i64), Poison>) {
+    let mut values = scores.values.clone();
+    for p in pending.iter_mut() {
+        if let Some(poison) = poisoned.get(&(p.partition, p.offset)) {
+            p.outcome = Outcome::Dead {
+                reason: poison.reason,
+                error: poison.error.clone(),
+                cut: poison.cut,
+            };
+            continue;
+        }
+        if let Outcome::Scored { scores: got, .. } = &p.outcome {
+            scores.fill(&mut values, got);
+            if let Some(bad) = values.iter().find(|v| !v.value.is_finite()) {
+                p.outcome = Outcome::Dead {
+                    reason: NON_FINITE_SCORE,
+                    error: format!(
+                        "score {} is not a finite number ({})",
+                        bad.qualified, bad.value
+                    ),
+                    cut: Cut::Whole,
+                };
+            }
+        }
+    }
 }
 
 /// What one cycle published.
@@ -1055,280 +1550,372 @@ struct Counts {
     changelog: u64,
     scored: u64,
     alerts: u64,
-    /// Alerts by rule.
-    fired: BTreeMap<String, u64>,
+    /// Alerts by rule index.
+    fired: Vec<u64>,
     /// Dead letters by reason.
-    dead: BTreeMap<String, u64>,
+    dead: BTreeMap<&'static str, u64>,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn publish(
-    producer: &ThreadedProducer<DefaultProducerContext>,
-    consumer: &BaseConsumer<SourceContext>,
-    out: &Outputs,
-    loaded: &Loaded,
-    feature_names: &[&str],
-    versions: &[String],
-    opts: &RunOptions,
-    pending: &[Pending],
-    next_offsets: &BTreeMap<i32, i64>,
-    changelog: &Changelog<'_>,
+/// Why a cycle did not commit.
+enum Failure {
+    /// Certainly not committed (a send, the offsets or the flush failed, or the commit was
+    /// refused in a way that requires an abort).
+    NotCommitted(KafkaError),
+    /// The commit itself failed in a way that leaves its outcome open (timed out, or the
+    /// producer failed fatally during it): the broker decides.
+    Unknown {
+        error: KafkaError,
+        /// What the cycle published, should it turn out committed.
+        counts: Box<Counts>,
+    },
+}
+
+impl Failure {
+    /// A short reason label, and whether the producer failed fatally (no abort is possible).
+    fn classify(&self) -> (&'static str, bool) {
+        let e = match self {
+            Failure::NotCommitted(e) | Failure::Unknown { error: e, .. } => e,
+        };
+        classify(e)
+    }
+}
+
+/// Everything a cycle's publishing needs besides the cycle.
+struct Publisher<'a> {
+    outputs: &'a Outputs,
+    loaded: &'a Loaded,
+    feature_names: &'a [&'a str],
+    scores: &'a ScoreSlots,
+    rules: &'a Rules,
+    instance: &'a str,
+    changelog_topic: &'a str,
+    set: &'a FeatureSet,
     transactional: bool,
-    inject_abort: bool,
-) -> Result<Counts, KafkaError> {
-    let t = &loaded.topology;
-    if transactional {
-        producer.begin_transaction()?;
-    }
-    let now = now_ms();
-    let mut counts = Counts::default();
-    // Every event's scores, bar the values, which are filled in per event (names and versions
-    // are not copied for every record); `slots` says where each value comes from: (model
-    // index, score index).
-    let (slots, mut values): (Vec<(usize, usize)>, Vec<ScoreValue>) = t
-        .models
-        .iter()
-        .enumerate()
-        .flat_map(|(m, model)| {
-            model.scores.iter().enumerate().map(move |(i, spec)| {
-                let value = ScoreValue {
-                    model: model.name.clone(),
-                    version: versions[m].clone(),
-                    score: spec.name.clone(),
-                    qualified: format!("{}.{}", model.name, spec.name),
-                    value: f64::NAN,
-                };
-                ((m, i), value)
-            })
-        })
-        .unzip();
-    let mut buf = Vec::with_capacity(1024);
-    for p in pending {
-        match &p.outcome {
-            Outcome::Scored {
-                event,
-                verbatim,
-                schema_id,
-                features,
-                scores,
-                ..
-            } => {
-                for ((m, i), v) in slots.iter().zip(&mut values) {
-                    v.value = scores
-                        .get(*m)
-                        .and_then(|got| got.as_ref()?.get(*i).copied())
-                        .unwrap_or(f64::NAN);
-                }
-                if let Some(bad) = values.iter().find(|v| !v.value.is_finite()) {
-                    let error = format!("score {} is not a finite number", bad.qualified);
-                    send_dead(
-                        producer,
-                        out,
-                        t,
-                        p,
-                        None,
-                        NON_FINITE_SCORE,
-                        &error,
-                        &mut counts,
-                    )?;
-                    continue;
-                }
-                let (decision, fired) = output::decide(&t.alerts, &values);
-                let prov = Provenance {
-                    processor: &opts.instance_id,
-                    topology: &t.name,
-                    topic: &t.input.topic,
-                    partition: p.partition,
-                    offset: p.offset,
-                    schema_id: *schema_id,
-                    processed_at: now,
-                };
-                let event = match verbatim {
-                    Some(bytes) => scored::Event::Verbatim(bytes),
-                    None => scored::Event::Value(event),
-                };
-                buf.clear();
-                if let Err(e) = out.scored.encode_into(
-                    &mut buf,
-                    event,
-                    feature_names,
-                    features,
-                    &values,
-                    decision,
-                    &fired,
-                    &prov,
-                ) {
-                    send_dead(
-                        producer,
-                        out,
-                        t,
-                        p,
-                        None,
-                        UNENCODABLE,
-                        &e.to_string(),
-                        &mut counts,
-                    )?;
-                    continue;
-                }
-                send(producer, &out.scored_topic, p.key.as_deref(), &buf, None)?;
-                counts.scored += 1;
-                if let Some(alerts) = out.alerts_topic.as_ref().filter(|_| !fired.is_empty()) {
-                    send(producer, alerts, p.key.as_deref(), &buf, None)?;
-                    counts.alerts += 1;
-                    for r in &fired {
-                        *counts.fired.entry(r.clone()).or_default() += 1;
-                    }
-                }
-            }
-            Outcome::Dead {
-                payload,
-                reason,
-                error,
-            } => {
-                send_dead(
-                    producer,
-                    out,
-                    t,
-                    p,
-                    payload.as_deref(),
-                    reason,
-                    error,
-                    &mut counts,
-                )?;
+}
+
+impl Publisher<'_> {
+    /// Publishes the cycle and commits it with its input offsets (in one transaction under
+    /// exactly-once).
+    #[allow(clippy::too_many_arguments)]
+    fn publish(
+        &self,
+        producer: &OutputProducer,
+        consumer: &BaseConsumer<SourceContext>,
+        pending: &[Pending],
+        next_offsets: &BTreeMap<i32, i64>,
+        states: &HashMap<i32, FeatureState>,
+        inject_abort: bool,
+        fault: Option<CommitFault>,
+    ) -> Result<Counts, Failure> {
+        let t = &self.loaded.topology;
+        let not_committed = Failure::NotCommitted;
+        if self.transactional {
+            producer.begin_transaction().map_err(not_committed)?;
+        }
+        let counts = self.send_records(producer, pending)?;
+        let mut tpl = TopicPartitionList::new();
+        for (partition, next) in next_offsets {
+            tpl.add_partition_offset(&t.input.topic, *partition, Offset::Offset(*next))
+                .map_err(not_committed)?;
+        }
+        let mut counts = counts;
+        // The state each partition's records left, for restoring it after a crash or rebalance.
+        for (partition, next) in next_offsets {
+            if let Some(state) = states.get(partition) {
+                counts.changelog += state
+                    .changelog(self.set, *next, |key, value| {
+                        produce::send(
+                            producer,
+                            Out {
+                                topic: self.changelog_topic,
+                                partition: Some(*partition),
+                                key: Some(key),
+                                value,
+                                headers: None,
+                                tag: TAG_CHANGELOG,
+                            },
+                        )
+                        .map_err(|e| match e {
+                            SendError::Failed(e) => e,
+                            SendError::Rejected(code) => KafkaError::MessageProduction(code),
+                        })
+                    })
+                    .map_err(not_committed)? as u64;
             }
         }
-    }
-    // The state each partition's records left, for restoring it after a crash or rebalance.
-    for (partition, next) in next_offsets {
-        if let Some(state) = changelog.states.get(partition) {
-            counts.changelog += state.changelog(changelog.set, *next, |key, value| {
-                send_to(producer, changelog.topic, *partition, key, value)
-            })? as u64;
+        if !self.transactional {
+            deliver::flush(producer, BROKER_CALL).map_err(not_committed)?;
+            consumer
+                .commit(&tpl, rdkafka::consumer::CommitMode::Sync)
+                .map_err(not_committed)?;
+            return Ok(counts);
         }
-    }
-    let mut tpl = TopicPartitionList::new();
-    for (partition, next) in next_offsets {
-        tpl.add_partition_offset(&t.input.topic, *partition, Offset::Offset(*next))?;
-    }
-    if transactional {
         let cgm = consumer
             .group_metadata()
-            .ok_or_else(|| KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownMemberId))?;
+            .ok_or(KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownMemberId))
+            .map_err(not_committed)?;
         if inject_abort {
             // Make sure the records reached the broker, so the abort is visible to readers.
-            deliver::flush(producer, BROKER_CALL)?;
-            return Err(KafkaError::Canceled);
+            deliver::flush(producer, BROKER_CALL).map_err(not_committed)?;
+            return Err(Failure::NotCommitted(KafkaError::Canceled));
         }
         health::beat();
-        producer.send_offsets_to_transaction(&tpl, &cgm, BROKER_CALL)?;
+        producer
+            .send_offsets_to_transaction(&tpl, &cgm, BROKER_CALL)
+            .map_err(not_committed)?;
         health::beat();
-        deliver::commit_transaction(producer, BROKER_CALL)?;
-    } else {
-        deliver::flush(producer, BROKER_CALL)?;
-        consumer.commit(&tpl, rdkafka::consumer::CommitMode::Sync)?;
-    }
-    Ok(counts)
-}
-
-fn send(
-    producer: &ThreadedProducer<DefaultProducerContext>,
-    topic: &str,
-    key: Option<&[u8]>,
-    payload: &[u8],
-    headers: Option<OwnedHeaders>,
-) -> Result<(), KafkaError> {
-    let mut record = BaseRecord::<[u8], [u8]>::to(topic).payload(payload);
-    if let Some(k) = key {
-        record = record.key(k);
-    }
-    if let Some(h) = headers {
-        record = record.headers(h);
-    }
-    produce(producer, record)
-}
-
-/// Queues a record, waiting while librdkafka's queue is full.
-fn produce(
-    producer: &ThreadedProducer<DefaultProducerContext>,
-    mut record: BaseRecord<'_, [u8], [u8]>,
-) -> Result<(), KafkaError> {
-    loop {
-        match producer.send(record) {
-            Ok(()) => return Ok(()),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                record = r;
-                health::beat();
-                std::thread::sleep(Duration::from_millis(2));
+        // Deliveries first: a record that failed makes the commit fail (abortable).
+        deliver::flush(producer, BROKER_CALL).map_err(not_committed)?;
+        let mut retries = 0;
+        let mut fault = fault;
+        loop {
+            health::beat();
+            if fault == Some(CommitFault::RetriableBeforeCommit) {
+                fault = None;
+                retries += 1;
+                tracing::warn!(
+                    "commit failed with a retriable error (injected); retrying the commit"
+                );
+                continue;
             }
-            Err((e, _)) => return Err(e),
+            match producer.commit_transaction(BROKER_CALL) {
+                Ok(()) if fault == Some(CommitFault::TimedOutAfterCommit) => {
+                    return Err(Failure::Unknown {
+                        error: KafkaError::Canceled,
+                        counts: Box::new(counts),
+                    });
+                }
+                Ok(()) => return Ok(counts),
+                Err(KafkaError::Transaction(e))
+                    if e.is_retriable() && !e.txn_requires_abort() && retries < 3 =>
+                {
+                    retries += 1;
+                    tracing::warn!("commit failed with a retriable error, retrying: {e}");
+                }
+                Err(error) => {
+                    let abortable =
+                        matches!(&error, KafkaError::Transaction(e) if e.txn_requires_abort());
+                    return Err(if abortable {
+                        Failure::NotCommitted(error)
+                    } else {
+                        Failure::Unknown {
+                            error,
+                            counts: Box::new(counts),
+                        }
+                    });
+                }
+            }
         }
     }
-}
 
-/// A changelog record to its partition (`None`: a tombstone).
-fn send_to(
-    producer: &ThreadedProducer<DefaultProducerContext>,
-    topic: &str,
-    partition: i32,
-    key: &[u8],
-    value: Option<&[u8]>,
-) -> Result<(), KafkaError> {
-    let mut record = BaseRecord::<[u8], [u8]>::to(topic)
-        .partition(partition)
-        .key(key);
-    if let Some(v) = value {
-        record = record.payload(v);
+    /// The cycle's scored records, alerts and dead letters, in input order.
+    fn send_records(
+        &self,
+        producer: &OutputProducer,
+        pending: &[Pending],
+    ) -> Result<Counts, Failure> {
+        let t = &self.loaded.topology;
+        let out = self.outputs;
+        let now = now_ms();
+        let mut counts = Counts {
+            fired: vec![0; self.rules.len()],
+            ..Counts::default()
+        };
+        let mut values = self.scores.values.clone();
+        let mut fired = Vec::new();
+        let mut fired_names: Vec<String> = Vec::new();
+        let mut buf = Vec::with_capacity(1024);
+        let mut alert_buf = Vec::new();
+        for (i, p) in pending.iter().enumerate() {
+            let (reason, error, cut) = match &p.outcome {
+                Outcome::Dead { reason, error, cut } => (*reason, error.clone(), *cut),
+                Outcome::Scored {
+                    event,
+                    verbatim,
+                    schema_id,
+                    features,
+                    scores,
+                    ..
+                } => {
+                    self.scores.fill(&mut values, scores);
+                    let decision = self.rules.decide(&values, &mut fired);
+                    fired_names.clear();
+                    fired_names.extend(fired.iter().map(|r| self.rules.name(*r).to_string()));
+                    let prov = Provenance {
+                        processor: self.instance,
+                        topology: &t.name,
+                        topic: &t.input.topic,
+                        partition: p.partition,
+                        offset: p.offset,
+                        schema_id: *schema_id,
+                        processed_at: now,
+                    };
+                    let datum = p
+                        .value
+                        .as_deref()
+                        .and_then(|v| v.get(crate::wire::HEADER_LEN..));
+                    let event = match datum.filter(|_| *verbatim) {
+                        Some(bytes) => scored::Event::Verbatim(bytes),
+                        None => scored::Event::Value(event),
+                    };
+                    buf.clear();
+                    if let Err(e) = out.scored.encode_into(
+                        &mut buf,
+                        event,
+                        self.feature_names,
+                        features,
+                        &values,
+                        decision,
+                        &fired_names,
+                        &prov,
+                    ) {
+                        (UNENCODABLE, e.to_string(), Cut::Whole)
+                    } else {
+                        match self.send_scored(
+                            producer,
+                            p,
+                            i,
+                            &buf,
+                            &mut alert_buf,
+                            !fired.is_empty(),
+                        )? {
+                            None => {
+                                counts.scored += 1;
+                                if !fired.is_empty() && out.alerts_topic.is_some() {
+                                    counts.alerts += 1;
+                                    for r in &fired {
+                                        counts.fired[*r] += 1;
+                                    }
+                                }
+                                continue;
+                            }
+                            Some(dead) => dead,
+                        }
+                    }
+                }
+            };
+            self.send_dead(producer, p, i, reason, &error, cut)?;
+            *counts.dead.entry(reason).or_default() += 1;
+        }
+        Ok(counts)
     }
-    produce(producer, record)
-}
 
-/// The dead letter: the original key and bytes, the reason and where it came from in headers.
-#[allow(clippy::too_many_arguments)]
-fn send_dead(
-    producer: &ThreadedProducer<DefaultProducerContext>,
-    out: &Outputs,
-    t: &crate::topology::Topology,
-    p: &Pending,
-    payload: Option<&[u8]>,
-    reason: &str,
-    error: &str,
-    counts: &mut Counts,
-) -> Result<(), KafkaError> {
-    *counts.dead.entry(reason.to_string()).or_default() += 1;
-    let partition = p.partition.to_string();
-    let offset = p.offset.to_string();
-    let headers = OwnedHeaders::new()
-        .insert(Header {
-            key: "kscore.reason",
-            value: Some(reason),
-        })
-        .insert(Header {
-            key: "kscore.error",
-            value: Some(error),
-        })
-        .insert(Header {
-            key: "kscore.source.topic",
-            value: Some(&t.input.topic),
-        })
-        .insert(Header {
-            key: "kscore.source.partition",
-            value: Some(&partition),
-        })
-        .insert(Header {
-            key: "kscore.source.offset",
-            value: Some(&offset),
-        })
-        .insert(Header {
-            key: "kscore.topology",
-            value: Some(&t.name),
-        });
-    send(
-        producer,
-        &out.dlq_topic,
-        p.key.as_deref(),
-        payload.unwrap_or_default(),
-        Some(headers),
-    )
+    /// Sends a scored record (and its alert). `Some` dead letter instead when the producer
+    /// refuses the record.
+    fn send_scored(
+        &self,
+        producer: &OutputProducer,
+        p: &Pending,
+        i: usize,
+        buf: &[u8],
+        alert_buf: &mut Vec<u8>,
+        alert: bool,
+    ) -> Result<Option<(&'static str, String, Cut)>, Failure> {
+        let out = self.outputs;
+        let refused = |code: RDKafkaErrorCode, what: &str| {
+            (
+                reason_for(code),
+                format!(
+                    "the {what} of {} bytes (key {} bytes) was refused by the producer: {code}",
+                    buf.len(),
+                    p.key.as_ref().map_or(0, Vec::len)
+                ),
+                Cut::Whole,
+            )
+        };
+        let record = |topic, value, kind| Out {
+            topic,
+            partition: None,
+            key: p.key.as_deref(),
+            value: Some(value),
+            headers: None,
+            tag: tag(i, kind),
+        };
+        match produce::send(producer, record(out.scored_topic.as_str(), buf, TAG_SCORED)) {
+            Ok(()) => {}
+            Err(SendError::Rejected(code)) => return Ok(Some(refused(code, "scored record"))),
+            Err(SendError::Failed(e)) => return Err(Failure::NotCommitted(e)),
+        }
+        if let Some(alerts) = out.alerts_topic.as_ref().filter(|_| alert) {
+            let value: &Vec<u8> = if out.alerts_id == out.scored_id {
+                alert_buf.clear();
+                alert_buf.extend_from_slice(buf);
+                alert_buf
+            } else {
+                // The same record under the alerts subject's schema id.
+                alert_buf.clear();
+                crate::wire::write_header(alert_buf, out.alerts_id);
+                alert_buf.extend_from_slice(buf.get(crate::wire::HEADER_LEN..).unwrap_or_default());
+                alert_buf
+            };
+            match produce::send(
+                producer,
+                record(alerts.as_str(), value.as_slice(), TAG_ALERT),
+            ) {
+                Ok(()) => {}
+                // Its scored record is already on its way: the cycle is redone without it.
+                Err(SendError::Rejected(code)) => {
+                    return Err(Failure::NotCommitted(KafkaError::MessageProduction(code)));
+                }
+                Err(SendError::Failed(e)) => return Err(Failure::NotCommitted(e)),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Sends a record's dead letter, cut down as far as the producer needs.
+    fn send_dead(
+        &self,
+        producer: &OutputProducer,
+        p: &Pending,
+        i: usize,
+        reason: &'static str,
+        error: &str,
+        cut: Cut,
+    ) -> Result<(), Failure> {
+        let t = &self.loaded.topology;
+        let letter = DeadLetter {
+            reason,
+            error,
+            topic: &t.input.topic,
+            partition: p.partition,
+            offset: p.offset,
+            topology: &t.name,
+            key: p.key.as_deref(),
+            value: p.value.as_deref(),
+        };
+        let mut cut = cut;
+        loop {
+            let sent = produce::send(
+                producer,
+                Out {
+                    topic: &self.outputs.dlq_topic,
+                    partition: None,
+                    key: letter.key(cut),
+                    value: letter.value(cut),
+                    headers: Some(letter.headers(cut)),
+                    tag: tag(i, TAG_DEAD),
+                },
+            );
+            match sent {
+                Ok(()) => return Ok(()),
+                Err(SendError::Rejected(code)) => match cut.next() {
+                    Some(less) => {
+                        tracing::warn!(
+                            partition = p.partition,
+                            offset = p.offset,
+                            "dead letter refused ({code}); sending it cut down ({less:?})"
+                        );
+                        cut = less;
+                    }
+                    None => {
+                        return Err(Failure::NotCommitted(KafkaError::MessageProduction(code)));
+                    }
+                },
+                Err(SendError::Failed(e)) => return Err(Failure::NotCommitted(e)),
+            }
+        }
+    }
 }
 
 // Why a cycle was aborted, as `classify` labels it: a fatal transactional error (the producer is
@@ -1367,7 +1954,7 @@ const NON_FINITE_SCORE: &str = "non_finite_score";
 /// Why a scored record goes to the dead-letter topic instead: it could not be encoded.
 const UNENCODABLE: &str = "unencodable";
 
-/// A short reason label, and whether the producer must be rebuilt.
+/// A short reason label, and whether the producer failed fatally.
 fn classify(e: &KafkaError) -> (&'static str, bool) {
     match e {
         KafkaError::Transaction(t) if t.is_fatal() => (ABORT_FATAL, true),
@@ -1385,14 +1972,20 @@ fn submit(
     open: &mut (Vec<u64>, Vec<f32>),
     pressure: &mut Pressure,
     consumer: &BaseConsumer<SourceContext>,
-) {
+) -> Result<(), BatcherError> {
     if open.0.is_empty() {
-        return;
+        return Ok(());
     }
     let mut batch = std::mem::take(open);
-    while let Err(back) = b.try_submit(batch.0, batch.1) {
-        batch = back;
-        pressure.hold(consumer);
+    loop {
+        match b.try_submit(batch.0, batch.1) {
+            Ok(()) => return Ok(()),
+            Err(Refused::Full(t, r)) => {
+                batch = (t, r);
+                pressure.hold(consumer);
+            }
+            Err(Refused::Dead(e)) => return Err(e),
+        }
     }
 }
 
@@ -1447,6 +2040,16 @@ impl Pressure {
                 );
             }
         }
+    }
+
+    /// Holds the input at once (a failed cycle's backoff): paused, polling, rewinding.
+    fn hold_now(&mut self, consumer: &BaseConsumer<SourceContext>) {
+        self.since.get_or_insert_with(|| {
+            Instant::now()
+                .checked_sub(HOLD_AFTER)
+                .unwrap_or_else(Instant::now)
+        });
+        self.hold(consumer);
     }
 
     fn release(&mut self, consumer: &BaseConsumer<SourceContext>) {
@@ -1616,7 +2219,8 @@ impl Reporter {
             .get(((self.latencies.len() as f64) * 0.99) as usize)
             .or(self.latencies.last())
             .copied();
-        println!(
+        // A closed stdout (`kscore run | head`) ends the summaries, never the processor.
+        let line = format!(
             "[kscore {}] {rate:.0} events/s | scored {} | alerts {} | dead letters {} | event-time→commit p99 {} | commits {} aborts {}",
             self.name,
             s.scored,
@@ -1626,6 +2230,11 @@ impl Reporter {
             s.commits,
             s.aborts
         );
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+            tracing::warn!("stdout closed ({e}); no more summaries");
+            self.every = None;
+        }
         self.last = Instant::now();
         self.last_consumed = s.consumed;
         self.latencies.clear();

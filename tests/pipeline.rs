@@ -185,8 +185,8 @@ async fn scenario(guarantee: Guarantee, abort_once_at: Option<u64>) {
         .map(|(p, _)| p)
         .collect();
 
-    // ... and bad records: not framed, unknown schema id, cut short, and a payment whose
-    // ratio-to-mean feature is 0/0.
+    // ... and bad records: not framed, unknown schema id, cut short, and a payment stamped ten
+    // days after it was produced.
     let sr = cluster.registry().unwrap();
     let encoder = FramedEncoder::register(
         &sr,
@@ -195,10 +195,14 @@ async fn scenario(guarantee: Guarantee, abort_once_at: Option<u64>) {
     )
     .await
     .unwrap();
-    let mut zero = events[0].clone();
-    zero.card_id = "crd_zero".into();
-    zero.event_id = uuid::Uuid::from_u128(7);
-    zero.amount_minor = 0;
+    let mut future = events[0].clone();
+    future.card_id = "crd_future".into();
+    future.event_id = uuid::Uuid::from_u128(7);
+    future.event_time = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        + 10 * 86_400_000;
     let good = encoder.encode(events[1].to_value()).unwrap();
     let mut unknown = good.clone();
     unknown[1..5].copy_from_slice(&424_242u32.to_be_bytes());
@@ -211,9 +215,9 @@ async fn scenario(guarantee: Guarantee, abort_once_at: Option<u64>) {
         ("bad-id", unknown, "unknown_schema_id"),
         ("bad-short", good[..good.len() / 3].to_vec(), "undecodable"),
         (
-            "crd_zero",
-            encoder.encode(zero.to_value()).unwrap(),
-            "non_finite_feature",
+            "crd_future",
+            encoder.encode(future.to_value()).unwrap(),
+            "event_time_out_of_range",
         ),
     ];
     let producer: FutureProducer = cluster.client_config().unwrap().create().unwrap();

@@ -4,9 +4,14 @@
 //! waiting or `max_delay` has passed since the first row of the batch (or the pipeline asks for
 //! a flush at a commit), then handed to one of the model's worker threads, each owning its ONNX
 //! Runtime session. The channels are bounded, so a slow model makes `try_submit` hand rows back:
-//! backpressure reaches the consumer instead of memory growing. Results come back tagged with each row's ticket so the pipeline can put
-//! outputs back in input order.
+//! backpressure reaches the consumer instead of memory growing. Results come back tagged with
+//! each row's ticket so the pipeline can put outputs back in input order.
+//!
+//! A worker that dies (a panic) never takes rows with it silently: the batcher reports it as
+//! [`BatcherError::Died`] to the next call, and the pipeline stops rather than wait for scores
+//! that will never come (nothing of the cycle is committed; a restart resumes it).
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc::{
     Receiver, RecvTimeoutError, Sender, SyncSender, TrySendError, channel, sync_channel,
 };
@@ -33,6 +38,47 @@ pub struct Scored {
     pub rows: Result<Vec<(Ticket, Vec<f64>)>, Failed>,
 }
 
+/// What scores rows: a model session, owned by one worker thread.
+pub trait Scorer: Send + 'static {
+    /// The model.
+    fn info(&self) -> &ModelInfo;
+    /// Scores `rows` (row-major): one vector per score, one value per row.
+    fn score(&mut self, rows: &[f32]) -> Result<Vec<Vec<f64>>, ScorerError>;
+}
+
+impl Scorer for ScoringSession {
+    fn info(&self) -> &ModelInfo {
+        ScoringSession::info(self)
+    }
+    fn score(&mut self, rows: &[f32]) -> Result<Vec<Vec<f64>>, ScorerError> {
+        ScoringSession::score(self, rows)
+    }
+}
+
+/// A batcher that can no longer score.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BatcherError {
+    /// One of the model's threads ended (a panic): rows handed to it are lost.
+    #[error(
+        "model {model}: a scoring thread died ({reason}); stopping, the cycle in progress is not committed"
+    )]
+    Died {
+        /// The model.
+        model: String,
+        /// The panic's message, where it had one.
+        reason: String,
+    },
+}
+
+/// Why rows were not taken.
+#[derive(Debug)]
+pub enum Refused {
+    /// The model's queue is full: try again later.
+    Full(Vec<Ticket>, Vec<f32>),
+    /// The batcher is dead.
+    Dead(BatcherError),
+}
+
 enum Msg {
     /// Rows (row-major) and their tickets, submitted together: one channel message per batch,
     /// not per row (per-row hand-offs between threads cost more than scoring the row).
@@ -51,6 +97,17 @@ pub struct ModelBatcher {
     max_rows: usize,
     info: ModelInfo,
     threads: Vec<JoinHandle<()>>,
+    /// Why a thread died, if one did.
+    died: Arc<Mutex<Option<String>>>,
+}
+
+/// The message of a caught panic.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panicked".into())
 }
 
 impl ModelBatcher {
@@ -62,15 +119,33 @@ impl ModelBatcher {
         out: Sender<Scored>,
         throttle: Option<f64>,
     ) -> Result<Self, ScorerError> {
-        let mut sessions = Vec::new();
+        let mut sessions: Vec<Box<dyn Scorer>> = Vec::new();
         for _ in 0..model.workers.max(1) {
             let mut session = ScoringSession::open(model, path)?;
             // Warm-up: the first run allocates and plans; paying for it here keeps it out of
             // the first cycle's latency, and a model that cannot run fails the start.
             session.score(&vec![0.0; session.info().width])?;
-            sessions.push(session);
+            sessions.push(Box::new(session));
         }
-        let info = sessions[0].info().clone();
+        Self::start_with(index, model, sessions, out, throttle)
+    }
+
+    /// Starts the model's threads with these scorers (one worker each; at least one).
+    pub fn start_with(
+        index: usize,
+        model: &Model,
+        sessions: Vec<Box<dyn Scorer>>,
+        out: Sender<Scored>,
+        throttle: Option<f64>,
+    ) -> Result<Self, ScorerError> {
+        let info = sessions
+            .first()
+            .map(|s| s.info().clone())
+            .ok_or_else(|| ScorerError::Run {
+                model: model.name.clone(),
+                reason: "no scoring workers".into(),
+            })?;
+        let died: Arc<Mutex<Option<String>>> = Arc::default();
         let max_rows = model.batching.max_rows.max(1);
         let max_delay = model.batching.max_delay;
         let width = info.width;
@@ -80,10 +155,25 @@ impl ModelBatcher {
         let batch_rx = Arc::new(Mutex::new(batch_rx));
         let mut threads = Vec::new();
         let name = model.name.clone();
+        // Every thread notes why it died, so the pipeline can say so instead of waiting.
+        let guarded = |died: Arc<Mutex<Option<String>>>, body: Box<dyn FnOnce() + Send>| {
+            move || {
+                if let Err(panic) = catch_unwind(AssertUnwindSafe(body)) {
+                    let reason = panic_message(&*panic);
+                    tracing::error!("scoring thread died: {reason}");
+                    died.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_or_insert(reason);
+                }
+            }
+        };
         threads.push(
             std::thread::Builder::new()
                 .name(format!("batch-{name}"))
-                .spawn(move || gather(rx, batch_tx, max_rows, max_delay, width))
+                .spawn(guarded(
+                    died.clone(),
+                    Box::new(move || gather(rx, batch_tx, max_rows, max_delay, width)),
+                ))
                 .map_err(|e| ScorerError::Run {
                     model: model.name.clone(),
                     reason: e.to_string(),
@@ -93,40 +183,39 @@ impl ModelBatcher {
             let rx = batch_rx.clone();
             let out = out.clone();
             let name = name.clone();
+            let body = move || {
+                loop {
+                    let batch = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+                        Ok(b) => b,
+                        Err(_) => return,
+                    };
+                    let started = Instant::now();
+                    let n = batch.tickets.len();
+                    let rows = match session.score(&batch.rows) {
+                        Ok(scores) => rows_of(&name, &batch.tickets, &scores),
+                        Err(e) => Err(e),
+                    }
+                    .map_err(|e| (batch.tickets, e));
+                    if let Some(due) = throttle
+                        .filter(|r| *r > 0.0)
+                        .and_then(|rate| Duration::try_from_secs_f64(n as f64 / rate).ok())
+                    {
+                        // Testing aid: a model this many rows per second slow.
+                        std::thread::sleep(due.saturating_sub(started.elapsed()));
+                    }
+                    metrics::histogram!(names::BATCH_ROWS, "model" => name.clone())
+                        .record(n as f64);
+                    metrics::histogram!(names::SCORING_SECONDS, "model" => name.clone())
+                        .record(started.elapsed().as_secs_f64());
+                    if out.send(Scored { model: index, rows }).is_err() {
+                        return;
+                    }
+                }
+            };
             threads.push(
                 std::thread::Builder::new()
-                    .name(format!("score-{name}-{w}"))
-                    .spawn(move || {
-                        loop {
-                            let batch = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
-                                Ok(b) => b,
-                                Err(_) => return,
-                            };
-                            let started = Instant::now();
-                            let n = batch.tickets.len();
-                            let rows = match session.score(&batch.rows) {
-                                Ok(scores) => Ok(batch
-                                    .tickets
-                                    .iter()
-                                    .enumerate()
-                                    .map(|(i, t)| (*t, scores.iter().map(|s| s[i]).collect()))
-                                    .collect()),
-                                Err(e) => Err((batch.tickets, e)),
-                            };
-                            if let Some(rate) = throttle.filter(|r| *r > 0.0) {
-                                // Testing aid: a model this many rows per second slow.
-                                let due = Duration::from_secs_f64(n as f64 / rate);
-                                std::thread::sleep(due.saturating_sub(started.elapsed()));
-                            }
-                            metrics::histogram!(names::BATCH_ROWS, "model" => name.clone())
-                                .record(n as f64);
-                            metrics::histogram!(names::SCORING_SECONDS, "model" => name.clone())
-                                .record(started.elapsed().as_secs_f64());
-                            if out.send(Scored { model: index, rows }).is_err() {
-                                return;
-                            }
-                        }
-                    })
+                    .name(format!("score-{}-{w}", model.name))
+                    .spawn(guarded(died.clone(), Box::new(body)))
                     .map_err(|e| ScorerError::Run {
                         model: model.name.clone(),
                         reason: e.to_string(),
@@ -138,7 +227,26 @@ impl ModelBatcher {
             max_rows,
             info,
             threads,
+            died,
         })
+    }
+
+    /// `Err` once one of the model's threads has died.
+    pub fn check(&self) -> Result<(), BatcherError> {
+        let died = self.died.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let reason = died.or_else(|| {
+            self.threads
+                .iter()
+                .any(JoinHandle::is_finished)
+                .then(|| "the thread ended".to_string())
+        });
+        match reason {
+            None => Ok(()),
+            Some(reason) => Err(BatcherError::Died {
+                model: self.info.name.clone(),
+                reason,
+            }),
+        }
     }
 
     /// The model.
@@ -154,25 +262,30 @@ impl ModelBatcher {
     /// Queues rows (row-major, `tickets.len()` of them) unless the model's queue is full;
     /// then they come back, so the caller can do something useful (keep its consumer
     /// polling) before it tries again.
-    pub fn try_submit(
-        &self,
-        tickets: Vec<Ticket>,
-        rows: Vec<f32>,
-    ) -> Result<(), (Vec<Ticket>, Vec<f32>)> {
+    pub fn try_submit(&self, tickets: Vec<Ticket>, rows: Vec<f32>) -> Result<(), Refused> {
+        self.check().map_err(Refused::Dead)?;
         match self.tx.try_send(Msg::Rows(tickets, rows)) {
-            Ok(()) | Err(TrySendError::Disconnected(_)) => Ok(()),
-            Err(TrySendError::Full(Msg::Rows(t, r))) => Err((t, r)),
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(Msg::Rows(t, r))) => Err(Refused::Full(t, r)),
             Err(TrySendError::Full(Msg::Flush)) => Ok(()),
+            Err(TrySendError::Disconnected(_)) => Err(Refused::Dead(self.died_now())),
         }
     }
 
+    fn died_now(&self) -> BatcherError {
+        self.check().err().unwrap_or_else(|| BatcherError::Died {
+            model: self.info.name.clone(),
+            reason: "its batching thread is gone".into(),
+        })
+    }
+
     /// Sends what is waiting to the workers now.
-    pub fn flush(&self) {
+    pub fn flush(&self) -> Result<(), BatcherError> {
+        self.check()?;
         match self.tx.try_send(Msg::Flush) {
-            Ok(()) | Err(TrySendError::Disconnected(_)) => {}
-            Err(TrySendError::Full(m)) => {
-                let _ = self.tx.send(m);
-            }
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(m)) => self.tx.send(m).map_err(|_| self.died_now()),
+            Err(TrySendError::Disconnected(_)) => Err(self.died_now()),
         }
     }
 
@@ -205,7 +318,9 @@ fn gather(
         let flush = match msg {
             Ok(Msg::Rows(tickets, rows)) => {
                 if batch.tickets.is_empty() {
-                    deadline = Some(Instant::now() + max_delay);
+                    // A delay too long to add (validation bounds it) is no deadline: the
+                    // pipeline's flush at the end of the cycle sends the batch.
+                    deadline = Instant::now().checked_add(max_delay);
                 }
                 batch.tickets.extend_from_slice(&tickets);
                 batch.rows.extend_from_slice(&rows);
@@ -237,6 +352,30 @@ fn gather(
     }
 }
 
+/// Per row of a batch, its ticket and its scores; an error if the model gave fewer values than
+/// rows.
+fn rows_of(
+    model: &str,
+    tickets: &[Ticket],
+    scores: &[Vec<f64>],
+) -> Result<Vec<(Ticket, Vec<f64>)>, ScorerError> {
+    if let Some(short) = scores.iter().find(|s| s.len() < tickets.len()) {
+        return Err(ScorerError::Run {
+            model: model.to_string(),
+            reason: format!(
+                "the model gave {} values for a batch of {} rows",
+                short.len(),
+                tickets.len()
+            ),
+        });
+    }
+    Ok(tickets
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (*t, scores.iter().map(|s| s[i]).collect()))
+        .collect())
+}
+
 /// Starts a batcher per model of a topology; results of all of them arrive on the returned receiver.
 pub fn start_all(
     models: &[Model],
@@ -249,4 +388,99 @@ pub fn start_all(
         batchers.push(ModelBatcher::start(i, m, p, tx.clone(), throttle)?);
     }
     Ok((batchers, rx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::config::{Batching, ExecutionProvider};
+
+    /// Scores each row as the sum of its columns; panics on a row whose first column is NaN.
+    struct Sum(ModelInfo);
+
+    impl Scorer for Sum {
+        fn info(&self) -> &ModelInfo {
+            &self.0
+        }
+        fn score(&mut self, rows: &[f32]) -> Result<Vec<Vec<f64>>, ScorerError> {
+            let sums: Vec<f64> = rows
+                .chunks(2)
+                .map(|r| {
+                    assert!(!r[0].is_nan(), "a row it cannot take");
+                    f64::from(r[0] + r[1])
+                })
+                .collect();
+            Ok(vec![sums])
+        }
+    }
+
+    fn model(max_delay: Duration) -> Model {
+        Model {
+            name: "m".into(),
+            path: "m.onnx".into(),
+            features: vec!["a".into(), "b".into()],
+            scores: vec![],
+            batching: Batching {
+                max_rows: 4,
+                max_delay,
+            },
+            execution_provider: ExecutionProvider::Cpu,
+            workers: 1,
+        }
+    }
+
+    fn start(max_delay: Duration) -> (ModelBatcher, Receiver<Scored>) {
+        let info = ModelInfo {
+            name: "m".into(),
+            version: "v".into(),
+            input: "x".into(),
+            width: 2,
+            reference: None,
+        };
+        let (tx, rx) = channel();
+        let b = ModelBatcher::start_with(0, &model(max_delay), vec![Box::new(Sum(info))], tx, None)
+            .expect("starts");
+        (b, rx)
+    }
+
+    fn submit(b: &ModelBatcher, tickets: Vec<Ticket>, rows: Vec<f32>) -> Result<(), Refused> {
+        b.try_submit(tickets, rows)
+    }
+
+    /// A `max_delay` too long to add to a clock reading is no deadline, not a panic that kills
+    /// the batching thread (and with it every row handed over).
+    #[test]
+    fn a_huge_max_delay_does_not_kill_the_batcher() {
+        let (b, rx) = start(Duration::MAX);
+        assert!(submit(&b, vec![1], vec![1.0, 2.0]).is_ok());
+        b.flush().expect("alive");
+        let scored = rx.recv_timeout(Duration::from_secs(10)).expect("scores");
+        assert_eq!(scored.rows.expect("scored"), vec![(1, vec![3.0])]);
+        assert_eq!(b.check(), Ok(()));
+    }
+
+    /// A worker that dies is an error on the next call, never rows that silently vanish.
+    #[test]
+    fn a_dead_worker_is_reported_not_waited_for() {
+        let (b, rx) = start(Duration::from_millis(1));
+        assert!(submit(&b, vec![1], vec![f32::NAN, 0.0]).is_ok());
+        b.flush().expect("handed over");
+        // No scores come back for the rows it had...
+        assert!(rx.recv_timeout(Duration::from_millis(500)).is_err());
+        // ... and the batcher says why.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while b.check().is_ok() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let err = b.check().expect_err("dead");
+        assert!(
+            matches!(&err, BatcherError::Died { model, reason } if model == "m" && reason.contains("a row it cannot take")),
+            "{err}"
+        );
+        assert!(matches!(
+            submit(&b, vec![2], vec![1.0, 1.0]),
+            Err(Refused::Dead(_))
+        ));
+        assert!(b.flush().is_err());
+    }
 }

@@ -26,7 +26,19 @@ pub enum ExtractError {
     /// A text field that must say something (the key) is empty.
     #[error("field `{0}` is empty")]
     Empty(String),
+    /// The key is longer than [`MAX_KEY_BYTES`].
+    #[error("field `{field}` is {len} bytes long; a key is at most {MAX_KEY_BYTES} bytes")]
+    TooLong {
+        /// The field.
+        field: String,
+        /// Its length in bytes.
+        len: usize,
+    },
 }
+
+/// The longest key, in bytes. Keys name state (and changelog records, which must fit in one
+/// Kafka record); no entity id is longer.
+pub const MAX_KEY_BYTES: usize = 4_096;
 
 fn unwrap_union(v: &Value) -> &Value {
     match v {
@@ -117,8 +129,8 @@ pub fn categorical(
     })
 }
 
-/// A field value as text (for the record key). An empty string is refused: as a key it would
-/// pool every such record into one history.
+/// A field value as text (for the record key). An empty string is refused (as a key it would
+/// pool every such record into one history), and so is one over [`MAX_KEY_BYTES`].
 pub fn text(fields: &[(String, Value)], index: usize, name: &str) -> Result<String, ExtractError> {
     let text = match field(fields, index, name)? {
         Value::String(s) => s.clone(),
@@ -133,6 +145,12 @@ pub fn text(fields: &[(String, Value)], index: usize, name: &str) -> Result<Stri
     };
     if text.is_empty() {
         return Err(ExtractError::Empty(name.to_string()));
+    }
+    if text.len() > MAX_KEY_BYTES {
+        return Err(ExtractError::TooLong {
+            field: name.to_string(),
+            len: text.len(),
+        });
     }
     Ok(text)
 }

@@ -71,6 +71,7 @@ impl FeatureError {
     /// Every value [`FeatureError::reason`] returns.
     pub const REASONS: &'static [&'static str] = &[
         "missing_key",
+        "key_too_long",
         "missing_event_time",
         "event_time_out_of_range",
         "missing_field",
@@ -81,6 +82,7 @@ impl FeatureError {
     /// A short, fixed label for metrics and dead-letter headers.
     pub fn reason(&self) -> &'static str {
         match self {
+            FeatureError::Key(ExtractError::TooLong { .. }) => "key_too_long",
             FeatureError::Key(_) => "missing_key",
             FeatureError::EventTime(_) => "missing_event_time",
             FeatureError::EventTimeOutOfRange(_) => "event_time_out_of_range",
@@ -448,7 +450,7 @@ fn median(values: &mut [i64; CLOCK_BASE]) -> i64 {
 /// changed since the last [`FeatureState::checkpoint`], so an aborted transaction can take its
 /// changes back ([`FeatureState::rollback`]) and a commit can changelog exactly those keys
 /// ([`FeatureState::changelog`]).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct FeatureState {
     keys: HashMap<String, KeyState>,
     seq: u64,
@@ -463,20 +465,6 @@ pub struct FeatureState {
 
 /// Events a partition's state takes between two sweeps for idle keys.
 pub const SWEEP_EVERY: u64 = 10_000;
-
-impl Default for FeatureState {
-    fn default() -> Self {
-        FeatureState {
-            keys: HashMap::new(),
-            seq: 0,
-            clock: EvictionClock::default(),
-            since_sweep: 0,
-            undo: HashMap::new(),
-            at_checkpoint: (0, EvictionClock::default(), 0),
-            committed_next: None,
-        }
-    }
-}
 
 impl FeatureState {
     /// Forgets the undo log: everything so far is committed.

@@ -526,6 +526,10 @@ fn every_feature_reason_is_listed_and_every_listed_reason_occurs() {
         FeatureError::Extract(wrong()),
         FeatureError::Extract(ExtractError::NotFinite("amount".into())),
         FeatureError::Key(ExtractError::Empty("card_id".into())),
+        FeatureError::Key(ExtractError::TooLong {
+            field: "card_id".into(),
+            len: 5_000,
+        }),
         FeatureError::EventTimeOutOfRange("0 ms is before ...".into()),
         FeatureError::NotFinite("mean_7d".into()),
     ];

@@ -100,6 +100,69 @@ pub fn decide(rules: &[AlertRule], scores: &[ScoreValue]) -> (Decision, Vec<Stri
     (decision, fired)
 }
 
+/// A topology's alert rules with each rule's score found once, by its place among the scores
+/// (`<model>.<score>` in topology order), so deciding compares numbers, not names.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    /// Per rule: the index of its score, the threshold, the decision.
+    rules: Vec<(usize, f64, Decision)>,
+    names: Vec<String>,
+}
+
+impl Rules {
+    /// `qualified`: every score's `<model>.<score>`, in the order scores are given to
+    /// [`Rules::decide`]. A rule naming no score is an error (validation reports it first).
+    pub fn new(rules: &[AlertRule], qualified: &[String]) -> Result<Self, String> {
+        let compiled = rules
+            .iter()
+            .map(|r| {
+                qualified
+                    .iter()
+                    .position(|q| *q == r.score)
+                    .map(|i| (i, r.threshold, r.decision))
+                    .ok_or_else(|| format!("alert rule `{}`: no score `{}`", r.name, r.score))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Rules {
+            rules: compiled,
+            names: rules.iter().map(|r| r.name.clone()).collect(),
+        })
+    }
+
+    /// The decision for `scores`; `fired` gets the indices of the rules that fired.
+    pub fn decide(&self, scores: &[ScoreValue], fired: &mut Vec<usize>) -> Decision {
+        fired.clear();
+        let mut decision = Decision::Allow;
+        for (i, (score, threshold, d)) in self.rules.iter().enumerate() {
+            if scores.get(*score).is_some_and(|s| s.value >= *threshold) {
+                fired.push(i);
+                decision = decision.max(*d);
+            }
+        }
+        decision
+    }
+
+    /// A rule's name.
+    pub fn name(&self, rule: usize) -> &str {
+        self.names.get(rule).map_or("", String::as_str)
+    }
+
+    /// The score index a rule reads.
+    pub fn score_of(&self, rule: usize) -> Option<usize> {
+        self.rules.get(rule).map(|r| r.0)
+    }
+
+    /// Number of rules.
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+}
+
 fn decision_value(d: Decision) -> Value {
     match d {
         Decision::Allow => Value::Enum(0, "ALLOW".into()),
@@ -219,5 +282,23 @@ mod tests {
             decide(&rules, &[s("m.fraud", 0.95), s("a.anomaly", 0.0)]),
             (Decision::Block, vec!["block".into(), "review".into()])
         );
+        // The compiled rules decide the same, by index.
+        let compiled =
+            Rules::new(&rules, &["m.fraud".to_string(), "a.anomaly".to_string()]).expect("rules");
+        let mut fired = Vec::new();
+        for (scores, want) in [
+            ([0.1, 0.2], Decision::Allow),
+            ([0.3, 2.0], Decision::Review),
+            ([0.95, 0.0], Decision::Block),
+        ] {
+            let values = [s("m.fraud", scores[0]), s("a.anomaly", scores[1])];
+            assert_eq!(compiled.decide(&values, &mut fired), want);
+            let names: Vec<String> = fired
+                .iter()
+                .map(|r| compiled.name(*r).to_string())
+                .collect();
+            assert_eq!(names, decide(&rules, &values).1);
+        }
+        assert!(Rules::new(&rules, &["m.fraud".to_string()]).is_err());
     }
 }

@@ -1,13 +1,17 @@
 //! Avro decoding of Confluent-framed payloads. The writer schema is fetched from the registry
 //! by the id in the frame (the client caches it) and every record is resolved to the reader
 //! schema, so producers can evolve their schema compatibly without the processor noticing.
-//! When writer and reader are the same schema the resolution step is skipped.
+//! When writer and reader are the same schema the resolution step is skipped. A record that
+//! fails says which schema it failed against: not a datum of its writer schema (`undecodable`),
+//! or a datum that cannot be read as the reader schema (`incompatible_schema`, with the field).
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use apache_avro::Schema;
+use apache_avro::error::Details;
 use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::schema::ResolvedSchema;
 use apache_avro::schema_compatibility::SchemaCompatibility;
 use apache_avro::types::Value;
 use schema_registry_converter::async_impl::avro::AvroDecoder;
@@ -22,9 +26,10 @@ pub struct Decoded {
     pub schema_id: u32,
     /// The record, resolved to the reader schema.
     pub value: Value,
-    /// The datum's bytes when they were written with the reader schema itself, so they are
-    /// already the reader schema's encoding of `value` (and can be copied instead of encoded).
-    pub verbatim: Option<Vec<u8>>,
+    /// Whether the datum (the payload after its 5-byte header) was written with the reader
+    /// schema itself, so it already is the reader schema's encoding of `value` and can be
+    /// copied instead of encoded.
+    pub verbatim: bool,
 }
 
 /// Why a payload could not be decoded.
@@ -60,6 +65,15 @@ pub enum DecodeError {
         /// Why.
         reason: String,
     },
+    /// The record is a valid datum of its writer schema, but cannot be read as the reader
+    /// schema (a symbol the reader's enum lacks, say).
+    #[error("record of writer schema {id} cannot be read with the reader schema: {reason}")]
+    Resolve {
+        /// The schema id in the frame.
+        id: u32,
+        /// Which field, and why.
+        reason: String,
+    },
 }
 
 impl DecodeError {
@@ -87,45 +101,116 @@ impl DecodeError {
         match self {
             DecodeError::Frame(_) => "not_confluent_framed",
             DecodeError::Schema { .. } => "unknown_schema_id",
-            DecodeError::Incompatible { .. } => "incompatible_schema",
+            DecodeError::Incompatible { .. } | DecodeError::Resolve { .. } => "incompatible_schema",
             DecodeError::Datum { .. } => "undecodable",
         }
     }
 }
 
-/// A datum reader for one writer schema, resolving to the reader schema unless they are the same.
-/// Schemas are leaked to get `'static` readers that can be cached: there is one per writer
-/// schema id seen, a handful over a process's life (decoders are made once per process too), and building a reader (name resolution) per
-/// record would cost more than decoding it.
+self_cell::self_cell!(
+    /// A writer schema and the datum reader that borrows it, cached per schema id: building a
+    /// reader (name resolution) per record would cost more than decoding it.
+    struct WriterReader {
+        owner: Schema,
+        #[covariant]
+        dependent: GenericDatumReader,
+    }
+);
+
+self_cell::self_cell!(
+    /// The reader schema and its named types, for resolving records to it.
+    struct ReaderSchema {
+        owner: Schema,
+        #[covariant]
+        dependent: ResolvedSchema,
+    }
+);
+
+/// What is cached per writer schema id.
 struct Writer {
-    reader: GenericDatumReader<'static>,
+    reader: WriterReader,
     same_as_reader: bool,
+}
+
+/// Where writer schemas come from.
+enum Writers {
+    /// The registry, by the id in the frame.
+    Registry(Box<AvroDecoder>),
+    /// A fixed set (no registry): other ids are unknown.
+    Fixed,
 }
 
 /// Decodes framed payloads into records of one reader schema.
 pub struct Decoder {
-    registry: AvroDecoder,
-    reader: &'static Schema,
+    source: Writers,
+    reader: ReaderSchema,
     reader_canonical: String,
     writers: RwLock<HashMap<u32, Arc<Writer>>>,
 }
 
 impl Decoder {
-    /// A decoder that resolves everything to `reader`.
+    /// A decoder that fetches writer schemas from the registry and resolves everything to
+    /// `reader`.
     pub fn new(registry: SrSettings, reader: Schema) -> Self {
-        let reader: &'static Schema = Box::leak(Box::new(reader));
+        Self::with_source(
+            Writers::Registry(Box::new(AvroDecoder::new(registry))),
+            reader,
+        )
+    }
+
+    /// A decoder that knows exactly these writer schemas, by id, and no registry: a frame naming
+    /// another id is `unknown_schema_id`. A writer that cannot be read as `reader` is refused
+    /// here, with the reason.
+    pub fn with_writers(
+        reader: Schema,
+        writers: impl IntoIterator<Item = (u32, Schema)>,
+    ) -> Result<Self, DecodeError> {
+        let decoder = Self::with_source(Writers::Fixed, reader);
+        for (id, schema) in writers {
+            let w = decoder.compile(id, schema)?;
+            decoder
+                .writers
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id, Arc::new(w));
+        }
+        Ok(decoder)
+    }
+
+    fn with_source(source: Writers, reader: Schema) -> Self {
         let reader_canonical = reader.canonical_form();
+        // A parsed schema's names resolve (parsing checked them); should they not, resolution
+        // finds no names and refuses records, it never misreads them.
+        static NO_NAMES: Schema = Schema::Null;
+        let reader = ReaderSchema::new(reader, |s| {
+            ResolvedSchema::try_from(s)
+                .or_else(|e| {
+                    tracing::warn!("reader schema names: {e}");
+                    ResolvedSchema::try_from(&NO_NAMES)
+                })
+                .unwrap_or_else(|_| unreachable!("the null schema has no names to resolve"))
+        });
         Decoder {
-            registry: AvroDecoder::new(registry),
+            source,
             reader,
             reader_canonical,
             writers: RwLock::default(),
         }
     }
 
-    /// The reader schema.
-    pub fn reader(&self) -> &Schema {
-        self.reader
+    fn compile(&self, id: u32, schema: Schema) -> Result<Writer, DecodeError> {
+        let incompatible = |reason: String| DecodeError::Incompatible { id, reason };
+        let same_as_reader = schema.canonical_form() == self.reader_canonical;
+        if !same_as_reader {
+            SchemaCompatibility::can_read(&schema, self.reader.borrow_owner())
+                .map_err(|e| incompatible(e.to_string()))?;
+        }
+        let reader = WriterReader::try_new(schema, |s| GenericDatumReader::builder(s).build())
+            .map_err(|e| incompatible(e.to_string()))?;
+        Ok(Writer {
+            reader,
+            same_as_reader,
+        })
     }
 
     async fn writer(&self, id: u32) -> Result<Arc<Writer>, DecodeError> {
@@ -137,8 +222,17 @@ impl Decoder {
         {
             return Ok(w.clone());
         }
-        let fetched = self
-            .registry
+        let registry = match &self.source {
+            Writers::Registry(r) => r,
+            Writers::Fixed => {
+                return Err(DecodeError::Schema {
+                    id,
+                    reason: "not one of this decoder's schemas".into(),
+                    retriable: false,
+                });
+            }
+        };
+        let fetched = registry
             .get_schema(id)
             .await
             .map_err(|e| DecodeError::Schema {
@@ -149,23 +243,7 @@ impl Decoder {
                 },
                 retriable: e.retriable,
             })?;
-        let schema: &'static Schema = Box::leak(Box::new(fetched.parsed.clone()));
-        let same_as_reader = schema.canonical_form() == self.reader_canonical;
-        let incompatible = |reason: String| DecodeError::Incompatible { id, reason };
-        let reader = if same_as_reader {
-            GenericDatumReader::builder(schema).build()
-        } else {
-            SchemaCompatibility::can_read(schema, self.reader)
-                .map_err(|e| incompatible(e.to_string()))?;
-            GenericDatumReader::builder(schema)
-                .reader_schema(self.reader)
-                .build()
-        }
-        .map_err(|e| incompatible(e.to_string()))?;
-        let w = Arc::new(Writer {
-            reader,
-            same_as_reader,
-        });
+        let w = Arc::new(self.compile(id, fetched.parsed.clone())?);
         self.writers
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -175,11 +253,41 @@ impl Decoder {
 
     /// Decodes one payload (a Kafka record's value).
     pub async fn decode(&self, payload: Option<&[u8]>) -> Result<Decoded, DecodeError> {
-        let (id, mut datum) = wire::parse(payload)?;
-        let whole = datum;
+        let (id, _) = wire::parse(payload)?;
         let writer = self.writer(id).await?;
+        self.decode_with(&writer, id, payload)
+    }
+
+    /// Decodes one payload with the writer schemas already known (never calls the registry):
+    /// for a decoder made [`Decoder::with_writers`], the same as [`Decoder::decode`].
+    pub fn decode_known(&self, payload: Option<&[u8]>) -> Result<Decoded, DecodeError> {
+        let (id, _) = wire::parse(payload)?;
+        let writer = self
+            .writers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| DecodeError::Schema {
+                id,
+                reason: "not one of this decoder's schemas".into(),
+                retriable: false,
+            })?;
+        self.decode_with(&writer, id, payload)
+    }
+
+    fn decode_with(
+        &self,
+        writer: &Writer,
+        id: u32,
+        payload: Option<&[u8]>,
+    ) -> Result<Decoded, DecodeError> {
+        let (_, mut datum) = wire::parse(payload)?;
+        // Two steps, so an error says which schema the record failed against: decoding with
+        // the writer schema, then resolving the value to the reader schema.
         let value = writer
             .reader
+            .borrow_dependent()
             .read_value(&mut datum)
             .map_err(|e| DecodeError::Datum {
                 id,
@@ -191,11 +299,59 @@ impl Decoder {
                 reason: format!("{} bytes left over after the record", datum.len()),
             });
         }
+        let value = if writer.same_as_reader {
+            value
+        } else {
+            let reader = self.reader.borrow_owner();
+            let names = self.reader.borrow_dependent().get_names();
+            match value.clone().resolve_with_names(reader, names) {
+                Ok(v) => v,
+                Err(e) => {
+                    return Err(DecodeError::Resolve {
+                        id,
+                        reason: explain(&value, reader, names, e),
+                    });
+                }
+            }
+        };
         Ok(Decoded {
             schema_id: id,
             value,
-            verbatim: writer.same_as_reader.then(|| whole.to_vec()),
+            verbatim: writer.same_as_reader,
         })
+    }
+}
+
+/// Why a value of the writer schema does not resolve to the reader schema, naming the
+/// top-level field that fails where there is one (tried field by field: failures only).
+fn explain(
+    value: &Value,
+    reader: &Schema,
+    names: &apache_avro::schema::NamesRef<'_>,
+    whole: apache_avro::Error,
+) -> String {
+    if let (Value::Record(fields), Schema::Record(record)) = (value, reader) {
+        for f in &record.fields {
+            let Some((_, v)) = fields.iter().find(|(n, _)| *n == f.name) else {
+                continue;
+            };
+            if let Err(e) = v.clone().resolve_with_names(&f.schema, names) {
+                return format!("field `{}`: {}", f.name, describe(&e));
+            }
+        }
+    }
+    describe(&whole)
+}
+
+/// An Avro resolution error in words (some of the library's own say something else).
+fn describe(e: &apache_avro::Error) -> String {
+    match e.details() {
+        // Raised for a symbol the reader's enum lacks, whether or not the enum has a default.
+        Details::GetEnumDefault { symbol, symbols } => format!(
+            "symbol `{symbol}` is not one of the reader's enum symbols {symbols:?}, and the \
+             reader's enum has no default to read it as"
+        ),
+        _ => e.to_string(),
     }
 }
 
@@ -225,6 +381,10 @@ mod tests {
             DecodeError::Incompatible {
                 id: 1,
                 reason: "no field".into(),
+            },
+            DecodeError::Resolve {
+                id: 1,
+                reason: "enum".into(),
             },
             DecodeError::Datum {
                 id: 1,

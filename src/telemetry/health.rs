@@ -6,11 +6,12 @@
 //! * live: the processing loop turned in the last [`STALL`] (a loop stuck in a call that never
 //!   returns is what a restart cures);
 //! * ready: live, the model sessions ran their warm-up batch, the consumer received its first
-//!   assignment, no assigned partition is still waiting for its state to be restored, and the
+//!   assignment, no assigned partition is still waiting for its state to be restored, the
 //!   output producer is not being re-created (as it is while the broker is unreachable: the
-//!   process stays live then, since a restart would do no better).
+//!   process stays live then, since a restart would do no better), and fewer than
+//!   [`FAILED_CYCLES_NOT_READY`] cycles in a row have failed to commit.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::metrics as names;
@@ -24,6 +25,11 @@ static MODELS_WARM: AtomicBool = AtomicBool::new(false);
 static ASSIGNED: AtomicBool = AtomicBool::new(false);
 static RESTORING: AtomicUsize = AtomicUsize::new(0);
 static PRODUCER_DOWN: AtomicBool = AtomicBool::new(false);
+static FAILED_CYCLES: AtomicU32 = AtomicU32::new(0);
+
+/// Consecutive failed cycles after which the process is reported not ready (until a cycle
+/// commits again).
+pub const FAILED_CYCLES_NOT_READY: u32 = 3;
 
 fn now_ms() -> i64 {
     SystemTime::now()
@@ -37,6 +43,7 @@ pub fn pipeline_started() {
     ASSIGNED.store(false, Ordering::SeqCst);
     RESTORING.store(0, Ordering::SeqCst);
     PRODUCER_DOWN.store(false, Ordering::SeqCst);
+    FAILED_CYCLES.store(0, Ordering::SeqCst);
     beat();
     WATCHED.store(true, Ordering::SeqCst);
     publish();
@@ -71,6 +78,12 @@ pub fn producer_down(down: bool) {
     publish();
 }
 
+/// `n` cycles in a row have failed to commit (0: the last one committed).
+pub fn failed_cycles(n: u32) {
+    FAILED_CYCLES.store(n, Ordering::SeqCst);
+    publish();
+}
+
 /// The health of the process at this moment.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Report {
@@ -90,6 +103,8 @@ pub struct Report {
     pub restoring: usize,
     /// The output producer is being re-created.
     pub producer_down: bool,
+    /// Cycles in a row that failed to commit.
+    pub failed_cycles: u32,
 }
 
 /// The current report.
@@ -104,6 +119,7 @@ pub fn report() -> Report {
             assigned: false,
             restoring: 0,
             producer_down: false,
+            failed_cycles: 0,
         };
     }
     let ago = now_ms() - LAST_BEAT_MS.load(Ordering::Relaxed);
@@ -112,15 +128,22 @@ pub fn report() -> Report {
     let assigned = ASSIGNED.load(Ordering::SeqCst);
     let restoring = RESTORING.load(Ordering::SeqCst);
     let producer_down = PRODUCER_DOWN.load(Ordering::SeqCst);
+    let failed_cycles = FAILED_CYCLES.load(Ordering::SeqCst);
     Report {
         live,
-        ready: live && models_warm && assigned && restoring == 0 && !producer_down,
+        ready: live
+            && models_warm
+            && assigned
+            && restoring == 0
+            && !producer_down
+            && failed_cycles < FAILED_CYCLES_NOT_READY,
         pipeline: true,
         last_beat_ms_ago: Some(ago),
         models_warm,
         assigned,
         restoring,
         producer_down,
+        failed_cycles,
     }
 }
 
@@ -159,6 +182,19 @@ mod tests {
         let r = report();
         assert!(r.live && !r.ready && r.producer_down, "{r:?}");
         producer_down(false);
+        assert!(report().ready);
+        // Cycles failing to commit: ready until the stated number in a row, then not.
+        for n in 1..FAILED_CYCLES_NOT_READY {
+            failed_cycles(n);
+            assert!(report().ready, "{n} failed cycles");
+        }
+        failed_cycles(FAILED_CYCLES_NOT_READY);
+        let r = report();
+        assert!(
+            r.live && !r.ready && r.failed_cycles == FAILED_CYCLES_NOT_READY,
+            "{r:?}"
+        );
+        failed_cycles(0);
         assert!(report().ready);
         // A loop that stopped turning is neither live nor ready.
         LAST_BEAT_MS.store(

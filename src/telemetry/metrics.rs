@@ -71,6 +71,8 @@ pub const SCORING_SECONDS: &str = "kscore_scoring_seconds";
 pub const EVENT_TO_COMMIT_SECONDS: &str = "kscore_event_time_to_commit_seconds";
 /// Seconds a commit took.
 pub const COMMIT_SECONDS: &str = "kscore_commit_seconds";
+/// Cycles in a row that failed to commit.
+pub const FAILED_CYCLES: &str = "kscore_failed_cycles";
 /// Consumer lag in records, labelled `topic` and `partition`.
 pub const CONSUMER_LAG: &str = "kscore_consumer_lag";
 /// Keys held in feature state.
@@ -168,11 +170,12 @@ pub const CATALOGUE: &[Metric] = &[
     metric(SCORED, Counter, &["topic"], "Events scored and published to the scored topic."),
     metric(DEAD_LETTERED, Counter, &["topic", "reason"], "Input records sent to the dead-letter topic, by reason (one series per reason from the start, at 0)."),
     metric(ALERTS, Counter, &["rule", "model", "version"], "Alerts published, by the topology's alert rule and the model version whose score fired it."),
-    metric(CONSUMER_LAG, Gauge, &["topic", "partition"], "Records between the consumer's position and the partition's last stable offset."),
+    metric(CONSUMER_LAG, Gauge, &["topic", "partition"], "Records between the partition's last committed offset (what the processor has committed, not how far it has read) and its last stable offset: it grows while cycles fail to commit."),
     histogram(EVENT_TO_COMMIT_SECONDS, &[], LATENCY, "Seconds from an event's event time to the commit that published its score."),
     // Transactions.
     metric(COMMITS, Counter, &[], "Transactions committed (cycles committed, under at-least-once)."),
     metric(ABORTS, Counter, &["reason"], "Transactions aborted, by reason (`abortable`, `fatal`, `transaction`, `produce`, `injected`, `other`)."),
+    metric(FAILED_CYCLES, Gauge, &[], "Cycles in a row that failed to commit (0 once one commits); not ready from 3. Each retry waits 0.1 s after the first failure, doubling to 30 s."),
     histogram(COMMIT_SECONDS, &[], SECONDS, "Seconds a commit took: publishing the cycle's records, the changelog and the offsets."),
     // Scoring.
     histogram(BATCH_ROWS, &["model"], ROWS, "Rows per model call."),

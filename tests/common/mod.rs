@@ -27,7 +27,10 @@ pub struct Record {
     pub partition: i32,
     pub offset: i64,
     pub key: Option<Vec<u8>>,
+    /// The value's bytes (empty for a record without a value).
     pub payload: Vec<u8>,
+    /// The value as it is: `None` for a record without one (a tombstone).
+    pub value: Option<Vec<u8>>,
     pub headers: HashMap<String, String>,
 }
 
@@ -78,6 +81,7 @@ pub fn read(
                     offset: m.offset(),
                     key: m.key().map(<[u8]>::to_vec),
                     payload: m.payload().unwrap_or_default().to_vec(),
+                    value: m.payload().map(<[u8]>::to_vec),
                     headers,
                 });
                 quiet_since = Instant::now();
