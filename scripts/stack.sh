@@ -40,7 +40,11 @@ die() { printf '[stack] error: %s\n' "$*" >&2; exit 1; }
 
 install_broker() {
   local bin="$VENV/lib/python3.11/site-packages/noida_db/noida-db"
-  if [[ -x "$bin" ]] && "$VENV/bin/pip" show noida-db 2>/dev/null | grep -q "^Version: $NOIDA_VERSION\$"; then
+  # pip's output is read whole, not piped into `grep -q`: under `pipefail` the pipe broken by
+  # grep's early exit failed the test and reinstalled the broker on every start.
+  local shown
+  shown="$("$VENV/bin/pip" show noida-db 2>/dev/null || true)"
+  if [[ -x "$bin" && $'\n'"$shown"$'\n' == *$'\nVersion: '"$NOIDA_VERSION"$'\n'* ]]; then
     return
   fi
   say "installing noida-db==$NOIDA_VERSION into $VENV"

@@ -64,8 +64,11 @@ enum Command {
         /// Testing aid: cap each model worker at this many rows per second (a slow model).
         #[arg(long, hide = true)]
         throttle_scoring: Option<f64>,
+        /// Testing aid: while this file exists, abort every transaction after its records
+        /// were sent (a broker refusing every commit).
+        #[arg(long, hide = true)]
+        fail_commits_while: Option<PathBuf>,
     },
-    /// Compute a topology's features over a file of events, offline (for training).
     /// Benchmark baseline: copy a topic to another in transactions, nothing else.
     Passthrough {
         #[command(flatten)]
@@ -73,6 +76,7 @@ enum Command {
         #[command(flatten)]
         args: kscore::passthrough::PassthroughArgs,
     },
+    /// Compute a topology's features over a file of events, offline (for training).
     Features {
         #[command(flatten)]
         args: kscore::features::offline::FeaturesArgs,
@@ -157,6 +161,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             duration,
             membership,
             throttle_scoring,
+            fail_commits_while,
         } => {
             tracing::info!("connecting: {}", cluster.describe());
             let loaded = kscore::topology::load(&topology)?;
@@ -173,6 +178,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 summary_every,
                 throttle_scoring,
                 membership,
+                fail_cycles: fail_commits_while.map(kscore::pipeline::FailSwitch::File),
                 ..Default::default()
             };
             let rt = tokio::runtime::Handle::current();

@@ -78,15 +78,34 @@ pub struct RunOptions {
     /// Testing aid: abort the n-th transaction (once) after all its records were sent, to show
     /// that an aborted cycle is redone and its records never reach `read_committed`.
     pub abort_once_at: Option<u64>,
-    /// Testing aid: while set, abort every transaction after its records were sent (a broker
+    /// Testing aid: while on, abort every transaction after its records were sent (a broker
     /// that refuses every commit), to show backoff, readiness and lag.
-    pub fail_cycles: Option<Arc<AtomicBool>>,
+    pub fail_cycles: Option<FailSwitch>,
     /// Testing aid: make the n-th transaction's commit fail (once) in this way.
     pub commit_fault: Option<(u64, CommitFault)>,
     /// Testing aid: cap each model worker at this many rows per second, to show backpressure.
     pub throttle_scoring: Option<f64>,
     /// How this instance belongs to its consumer group.
     pub membership: Membership,
+}
+
+/// A testing aid's switch.
+#[derive(Debug, Clone)]
+pub enum FailSwitch {
+    /// On while the flag is set.
+    Flag(Arc<AtomicBool>),
+    /// On while the file exists.
+    File(std::path::PathBuf),
+}
+
+impl FailSwitch {
+    /// Whether the switch is on.
+    pub fn on(&self) -> bool {
+        match self {
+            FailSwitch::Flag(f) => f.load(Ordering::Relaxed),
+            FailSwitch::File(p) => p.exists(),
+        }
+    }
 }
 
 /// A commit failure a test can inject.
@@ -730,10 +749,7 @@ pub fn run(
         cycles += 1;
         let inject = transactional
             && (opts.abort_once_at == Some(cycles)
-                || opts
-                    .fail_cycles
-                    .as_ref()
-                    .is_some_and(|f| f.load(Ordering::Relaxed)));
+                || opts.fail_cycles.as_ref().is_some_and(FailSwitch::on));
         let fault = opts
             .commit_fault
             .filter(|(at, _)| transactional && *at == cycles)

@@ -61,3 +61,75 @@ fn a_model_input_width_mismatch_is_reported_with_file_and_field() {
         "{output}"
     );
 }
+
+/// `kscore --help` gives each subcommand its own description.
+#[test]
+fn help_describes_each_subcommand() {
+    let out = Command::new(env!("CARGO_BIN_EXE_kscore"))
+        .arg("--help")
+        .output()
+        .expect("runs");
+    let help = String::from_utf8_lossy(&out.stdout);
+    let line = |cmd: &str| {
+        help.lines()
+            .find(|l| l.trim_start().starts_with(&format!("{cmd} ")))
+            .map(|l| l.trim_start()[cmd.len()..].trim().to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        line("passthrough"),
+        "Benchmark baseline: copy a topic to another in transactions, nothing else",
+        "{help}"
+    );
+    assert_eq!(
+        line("features"),
+        "Compute a topology's features over a file of events, offline (for training)",
+        "{help}"
+    );
+}
+
+/// ONNX Runtime's own logs (graph optimiser, session options) stay at `warn` unless asked
+/// for, also when `RUST_LOG` sets the level for everything else.
+#[test]
+fn onnx_runtime_chatter_stays_out_of_info_logs() {
+    for filter in ["info", "debug,librdkafka=off"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_kscore"))
+            .args(["validate", "topologies/fraud.toml"])
+            .env("RUST_LOG", filter)
+            .output()
+            .expect("runs");
+        let logs = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{logs}");
+        let chatter = logs.lines().filter(|l| l.contains("ort::")).count();
+        assert_eq!(chatter, 0, "RUST_LOG={filter}:\n{logs}");
+    }
+    // Asked for, they are there.
+    let out = Command::new(env!("CARGO_BIN_EXE_kscore"))
+        .args(["validate", "topologies/fraud.toml"])
+        .env("RUST_LOG", "info,ort=info")
+        .output()
+        .expect("runs");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ort::"));
+}
+
+/// `scripts/stack.sh install` leaves an installed broker alone (it used to reinstall it on
+/// every start: `pip show | grep -q` under `pipefail`).
+#[test]
+fn the_stack_script_does_not_reinstall_what_is_installed() {
+    let run = || {
+        Command::new("scripts/stack.sh")
+            .arg("install")
+            .output()
+            .expect("runs")
+    };
+    let first = run();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let second = run();
+    let said = String::from_utf8_lossy(&second.stderr);
+    assert!(second.status.success(), "{said}");
+    assert!(!said.contains("installing"), "{said}");
+}
