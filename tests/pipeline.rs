@@ -169,7 +169,7 @@ async fn scenario(guarantee: Guarantee, abort_once_at: Option<u64>) {
         event_rate: 0.05,
         start: None,
         seed: 99,
-        cards: 40,
+        cards: Some(40),
         merchants: 60,
         fraud_per_10k: 150.0,
         labels: None,

@@ -37,7 +37,7 @@ fn sim_args(topic: &str, count: u64, labels: std::path::PathBuf) -> SimulateArgs
         event_rate: 50.0,
         start: None,
         seed: 20261122,
-        cards: 300,
+        cards: Some(300),
         merchants: 200,
         fraud_per_10k: 100.0,
         labels: Some(labels),

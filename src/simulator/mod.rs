@@ -24,6 +24,13 @@ use crate::sink::{FramedEncoder, deliver};
 use crate::telemetry::metrics as names;
 
 /// Options of `kscore simulate`.
+///
+/// The defaults give the world the shipped models were trained on (`scripts/train.sh`): 5,000
+/// cards, 1,500 merchants, 1.67 payments a second of event time (each card about 1.2 payments
+/// an hour), 10 fraud incidents per 10,000 payments. How busy each card is matters most: the
+/// rolling features count a card's payments per window, so packing more payments into each
+/// card (a higher rate over the same cards) makes ordinary cards look like card testing and
+/// velocity fraud, and the models flag most of them.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SimulateArgs {
     /// Topic to produce to (created if missing).
@@ -39,11 +46,16 @@ pub struct SimulateArgs {
     #[arg(long, value_parser = humantime::parse_duration)]
     pub duration: Option<Duration>,
     /// Events per second, paced in real time: each event is sent when the wall clock reaches
-    /// its event time. Without it, events are produced as fast as the broker takes them.
+    /// its event time. Without it, events are produced as fast as the broker takes them, their
+    /// event time advancing at `--event-rate`. Unless `--cards` is given, the number of cards
+    /// grows with the rate (3,000 per event a second) so each card stays as busy as in the
+    /// trained world.
     #[arg(long)]
     pub rate: Option<f64>,
-    /// Event-time rate (events per simulated second) when producing as fast as possible.
-    #[arg(long, default_value_t = 500.0)]
+    /// Event-time rate (payments per simulated second, over all cards) when producing as fast
+    /// as possible. Per card that is `event-rate / cards` payments a second: the default
+    /// 1.67 over 5,000 cards is about 1.2 payments per card per hour.
+    #[arg(long, default_value_t = SimConfig::TRAINED_EVENTS_PER_SEC)]
     pub event_rate: f64,
     /// Event time of the first event: RFC 3339 (`2026-01-01T00:00:00Z`) or `now`. Defaults to
     /// `now` with `--rate`, else to 2026-01-01T00:00:00Z so runs are reproducible.
@@ -52,14 +64,18 @@ pub struct SimulateArgs {
     /// RNG seed: the same seed and options give the same events.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Number of cards.
-    #[arg(long, default_value_t = 10_000)]
-    pub cards: usize,
-    /// Number of merchants.
-    #[arg(long, default_value_t = 2_000)]
+    /// Number of cards the payments are spread over [default: 5,000, or 3,000 per event a
+    /// second with `--rate`]. Fewer cards for the same rate make each card busier (see
+    /// `--event-rate`).
+    #[arg(long)]
+    pub cards: Option<usize>,
+    /// Number of merchants (each card has favourite merchants among them; more merchants make
+    /// a card's merchants more varied).
+    #[arg(long, default_value_t = SimConfig::TRAINED_MERCHANTS)]
     pub merchants: usize,
-    /// Fraud incidents started per 10,000 legitimate payments.
-    #[arg(long, default_value_t = 8.0)]
+    /// Fraud incidents started per 10,000 legitimate payments (card testing, account takeover,
+    /// velocity; each incident is several payments).
+    #[arg(long, default_value_t = SimConfig::TRAINED_INCIDENTS_PER_10K)]
     pub fraud_per_10k: f64,
     /// Write the ground-truth labels (CSV: event_id, card_id, event_time, is_fraud, pattern,
     /// incident) to this file.
@@ -75,6 +91,17 @@ pub struct SimulateArgs {
 }
 
 impl SimulateArgs {
+    /// The number of cards: `--cards`, else as busy per card as the trained world at the rate.
+    pub fn cards(&self) -> usize {
+        self.cards.unwrap_or_else(|| match self.rate {
+            Some(rate) if rate.is_finite() && rate > 0.0 => {
+                let per_event = SimConfig::TRAINED_CARDS as f64 / SimConfig::TRAINED_EVENTS_PER_SEC;
+                ((rate * per_event).round() as usize).max(1)
+            }
+            _ => SimConfig::TRAINED_CARDS,
+        })
+    }
+
     /// The generator configuration these options describe (`now` resolved against `now_ms`).
     pub fn sim_config(&self, now_ms: i64) -> Result<SimConfig, String> {
         let live = self.rate.is_some();
@@ -90,7 +117,7 @@ impl SimulateArgs {
         };
         Ok(SimConfig {
             seed: self.seed,
-            cards: self.cards,
+            cards: self.cards(),
             merchants: self.merchants,
             start_ms,
             events_per_sec: self.rate.unwrap_or(self.event_rate),
@@ -161,6 +188,13 @@ pub async fn run(
     };
     // Checks the options before anything touches the cluster.
     let sim = new_sim()?;
+    let cfg = sim.config();
+    tracing::info!(
+        cards = cfg.cards,
+        merchants = cfg.merchants,
+        "simulated world: {:.1} payments per card per hour of event time",
+        cfg.events_per_sec * 3600.0 / cfg.cards as f64
+    );
     if let Some(path) = &args.output_file {
         let (args, path) = (args.clone(), path.clone());
         return tokio::task::spawn_blocking(move || write_file(sim, &args, &path, &stop)).await?;

@@ -34,15 +34,27 @@ pub struct SimConfig {
     pub diurnal: bool,
 }
 
+impl SimConfig {
+    /// Cards in the world the shipped models were trained on (`scripts/train.sh`).
+    pub const TRAINED_CARDS: usize = 5_000;
+    /// Merchants in that world.
+    pub const TRAINED_MERCHANTS: usize = 1_500;
+    /// Payments per second of event time in that world: about 1.2 per card per hour.
+    pub const TRAINED_EVENTS_PER_SEC: f64 = 1.67;
+    /// Fraud incidents per 10,000 payments in that world.
+    pub const TRAINED_INCIDENTS_PER_10K: f64 = 10.0;
+}
+
+/// The world the shipped models were trained on.
 impl Default for SimConfig {
     fn default() -> Self {
         SimConfig {
             seed: 42,
-            cards: 10_000,
-            merchants: 2_000,
+            cards: Self::TRAINED_CARDS,
+            merchants: Self::TRAINED_MERCHANTS,
             start_ms: 1_767_225_600_000, // 2026-01-01T00:00:00Z
-            events_per_sec: 500.0,
-            incidents_per_10k: 8.0,
+            events_per_sec: Self::TRAINED_EVENTS_PER_SEC,
+            incidents_per_10k: Self::TRAINED_INCIDENTS_PER_10K,
             diurnal: true,
         }
     }
