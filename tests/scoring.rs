@@ -152,7 +152,11 @@ fn alert_rate(args: &[&str], events: usize) -> f64 {
     let qualified: Vec<String> = t
         .models
         .iter()
-        .flat_map(|m| m.scores.iter().map(move |s| format!("{}.{}", m.name, s.name)))
+        .flat_map(|m| {
+            m.scores
+                .iter()
+                .map(move |s| format!("{}.{}", m.name, s.name))
+        })
         .collect();
     let rules = Rules::new(&t.alerts, &qualified).unwrap();
     let mut state = FeatureState::default();
@@ -206,16 +210,60 @@ fn alert_rate(args: &[&str], events: usize) -> f64 {
 fn the_simulators_defaults_are_the_world_the_models_were_trained_on() {
     let rate = alert_rate(&[], 20_000);
     eprintln!("defaults: {:.2}%", rate * 100.0);
-    assert!(rate < 0.05, "alerts on {:.1}% of default events", rate * 100.0);
+    assert!(
+        rate < 0.05,
+        "alerts on {:.1}% of default events",
+        rate * 100.0
+    );
     // Paced at a rate without --cards, the cards grow with it.
     let rate = alert_rate(&["--rate", "50", "--start", "2026-01-01T00:00:00Z"], 20_000);
-    assert!(rate < 0.05, "alerts on {:.1}% of events at --rate 50", rate * 100.0);
+    assert!(
+        rate < 0.05,
+        "alerts on {:.1}% of events at --rate 50",
+        rate * 100.0
+    );
     // And the old defaults really were the problem: 18.9% over these first 20,000 events
     // (40 s of event time, so the 24 h windows are still filling), 73% in longer runs.
     let old = alert_rate(
-        &["--cards", "10000", "--merchants", "2000", "--event-rate", "500"],
+        &[
+            "--cards",
+            "10000",
+            "--merchants",
+            "2000",
+            "--event-rate",
+            "500",
+        ],
         20_000,
     );
     eprintln!("old defaults: {:.1}%", old * 100.0);
     assert!(old > 0.15, "{:.1}%", old * 100.0);
+}
+
+/// A score read from an output that is not a float32 tensor would fail every batch: refused
+/// when the model is opened, naming the field.
+#[test]
+fn a_score_from_a_non_float_output_is_refused() {
+    let loaded = fraud();
+    let mut model = loaded.topology.models[0].clone();
+    model.scores[0].output = "label".into();
+    let Err(ScorerError::Mismatch { field, problem, .. }) =
+        ScoringSession::open(&model, &loaded.model_paths[0])
+    else {
+        panic!("should be refused")
+    };
+    assert_eq!(field, "scores[0].output");
+    assert!(problem.contains("`label` is a Int64 tensor"), "{problem}");
+}
+
+/// A model without `version` metadata is versioned by a specified digest of its file
+/// (XXH3-64; the value is the reference implementation's), the same in every build.
+#[test]
+fn the_model_digest_is_xxh3_of_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.onnx");
+    std::fs::write(&path, b"abc").unwrap();
+    assert_eq!(
+        kscore::scorer::session::file_digest(&path),
+        "digest-78af5f94892f3950"
+    );
 }

@@ -24,6 +24,9 @@ pub const PARTITION_KEY: &[u8] = b"\xFFpartition";
 
 const VERSION: u8 = 2;
 
+/// Bytes of a key record before its events: version, fingerprint, newest time, event count.
+pub const KEY_HEADER_BYTES: usize = 1 + 8 + 8 + 4;
+
 /// Why a changelog record cannot be restored.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CodecError {

@@ -298,6 +298,20 @@ impl FeatureSet {
         self.time_range
     }
 
+    /// The size of a key's changelog record holding `events` events (see [`codec`]).
+    pub fn key_state_bytes(&self, events: usize) -> usize {
+        codec::KEY_HEADER_BYTES.saturating_add(events.saturating_mul(self.event_bytes()))
+    }
+
+    /// The most events whose key record fits in `bytes`.
+    pub fn max_events_in(&self, bytes: usize) -> usize {
+        bytes.saturating_sub(codec::KEY_HEADER_BYTES) / self.event_bytes()
+    }
+
+    fn event_bytes(&self) -> usize {
+        16 + 8 * (self.num_fields.len() + self.cat_fields.len())
+    }
+
     /// Feature names, in output order.
     pub fn names(&self) -> Vec<&str> {
         self.specs.iter().map(|s| s.name.as_str()).collect()

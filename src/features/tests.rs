@@ -17,7 +17,7 @@ key_field = "card_id"
 event_time_field = "event_time"
 schema = "payment.avsc"
 [state]
-max_events_per_key = 100000
+max_events_per_key = 10000
 idle_key_ttl = "2h"
 [[feature]]
 name = "amount"
@@ -231,7 +231,7 @@ fn features_match_the_straightforward_definition_including_late_events() {
 #[test]
 fn a_key_never_holds_more_than_the_cap_and_idle_keys_are_evicted() {
     let set =
-        feature_set(&TOPOLOGY.replace("max_events_per_key = 100000", "max_events_per_key = 3"));
+        feature_set(&TOPOLOGY.replace("max_events_per_key = 10000", "max_events_per_key = 3"));
     let mut state = FeatureState::default();
     let base = Simulator::new(SimConfig::default())
         .expect("sim")
@@ -406,7 +406,7 @@ fn state_restored_from_its_changelog_equals_the_committed_state_and_computes_the
     // Cap 3 and a 2h idle TTL, with a sweep forced in the middle: the log must carry trims and
     // evictions (tombstones) as well as updates.
     let set =
-        feature_set(&TOPOLOGY.replace("max_events_per_key = 100000", "max_events_per_key = 3"));
+        feature_set(&TOPOLOGY.replace("max_events_per_key = 10000", "max_events_per_key = 3"));
     // 300 cards, one payment each about every 8 hours: at the forced sweep many are idle.
     let events = payments(300, 0.01, 3_000);
     let feed = |state: &mut FeatureState, range: std::ops::Range<usize>| -> Vec<Vec<f64>> {
@@ -544,7 +544,7 @@ fn every_feature_reason_is_listed_and_every_listed_reason_occurs() {
 #[test]
 fn rollback_restores_the_checkpoint_through_trims_evictions_and_late_events() {
     let set =
-        feature_set(&TOPOLOGY.replace("max_events_per_key = 100000", "max_events_per_key = 3"));
+        feature_set(&TOPOLOGY.replace("max_events_per_key = 10000", "max_events_per_key = 3"));
     let mut events = payments(30, 0.01, 2_000);
     // Every 7th event arrives an hour late.
     for e in events.iter_mut().step_by(7) {

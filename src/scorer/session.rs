@@ -82,13 +82,12 @@ pub struct ScoringSession {
     scores: Vec<(String, usize)>,
 }
 
-fn file_digest(path: &Path) -> String {
-    use std::hash::Hasher;
-    // A cheap, stable fingerprint; models without version metadata still get a changing version.
+/// The version of a model without `version` metadata: `digest-` and the XXH3-64 of the file
+/// in hex. A specified hash, so the same file has the same version in every build and release
+/// (it is written into every scored record).
+pub fn file_digest(path: &Path) -> String {
     let bytes = std::fs::read(path).unwrap_or_default();
-    let mut h = std::hash::DefaultHasher::new();
-    h.write(&bytes);
-    format!("digest-{:016x}", h.finish())
+    format!("digest-{:016x}", xxhash_rust::xxh3::xxh3_64(&bytes))
 }
 
 impl ScoringSession {
@@ -179,6 +178,20 @@ impl ScoringSession {
                     format!("no output `{}` (the model has {names:?})", s.output),
                 ));
             };
+            // Scores are read as float32 tensors: another type would fail every batch.
+            match out.dtype().tensor_type() {
+                Some(ort::value::TensorElementType::Float32) => {}
+                other => {
+                    return Err(mismatch(
+                        &format!("scores[{i}].output"),
+                        format!(
+                            "output `{}` is {}; scores are read from float32 tensors",
+                            s.output,
+                            other.map_or("not a tensor".to_string(), |t| format!("a {t:?} tensor"))
+                        ),
+                    ));
+                }
+            }
             let shape = out
                 .dtype()
                 .tensor_shape()

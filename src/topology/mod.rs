@@ -84,6 +84,36 @@ pub struct Loaded {
     pub model_paths: Vec<PathBuf>,
 }
 
+/// The longest `batching.max_delay`.
+pub const MAX_BATCH_DELAY: std::time::Duration = std::time::Duration::from_secs(60);
+/// The longest `delivery.commit_interval`: half the transaction timeout.
+pub const MAX_COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+/// The largest record the producer sends by default (librdkafka's `message.max.bytes`).
+pub const MAX_RECORD_BYTES: usize = 1_000_000;
+
+/// The schema of a top-level field, a nullable union's non-null branch for a union of null and
+/// one type; `None` if there is no such field.
+pub fn scalar<'s>(schema: &'s Schema, field: &str) -> Option<&'s Schema> {
+    let Schema::Record(RecordSchema { fields, .. }) = schema else {
+        return None;
+    };
+    let f = fields.iter().find(|f| f.name == field)?;
+    Some(match &f.schema {
+        Schema::Union(u) => {
+            let non_null: Vec<&Schema> = u
+                .variants()
+                .iter()
+                .filter(|v| !matches!(v, Schema::Null))
+                .collect();
+            match non_null.as_slice() {
+                [one] => one,
+                _ => &f.schema,
+            }
+        }
+        other => other,
+    })
+}
+
 /// The kind of an Avro field as far as features care.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FieldKind {
@@ -239,18 +269,22 @@ pub fn load_with(file: &Path, require_models: bool) -> Result<Loaded, TopologyEr
         },
     };
     let field = |name: &str| schema.as_ref().map(|s| field_kind(s, name));
-    match field(&topology.input.key_field) {
+    let scalar_of = |name: &str| schema.as_ref().map(|s| scalar(s, name));
+    match scalar_of(&topology.input.key_field) {
         Some(None) => problem(
             "input.key_field".into(),
             format!("the schema has no field `{}`", topology.input.key_field),
         ),
-        Some(Some(k)) if k != FieldKind::Categorical => problem(
+        Some(Some(Schema::String | Schema::Uuid(_) | Schema::Enum(_))) | None => {}
+        Some(Some(_)) => problem(
             "input.key_field".into(),
-            format!("`{}` must be a string field", topology.input.key_field),
+            format!(
+                "`{}` must be a string, uuid or enum field (the key is text)",
+                topology.input.key_field
+            ),
         ),
-        _ => {}
     }
-    match field(&topology.input.event_time_field) {
+    match scalar_of(&topology.input.event_time_field) {
         Some(None) => problem(
             "input.event_time_field".into(),
             format!(
@@ -258,16 +292,15 @@ pub fn load_with(file: &Path, require_models: bool) -> Result<Loaded, TopologyEr
                 topology.input.event_time_field
             ),
         ),
-        Some(Some(FieldKind::TimestampMillis)) => {}
-        Some(Some(FieldKind::Numeric)) => {}
+        Some(Some(Schema::Long | Schema::TimestampMillis | Schema::TimestampMicros)) | None => {}
         Some(Some(_)) => problem(
             "input.event_time_field".into(),
             format!(
-                "`{}` must be a timestamp-millis or long field",
+                "`{}` must be a `long` with logicalType timestamp-millis or timestamp-micros (or \
+                 a plain `long` of milliseconds)",
                 topology.input.event_time_field
             ),
         ),
-        None => {}
     }
 
     // Features.
@@ -309,6 +342,30 @@ pub fn load_with(file: &Path, require_models: bool) -> Result<Loaded, TopologyEr
             (Some(_), false) => problem(at("window"), "not used by this aggregation".into()),
             (None, false) => {}
         }
+        if let (Some(value), Some(name), config::Aggregation::Equals) = (&f.equals, &f.field, a) {
+            match scalar_of(name).flatten() {
+                Some(Schema::Int | Schema::Long | Schema::Float | Schema::Double)
+                    if !value.trim().parse::<f64>().is_ok_and(f64::is_finite) =>
+                {
+                    problem(
+                        at("equals"),
+                        format!("`{name}` is numeric; `{value}` is not a number"),
+                    )
+                }
+                Some(Schema::Enum(e)) if !e.symbols.contains(value) => problem(
+                    at("equals"),
+                    format!(
+                        "`{value}` is not a symbol of `{name}` ({})",
+                        e.symbols.join(", ")
+                    ),
+                ),
+                Some(Schema::Boolean) if value != "true" && value != "false" => problem(
+                    at("equals"),
+                    format!("`{name}` is a boolean; write `true` or `false`"),
+                ),
+                _ => {}
+            }
+        }
         if (a == config::Aggregation::Equals) != f.equals.is_some() {
             problem(
                 at("equals"),
@@ -330,8 +387,11 @@ pub fn load_with(file: &Path, require_models: bool) -> Result<Loaded, TopologyEr
             }
             (None, false) => {}
         }
-        if f.default.is_some() && a != config::Aggregation::TimeSinceLast {
-            problem(at("default"), "only used by `time_since_last`".into());
+        if f.default.is_some() && !a.has_default() {
+            problem(
+                at("default"),
+                "only used by `time_since_last` and `ratio_to_mean`".into(),
+            );
         }
         if f.default.is_some_and(|d| !d.is_finite()) {
             problem(at("default"), "must be a finite number".into());
@@ -365,6 +425,12 @@ pub fn load_with(file: &Path, require_models: bool) -> Result<Loaded, TopologyEr
         } else if !model_names.insert(m.name.clone()) {
             problem(at("name"), "is used by an earlier model".into());
         }
+        if m.name.contains('.') {
+            problem(
+                at("name"),
+                "must not contain `.` (rules name scores `<model>.<score>`)".into(),
+            );
+        }
         let path = base.join(&m.path);
         if require_models && !path.is_file() {
             problem(at("path"), format!("{} does not exist", path.display()));
@@ -385,6 +451,12 @@ pub fn load_with(file: &Path, require_models: bool) -> Result<Loaded, TopologyEr
             problem(at("scores"), "a model needs at least one score".into());
         }
         for (j, s) in m.scores.iter().enumerate() {
+            if s.name.contains('.') {
+                problem(
+                    at(&format!("scores[{j}].name")),
+                    "must not contain `.` (rules name scores `<model>.<score>`)".into(),
+                );
+            }
             if !score_names.insert(format!("{}.{}", m.name, s.name)) {
                 problem(
                     at(&format!("scores[{j}].name")),
@@ -394,6 +466,15 @@ pub fn load_with(file: &Path, require_models: bool) -> Result<Loaded, TopologyEr
         }
         if m.batching.max_rows == 0 {
             problem(at("batching.max_rows"), "must be at least 1".into());
+        }
+        if m.batching.max_delay > MAX_BATCH_DELAY {
+            problem(
+                at("batching.max_delay"),
+                format!(
+                    "must be at most {} (batches are sent at every commit anyway)",
+                    humantime::format_duration(MAX_BATCH_DELAY)
+                ),
+            );
         }
         if m.workers == 0 {
             problem(at("workers"), "must be at least 1".into());
@@ -424,6 +505,34 @@ pub fn load_with(file: &Path, require_models: bool) -> Result<Loaded, TopologyEr
             "delivery.commit_interval".into(),
             "must be longer than zero".into(),
         );
+    }
+    if topology.delivery.commit_interval > MAX_COMMIT_INTERVAL {
+        problem(
+            "delivery.commit_interval".into(),
+            format!(
+                "must be at most {}: a transaction is open for the whole interval, and the \
+                 producer's transaction.timeout.ms is 60s",
+                humantime::format_duration(MAX_COMMIT_INTERVAL)
+            ),
+        );
+    }
+    // A full key's state is one changelog record, which must fit in one Kafka record.
+    if problems.is_empty()
+        && let Some(schema) = &schema
+    {
+        let set = crate::features::FeatureSet::new(&topology, schema);
+        let bytes = set.key_state_bytes(topology.state.max_events_per_key);
+        if bytes > MAX_RECORD_BYTES {
+            problems.push(Problem {
+                path: "state.max_events_per_key".into(),
+                message: format!(
+                    "{} events of this topology's inputs make a key's changelog record of {bytes} \
+                     bytes, over the {MAX_RECORD_BYTES} bytes of a Kafka record; at most {}",
+                    topology.state.max_events_per_key,
+                    set.max_events_in(MAX_RECORD_BYTES)
+                ),
+            });
+        }
     }
 
     match (problems.is_empty(), schema) {

@@ -167,3 +167,138 @@ fn the_changelog_topic_defaults_from_the_group_and_must_be_a_topic_of_its_own() 
         "{err}"
     );
 }
+
+/// The problems of `toml` (none when it loads).
+fn problems_of(toml: &str) -> Vec<String> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    match load(&write(dir.path(), toml)) {
+        Ok(_) => Vec::new(),
+        Err(TopologyError::Invalid { problems, .. }) => {
+            problems.iter().map(ToString::to_string).collect()
+        }
+        Err(e) => vec![e.to_string()],
+    }
+}
+
+/// Topologies that would send every record to the dead-letter topic are refused at load, each
+/// with the field and the reason.
+#[test]
+fn settings_that_would_dead_letter_every_record_are_refused() {
+    let cases: Vec<(String, &str)> = vec![
+        // An event time that is not a long or a timestamp.
+        (
+            GOOD.replace(
+                r#"event_time_field = "event_time""#,
+                r#"event_time_field = "card_present""#,
+            ),
+            "input.event_time_field: `card_present` must be a `long`",
+        ),
+        // A key that is not text.
+        (
+            GOOD.replace(r#"key_field = "card_id""#, r#"key_field = "card_present""#),
+            "input.key_field: `card_present` must be a string, uuid or enum field",
+        ),
+        (
+            GOOD.replace(r#"key_field = "card_id""#, r#"key_field = "amount_minor""#),
+            "input.key_field: `amount_minor` must be a string, uuid or enum field",
+        ),
+        // A dot in a model or score name: rules name scores `<model>.<score>`.
+        (
+            GOOD.replace(r#"name = "m""#, r#"name = "m.v2""#)
+                .replace(r#"score = "m.fraud""#, r#"score = "m.v2.fraud""#),
+            "model[0] (m.v2).name: must not contain `.`",
+        ),
+        (
+            GOOD.replace(r#"{ name = "fraud", output"#, r#"{ name = "fraud.p", output"#)
+                .replace(r#"score = "m.fraud""#, r#"score = "m.fraud.p""#),
+            "model[0] (m).scores[0].name: must not contain `.`",
+        ),
+        // `equals` that can never match.
+        (
+            GOOD.replace(
+                "[[model]]",
+                "[[feature]]\nname = \"big\"\naggregation = \"equals\"\nfield = \"amount_minor\"\nequals = \"lots\"\n\n[[model]]",
+            ),
+            "feature[4] (big).equals: `amount_minor` is numeric; `lots` is not a number",
+        ),
+        (
+            GOOD.replace(
+                "[[model]]",
+                "[[feature]]\nname = \"crypto\"\naggregation = \"equals\"\nfield = \"channel\"\nequals = \"CRYPTO\"\n\n[[model]]",
+            ),
+            "feature[4] (crypto).equals: `CRYPTO` is not a symbol of `channel` (POS, ECOMMERCE, ATM, MOTO)",
+        ),
+        // A batching delay too long to mean anything (and to add to a clock reading).
+        (
+            GOOD.replace(r#"max_delay = "2ms""#, r#"max_delay = "100years""#),
+            "model[0] (m).batching.max_delay: must be at most 1m",
+        ),
+        // A key's state too large for one changelog record.
+        (
+            GOOD.replace("[output]", "[state]\nmax_events_per_key = 100000\n[output]"),
+            "state.max_events_per_key: 100000 events of this topology's inputs make a key's changelog record of 3200021 bytes, over the 1000000 bytes of a Kafka record; at most 31249",
+        ),
+        // A commit interval the transaction timeout (60 s) would cut short.
+        (
+            GOOD.replace(r#"commit_interval = "100ms""#, r#"commit_interval = "5m""#),
+            "delivery.commit_interval: must be at most 30s",
+        ),
+    ];
+    for (toml, want) in cases {
+        let got = problems_of(&toml);
+        assert!(
+            got.iter().any(|p| p.starts_with(want)),
+            "want `{want}`, got {got:?}"
+        );
+    }
+    assert_eq!(problems_of(GOOD), Vec::<String>::new());
+}
+
+/// An `int`, `float` or `double` event-time field is refused: event times are read from
+/// `long`s (milliseconds, `timestamp-millis`, `timestamp-micros`) only.
+#[test]
+fn a_numeric_event_time_that_is_not_a_long_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("reading.avsc"),
+        r#"{"type": "record", "name": "Reading", "fields": [
+            {"name": "sensor", "type": "string"},
+            {"name": "at_s", "type": "int"},
+            {"name": "at_f", "type": "double"},
+            {"name": "at_us", "type": {"type": "long", "logicalType": "timestamp-micros"}},
+            {"name": "at_opt", "type": ["null", {"type": "long", "logicalType": "timestamp-millis"}]}]}"#,
+    )
+    .expect("schema");
+    let topology = |field: &str| {
+        format!(
+            "name = \"r\"\n[input]\ntopic = \"in\"\ngroup = \"g\"\nkey_field = \"sensor\"\n\
+             event_time_field = \"{field}\"\nschema = \"reading.avsc\"\n\
+             [output]\nscored_topic = \"s\"\ndead_letter_topic = \"d\"\n"
+        )
+    };
+    for (field, ok) in [
+        ("at_s", false),
+        ("at_f", false),
+        ("at_us", true),
+        ("at_opt", true),
+    ] {
+        let file = dir.path().join(format!("{field}.toml"));
+        std::fs::write(&file, topology(field)).expect("topology");
+        let result = load(&file);
+        assert_eq!(
+            result.is_ok(),
+            ok,
+            "{field}: {:?}",
+            result.err().map(|e| e.to_string())
+        );
+        if !ok {
+            let message = result.err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(
+                message.contains(&format!(
+                    "input.event_time_field: `{field}` must be a `long`"
+                )),
+                "{message}"
+            );
+        }
+    }
+}
