@@ -16,12 +16,13 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::Producer;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::cluster::ClusterArgs;
 use crate::pipeline::{sink_config, source_config};
 use crate::sink::deliver;
+use crate::sink::produce::{self, Deliveries, Out, OutputProducer};
 use crate::telemetry::metrics as names;
 
 /// What to copy where.
@@ -65,8 +66,8 @@ pub fn run(
         source_config(cluster, &args.group, Some("passthrough"))?.create()?;
     consumer.subscribe(&[&args.input])?;
     let txn_id = format!("kscore-passthrough-{}", args.group);
-    let producer: ThreadedProducer<DefaultProducerContext> =
-        sink_config(cluster, Some(&txn_id))?.create()?;
+    let producer: OutputProducer =
+        sink_config(cluster, Some(&txn_id))?.create_with_context(Deliveries::default())?;
     producer.init_transactions(Duration::from_secs(60))?;
     let mut total = 0u64;
     while !stop.load(Ordering::Relaxed) {
@@ -87,23 +88,28 @@ pub fn run(
                 producer.begin_transaction()?;
                 open = true;
             }
-            let mut record = BaseRecord::<[u8], [u8]>::to(&args.output).partition(m.partition());
-            if let Some(k) = m.key() {
-                record = record.key(k);
-            }
-            if let Some(p) = m.payload() {
-                record = record.payload(p);
-            }
-            loop {
-                match producer.send(record) {
-                    Ok(()) => break,
-                    Err((KafkaError::MessageProduction(_), r)) => {
-                        record = r;
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                    Err((e, _)) => return Err(e.into()),
-                }
-            }
+            // A full queue is waited for (up to 20 s); any other refusal ends the run: a
+            // baseline copies everything or says what it could not copy.
+            produce::send(
+                &producer,
+                Out {
+                    topic: &args.output,
+                    partition: Some(m.partition()),
+                    key: m.key(),
+                    value: m.payload(),
+                    headers: None,
+                    tag: 0,
+                },
+            )
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "copying {}/{} offset {} to {}: {e}",
+                    args.input,
+                    m.partition(),
+                    m.offset(),
+                    args.output
+                )
+            })?;
             first.entry(m.partition()).or_insert(m.offset());
             next.insert(m.partition(), m.offset() + 1);
             stamps.push(m.timestamp().to_millis().unwrap_or(0));

@@ -796,7 +796,7 @@ pub fn run(
                                 summary.aborts += 1;
                                 metrics::counter!(names::ABORTS, "reason" => reason).increment(1);
                                 failures.note(
-                                    &error.to_string(),
+                                    &error,
                                     &first_offsets,
                                     &next_offsets,
                                     &t.input.topic,
@@ -812,7 +812,7 @@ pub fn run(
                         summary.aborts += 1;
                         metrics::counter!(names::ABORTS, "reason" => reason).increment(1);
                         failures.note(
-                            &error.to_string(),
+                            &error,
                             &first_offsets,
                             &next_offsets,
                             &t.input.topic,
@@ -923,12 +923,16 @@ impl Failures {
     /// A cycle failed: log it with the input it held, and count it.
     fn note(
         &mut self,
-        error: &str,
+        error: &KafkaError,
         first: &BTreeMap<i32, i64>,
         next: &BTreeMap<i32, i64>,
         topic: &str,
     ) {
         self.consecutive = self.consecutive.saturating_add(1);
+        let error = match error {
+            KafkaError::Canceled => "aborted on purpose (a testing aid)".to_string(),
+            e => e.to_string(),
+        };
         health::failed_cycles(self.consecutive);
         metrics::gauge!(names::FAILED_CYCLES).set(f64::from(self.consecutive));
         let ranges: Vec<String> = first
@@ -936,11 +940,11 @@ impl Failures {
             .map(|(p, from)| format!("{p}:[{from}..{})", next.get(p).copied().unwrap_or(*from)))
             .collect();
         tracing::warn!(
-            topic,
+            %topic,
             offsets = %ranges.join(" "),
             consecutive = self.consecutive,
             retry_in = ?self.backoff(),
-            error,
+            %error,
             "cycle failed; rolled back feature state and rewound to the cycle's first offsets"
         );
     }
@@ -1096,7 +1100,7 @@ fn learn(
         match tag % 4 {
             TAG_SCORED | TAG_ALERT => {
                 entry.reason = reason_for(code);
-                entry.error = format!("the broker refused the scored record: {code}");
+                entry.error = format!("the broker refused the scored record: {code:?} ({code})");
             }
             _ => {
                 // Its dead letter was refused: the next try sends less of it.
@@ -1832,7 +1836,7 @@ impl Publisher<'_> {
             (
                 reason_for(code),
                 format!(
-                    "the {what} of {} bytes (key {} bytes) was refused by the producer: {code}",
+                    "the {what} of {} bytes (key {} bytes) was refused by the producer: {code:?} ({code})",
                     buf.len(),
                     p.key.as_ref().map_or(0, Vec::len)
                 ),

@@ -36,7 +36,7 @@ pub type OutputProducer = ThreadedProducer<Deliveries>;
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SendError {
     /// The producer refuses this record and would refuse it again.
-    #[error("{0}")]
+    #[error("{0:?} ({0})")]
     Rejected(RDKafkaErrorCode),
     /// The producer cannot take records now: the cycle fails.
     #[error(transparent)]

@@ -195,3 +195,59 @@ pub fn field<'v>(v: &'v Value, name: &str) -> &'v Value {
 
 pub mod harness;
 pub mod promql;
+
+/// A TCP port free on localhost now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET path` on localhost:`port`: the status code (0 when nothing answered) and the body.
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, String::new());
+    };
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = write!(conn, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
+    let mut response = String::new();
+    let _ = conn.read_to_string(&mut response);
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The sum of every sample of a metric line starting with `prefix` (a name, or a name and the
+/// start of its labels) in Prometheus text.
+pub fn metric_sum(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// This test process's own metrics endpoint (for processors run in-process), installed once.
+pub fn metrics_port() -> u16 {
+    static PORT: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+    *PORT.get_or_init(|| {
+        let port = free_port();
+        // From a thread outside the tests' runtimes: installed inside one, the endpoint would
+        // live on that runtime and end with its test.
+        let addr = format!("127.0.0.1:{port}").parse().unwrap();
+        std::thread::spawn(move || kscore::telemetry::install_exporter(addr))
+            .join()
+            .unwrap()
+            .unwrap();
+        port
+    })
+}
