@@ -100,8 +100,8 @@ pub async fn run(
                         metrics::counter!(names::TAIL_RECORDS, "outcome" => "decoded").increment(1);
                         let lag_ms = std::time::SystemTime::now()
                             .duration_since(std::time::UNIX_EPOCH)
-                            .map_or(0, |d| d.as_millis() as i64)
-                            - p.event_time;
+                            .map_or(0, crate::features::millis)
+                            .saturating_sub(p.event_time);
                         last = Some(format!(
                             "{} {} at {} ({} {}, {}), event time {:.1}s ago",
                             p.card_id,

@@ -139,9 +139,10 @@ pub fn run(
         }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
+            .map_or(0, crate::features::millis);
         for t in &stamps {
-            metrics::histogram!(names::EVENT_TO_COMMIT_SECONDS).record((now - t) as f64 / 1000.0);
+            metrics::histogram!(names::EVENT_TO_COMMIT_SECONDS)
+                .record(now.saturating_sub(*t) as f64 / 1000.0);
         }
         metrics::counter!(names::CONSUMED, "topic" => args.input.clone())
             .increment(stamps.len() as u64);

@@ -811,12 +811,7 @@ pub fn run(
                     Failure::NotCommitted(error) => {
                         summary.aborts += 1;
                         metrics::counter!(names::ABORTS, "reason" => reason).increment(1);
-                        failures.note(
-                            &error,
-                            &first_offsets,
-                            &next_offsets,
-                            &t.input.topic,
-                        );
+                        failures.note(&error, &first_offsets, &next_offsets, &t.input.topic);
                         None
                     }
                 }

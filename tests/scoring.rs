@@ -267,3 +267,26 @@ fn the_model_digest_is_xxh3_of_the_file() {
         "digest-78af5f94892f3950"
     );
 }
+
+/// A batching delay too long to add to a clock reading once killed the batching thread, after
+/// which rows handed over vanished and their scores never came: now it is no deadline (and
+/// validation refuses delays over a minute).
+#[test]
+fn a_huge_batching_delay_still_scores() {
+    let loaded = fraud();
+    let mut model = loaded.topology.models[1].clone();
+    model.batching.max_delay = std::time::Duration::MAX;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let b = kscore::batcher::ModelBatcher::start(0, &model, &loaded.model_paths[1], tx, None)
+        .expect("starts");
+    let width = model.features.len();
+    assert!(b.try_submit(vec![7], vec![0.5; width]).is_ok());
+    let _ = b.flush();
+    let scored = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the row's scores");
+    let rows = scored.rows.expect("scored");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].0, 7);
+    b.shutdown();
+}

@@ -184,8 +184,11 @@ mod tests {
     #[test]
     fn the_offline_state_is_checkpointed() {
         let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("payment.avsc"), crate::schemas::PAYMENT_AVSC)
-            .expect("schema");
+        std::fs::write(
+            dir.path().join("payment.avsc"),
+            crate::schemas::PAYMENT_AVSC,
+        )
+        .expect("schema");
         let text = std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/topologies/fraud.toml"

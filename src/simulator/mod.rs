@@ -107,11 +107,12 @@ impl SimulateArgs {
         let live = self.rate.is_some();
         let start_ms = match self.start.as_deref() {
             Some("now") => now_ms,
-            Some(s) => humantime::parse_rfc3339_weak(s)
-                .map_err(|e| format!("--start {s}: {e}"))?
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_err(|e| format!("--start {s}: {e}"))?
-                .as_millis() as i64,
+            Some(s) => crate::features::millis(
+                humantime::parse_rfc3339_weak(s)
+                    .map_err(|e| format!("--start {s}: {e}"))?
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_err(|e| format!("--start {s}: {e}"))?,
+            ),
             None if live => now_ms,
             None => SimConfig::default().start_ms,
         };
@@ -173,7 +174,7 @@ pub struct SimulateSummary {
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+        .map_or(0, crate::features::millis)
 }
 
 /// Runs the simulator until `count`, `duration` or `stop`.
@@ -330,7 +331,9 @@ fn produce(
         if live {
             // Release the event when the wall clock reaches its event time, waking at least
             // every 200 ms to notice a stop.
-            let due = Duration::from_millis((payment.event_time - start_ms).max(0) as u64);
+            let due = Duration::from_millis(
+                u64::try_from(payment.event_time.saturating_sub(start_ms)).unwrap_or(0),
+            );
             loop {
                 let left = due.saturating_sub(started.elapsed());
                 if left.is_zero() || stop.load(Ordering::Relaxed) {

@@ -34,7 +34,7 @@ pub const FAILED_CYCLES_NOT_READY: u32 = 3;
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+        .map_or(0, crate::features::millis)
 }
 
 /// A pipeline starts: from now on liveness and readiness follow it.
