@@ -282,9 +282,13 @@ impl Decoder {
         id: u32,
         payload: Option<&[u8]>,
     ) -> Result<Decoded, DecodeError> {
-        let (_, mut datum) = wire::parse(payload)?;
+        let (_, datum) = wire::parse(payload)?;
         // Two steps, so an error says which schema the record failed against: decoding with
         // the writer schema, then resolving the value to the reader schema.
+        let mut datum = Exact {
+            rest: datum,
+            short: false,
+        };
         let value = writer
             .reader
             .borrow_dependent()
@@ -293,10 +297,18 @@ impl Decoder {
                 id,
                 reason: e.to_string(),
             })?;
-        if !datum.is_empty() {
+        if datum.short {
+            // apache-avro reads a string cut short by the end of the datum as a null instead of
+            // failing; such a record must not pass (its bytes would be copied into the output).
             return Err(DecodeError::Datum {
                 id,
-                reason: format!("{} bytes left over after the record", datum.len()),
+                reason: "the datum ends early".into(),
+            });
+        }
+        if !datum.rest.is_empty() {
+            return Err(DecodeError::Datum {
+                id,
+                reason: format!("{} bytes left over after the record", datum.rest.len()),
             });
         }
         let value = if writer.same_as_reader {
@@ -319,6 +331,25 @@ impl Decoder {
             value,
             verbatim: writer.same_as_reader,
         })
+    }
+}
+
+/// A datum being read, noting whether a read asked for more than was left.
+struct Exact<'a> {
+    rest: &'a [u8],
+    short: bool,
+}
+
+impl std::io::Read for Exact<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(self.rest.len());
+        if n < buf.len() {
+            self.short = true;
+        }
+        let (head, rest) = self.rest.split_at(n);
+        buf[..n].copy_from_slice(head);
+        self.rest = rest;
+        Ok(n)
     }
 }
 
@@ -360,6 +391,93 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
+    use crate::schemas;
+    use crate::simulator::Simulator;
+
+    fn framed(schema: &Schema, id: u32, value: &Value) -> Vec<u8> {
+        let mut out = Vec::new();
+        wire::write_header(&mut out, id);
+        apache_avro::writer::datum::GenericDatumWriter::builder(schema)
+            .build()
+            .expect("writer")
+            .write_value_ref(&mut out, value)
+            .expect("encodes");
+        out
+    }
+
+    /// A record whose last string is cut short is an error, not a record with a null there
+    /// (apache-avro reads such a string as null; its bytes, copied into the scored record,
+    /// would make an output nobody can read).
+    #[test]
+    fn a_datum_cut_inside_its_last_string_is_undecodable() {
+        let payment = schemas::payment().expect("schema").clone();
+        let decoder =
+            Decoder::with_writers(payment.clone(), [(1, payment.clone())]).expect("decoder");
+        let mut p = Simulator::new(Default::default())
+            .expect("sim")
+            .next()
+            .expect("event")
+            .0;
+        p.ip_address = Some("203.0.113.77".into());
+        let frame = framed(&payment, 1, &p.to_value());
+        assert!(decoder.decode_known(Some(&frame)).is_ok());
+        for cut in 1..5 {
+            let err = decoder
+                .decode_known(Some(&frame[..frame.len() - cut]))
+                .expect_err("cut short");
+            assert_eq!(err.reason(), "undecodable", "{err}");
+        }
+    }
+
+    /// Errors say which schema the record failed against.
+    #[test]
+    fn errors_name_the_schema_and_field_at_fault() {
+        let payment = schemas::payment().expect("schema").clone();
+        let mut v: serde_json::Value = serde_json::from_str(schemas::PAYMENT_AVSC).expect("json");
+        for f in v["fields"].as_array_mut().expect("fields") {
+            if f["name"] == "channel" {
+                f["type"]["symbols"]
+                    .as_array_mut()
+                    .expect("symbols")
+                    .push("CRYPTO".into());
+            }
+        }
+        let evolved = Schema::parse_str(&v.to_string()).expect("evolved");
+        let decoder = Decoder::with_writers(payment.clone(), [(1, payment), (2, evolved.clone())])
+            .expect("decoder");
+        let p = Simulator::new(Default::default())
+            .expect("sim")
+            .next()
+            .expect("event")
+            .0;
+        let Value::Record(mut fields) = p.to_value() else {
+            unreachable!()
+        };
+        for (name, value) in &mut fields {
+            if name == "channel" {
+                *value = Value::Enum(4, "CRYPTO".into());
+            }
+        }
+        let frame = framed(&evolved, 2, &Value::Record(fields));
+        let err = decoder
+            .decode_known(Some(&frame))
+            .expect_err("unknown symbol");
+        assert_eq!(err.reason(), "incompatible_schema");
+        assert_eq!(
+            err.to_string(),
+            "record of writer schema 2 cannot be read with the reader schema: field `channel`: \
+             symbol `CRYPTO` is not one of the reader's enum symbols [\"POS\", \"ECOMMERCE\", \
+             \"ATM\", \"MOTO\"], and the reader's enum has no default to read it as"
+        );
+        let err = decoder
+            .decode_known(Some(&frame[..frame.len() / 2]))
+            .expect_err("truncated");
+        assert!(
+            err.to_string()
+                .starts_with("payload is not a valid Avro datum of writer schema 2: "),
+            "{err}"
+        );
+    }
 
     /// `REASONS` (registered at 0 for the dashboards) is exactly what `reason` gives.
     #[test]
