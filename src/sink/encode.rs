@@ -40,11 +40,31 @@ pub enum EncodeError {
     },
 }
 
-/// Encodes values of one schema, registered under one subject. The schema is leaked to cache a
-/// `'static` datum writer (name resolution done once); there is one encoder per output topic.
+self_cell::self_cell!(
+    /// A schema and the datum writer that borrows it (name resolution done once).
+    pub(crate) struct SchemaWriter {
+        owner: Schema,
+        #[covariant]
+        dependent: GenericDatumWriter,
+    }
+);
+
+impl SchemaWriter {
+    /// A writer for `schema`.
+    pub(crate) fn of(schema: Schema) -> Result<Self, apache_avro::Error> {
+        SchemaWriter::try_new(schema, |s| GenericDatumWriter::builder(s).build())
+    }
+
+    /// The writer.
+    pub(crate) fn writer(&self) -> &GenericDatumWriter<'_> {
+        self.borrow_dependent()
+    }
+}
+
+/// Encodes values of one schema, registered under one subject; there is one encoder per output
+/// topic.
 pub struct FramedEncoder {
-    schema: &'static Schema,
-    writer: GenericDatumWriter<'static>,
+    writer: SchemaWriter,
     id: u32,
 }
 
@@ -66,16 +86,11 @@ impl FramedEncoder {
                 },
                 retriable: e.retriable,
             })?;
-        let schema: &'static Schema = Box::leak(Box::new(schema));
-        let writer =
-            GenericDatumWriter::builder(schema)
-                .build()
-                .map_err(|e| EncodeError::Schema {
-                    subject: subject.to_string(),
-                    reason: e.to_string(),
-                })?;
+        let writer = SchemaWriter::of(schema).map_err(|e| EncodeError::Schema {
+            subject: subject.to_string(),
+            reason: e.to_string(),
+        })?;
         Ok(FramedEncoder {
-            schema,
             writer,
             id: registered.id,
         })
@@ -86,16 +101,11 @@ impl FramedEncoder {
         self.id
     }
 
-    /// The schema.
-    pub fn schema(&self) -> &Schema {
-        self.schema
-    }
-
     /// Encodes one value, appending the frame to `out`.
     pub fn encode_into(&self, value: Value, out: &mut Vec<u8>) -> Result<(), EncodeError> {
         let start = out.len();
         wire::write_header(out, self.id);
-        if let Err(e) = self.writer.write_value_ref(out, &value) {
+        if let Err(e) = self.writer.writer().write_value_ref(out, &value) {
             out.truncate(start);
             return Err(EncodeError::Value {
                 id: self.id,

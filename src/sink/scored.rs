@@ -10,9 +10,8 @@
 
 use apache_avro::Schema;
 use apache_avro::types::Value;
-use apache_avro::writer::datum::GenericDatumWriter;
 
-use super::encode::EncodeError;
+use super::encode::{EncodeError, SchemaWriter};
 use super::output::{Provenance, ScoreValue};
 use crate::topology::config::Decision;
 use crate::wire;
@@ -28,21 +27,18 @@ pub enum Event<'a> {
 /// Writes scored records with the scored schema registered under `id`.
 pub struct ScoredEncoder {
     id: u32,
-    event: GenericDatumWriter<'static>,
+    /// For events that are not copied: the input's reader schema.
+    event: SchemaWriter,
 }
 
 impl ScoredEncoder {
     /// `id`: the registry id of the scored schema; `reader`: the input's reader schema (the
     /// `event` field's type).
     pub fn new(id: u32, reader: &Schema) -> Result<Self, EncodeError> {
-        let reader: &'static Schema = Box::leak(Box::new(reader.clone()));
-        let event =
-            GenericDatumWriter::builder(reader)
-                .build()
-                .map_err(|e| EncodeError::Value {
-                    id,
-                    reason: e.to_string(),
-                })?;
+        let event = SchemaWriter::of(reader.clone()).map_err(|e| EncodeError::Value {
+            id,
+            reason: e.to_string(),
+        })?;
         Ok(ScoredEncoder { id, event })
     }
 
@@ -64,7 +60,7 @@ impl ScoredEncoder {
         match event {
             Event::Verbatim(bytes) => out.extend_from_slice(bytes),
             Event::Value(v) => {
-                if let Err(e) = self.event.write_value_ref(out, v) {
+                if let Err(e) = self.event.writer().write_value_ref(out, v) {
                     out.truncate(start);
                     return Err(EncodeError::Value {
                         id: self.id,
@@ -141,6 +137,7 @@ mod tests {
     use crate::simulator::Simulator;
     use crate::sink::output;
     use apache_avro::reader::datum::GenericDatumReader;
+    use apache_avro::writer::datum::GenericDatumWriter;
 
     #[test]
     fn written_bytes_decode_to_the_scored_record() {
