@@ -168,7 +168,7 @@ pub const CATALOGUE: &[Metric] = &[
     // The stream.
     metric(CONSUMED, Counter, &["topic"], "Input records read and committed."),
     metric(SCORED, Counter, &["topic"], "Events scored and published to the scored topic."),
-    metric(DEAD_LETTERED, Counter, &["topic", "reason"], "Input records sent to the dead-letter topic, by reason (one series per reason from the start, at 0)."),
+    metric(DEAD_LETTERED, Counter, &["topic", "reason"], "Input records sent to the dead-letter topic, by reason (one series per reason from the start, at 0; the reasons are listed in the README's *Bad records*)."),
     metric(ALERTS, Counter, &["rule", "model", "version"], "Alerts published, by the topology's alert rule and the model version whose score fired it."),
     metric(CONSUMER_LAG, Gauge, &["topic", "partition"], "Records between the partition's last committed offset (what the processor has committed, not how far it has read) and its last stable offset: it grows while cycles fail to commit."),
     histogram(EVENT_TO_COMMIT_SECONDS, &[], LATENCY, "Seconds from an event's event time to the commit that published its score."),
@@ -199,7 +199,7 @@ pub const CATALOGUE: &[Metric] = &[
     // The group and the process.
     metric(REBALANCES, Counter, &["kind"], "Rebalance callbacks (`assign`, `revoke`)."),
     metric(REGISTRY_RETRIES, Counter, &[], "Schema-registry calls retried because the registry was unreachable."),
-    metric(READY, Gauge, &[], "1 once the processor is ready (state restored, model sessions warm), else 0."),
+    metric(READY, Gauge, &[], "1 while the processor is ready (see `/health/ready`), else 0."),
     metric("process_cpu_seconds_total", Counter, &[], "CPU seconds the process used, user and system."),
     metric("process_resident_memory_bytes", Gauge, &[], "Resident memory of the process."),
     metric("process_virtual_memory_bytes", Gauge, &[], "Virtual memory of the process."),
