@@ -91,11 +91,15 @@ impl Input {
 pub struct StateLimits {
     /// Most events kept per key. When a key has more inside its longest window, the oldest
     /// (by event time) are dropped: a window then sees at most this many earlier events plus
-    /// the event being scored.
+    /// the event being scored. A full key's state must fit in one 1 MB changelog record
+    /// (validation says how many events that allows for the topology's inputs).
     #[serde(default = "StateLimits::default_max_events")]
     pub max_events_per_key: usize,
-    /// A key with no event for this long in event time (measured against the newest event time
-    /// seen in its partition) is evicted; its next event starts from empty windows.
+    /// A key with no event for this long in event time is evicted: every 10,000 events of a
+    /// partition, the keys whose newest event is this far behind the partition's eviction clock
+    /// (a median of medians of its recent event times, which no single event can move) go. Its
+    /// next event starts from empty windows, which is what it would get anyway: no window may
+    /// be longer than this, and `time_since_last` takes its default after this long.
     #[serde(default = "StateLimits::default_idle", with = "humantime_serde")]
     pub idle_key_ttl: Duration,
     /// Compacted topic the state is changelogged to, in the same transaction as the outputs
