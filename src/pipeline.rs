@@ -387,6 +387,9 @@ const OUTPUT_TOO_LARGE: &str = "output_too_large";
 /// ... or for another reason of the record's own.
 const OUTPUT_REJECTED: &str = "output_rejected";
 
+/// Most records in a cycle redone with a producer that batches nothing.
+const ISOLATED_CYCLE_RECORDS: usize = 1_000;
+
 /// Delivery tags: each record's place in the cycle times four, plus what it is.
 const TAG_SCORED: usize = 0;
 const TAG_ALERT: usize = 1;
@@ -632,8 +635,15 @@ pub fn run(
         let mut discarded = false;
         // Per model, the rows of this cycle not handed to its batcher yet.
         let mut open: Vec<(Vec<u64>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); batchers.len()];
+        // One record per batch is slow: such a cycle is kept short, and a refused record past
+        // it is found by a later one.
+        let cycle_records = if isolating {
+            opts.max_cycle_records.min(ISOLATED_CYCLE_RECORDS)
+        } else {
+            opts.max_cycle_records
+        };
         while started.elapsed() < t.delivery.commit_interval
-            && pending.len() < opts.max_cycle_records
+            && pending.len() < cycle_records
             && !stop.load(Ordering::Relaxed)
         {
             health::beat();
