@@ -433,6 +433,14 @@ pub fn run(
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<RunSummary> {
     let t = &loaded.topology;
+    let problems = crate::features::check(loaded);
+    if !problems.is_empty() {
+        return Err(crate::topology::TopologyError::Invalid {
+            file: loaded.file.clone(),
+            problems,
+        }
+        .into());
+    }
     health::pipeline_started();
     crate::scorer::runtime::init(None)?;
     let sr = cluster.registry()?;

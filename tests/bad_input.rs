@@ -14,22 +14,21 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use apache_avro::types::Value;
 use kscore::cluster::ClusterArgs;
 use kscore::payments::Payment;
-use kscore::pipeline::{self, RunOptions, RunSummary};
+use kscore::pipeline::{RunOptions, RunSummary};
 use kscore::schemas;
 use kscore::scorer::runtime;
 use kscore::simulator::{SimConfig, Simulator};
 use kscore::sink::FramedEncoder;
 use kscore::source::Decoder;
+use kscore::topology::Loaded;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-use common::{Record, field, fresh_topology, read, wait_committed};
+use common::{Record, evolved_payment_schema, field, fresh_topology, read, run_until_committed};
 
 /// An input record: key and value as produced.
 #[derive(Clone)]
@@ -72,37 +71,14 @@ async fn produce(cluster: &ClusterArgs, topic: &str, records: &[Input]) {
     }
 }
 
-async fn run_until_committed(
-    cluster: &ClusterArgs,
-    loaded: &kscore::topology::Loaded,
-    instance: &str,
-) -> RunSummary {
-    let stop = Arc::new(AtomicBool::new(false));
+async fn process(cluster: &ClusterArgs, loaded: &Loaded, instance: &str) -> RunSummary {
     let opts = RunOptions {
         instance_id: instance.to_string(),
         max_cycle_records: 200,
         ..Default::default()
     };
-    let processor = {
-        let (cluster, loaded, stop) = (cluster.clone(), loaded.clone(), stop.clone());
-        let rt = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || pipeline::run(&cluster, &loaded, &opts, rt, stop))
-    };
-    let t = &loaded.topology;
-    let (c, topic, group) = (
-        cluster.clone(),
-        t.input.topic.clone(),
-        t.input.group.clone(),
-    );
     // Never stalls: the whole input is committed within the time a good input takes.
-    let waited = tokio::task::spawn_blocking(move || {
-        wait_committed(&c, &topic, &group, Duration::from_secs(120))
-    })
-    .await;
-    stop.store(true, Ordering::Relaxed);
-    let summary = processor.await.unwrap().expect("processor ran");
-    assert!(waited.is_ok(), "the stream stalled: {summary:?}");
-    summary
+    run_until_committed(cluster, loaded, opts, Duration::from_secs(120)).await
 }
 
 async fn read_topic(cluster: &ClusterArgs, topic: &str, expected: usize) -> Vec<Record> {
@@ -149,19 +125,10 @@ async fn bad_records_are_dead_lettered_and_change_no_other_record() {
     .await
     .unwrap();
     // A producer's newer schema with a channel the processor's reader schema does not know.
-    let mut evolved: serde_json::Value = serde_json::from_str(schemas::PAYMENT_AVSC).unwrap();
-    for f in evolved["fields"].as_array_mut().unwrap() {
-        if f["name"] == "channel" {
-            f["type"]["symbols"]
-                .as_array_mut()
-                .unwrap()
-                .push("CRYPTO".into());
-        }
-    }
     let v2 = FramedEncoder::register(
         &sr,
         &schemas::value_subject(&mixed.topology.input.topic),
-        &evolved.to_string(),
+        &evolved_payment_schema(true, false),
     )
     .await
     .unwrap();
@@ -364,8 +331,8 @@ async fn bad_records_are_dead_lettered_and_change_no_other_record() {
     produce(&cluster, &mixed.topology.input.topic, &mixed_input).await;
     produce(&cluster, &clean.topology.input.topic, &clean_input).await;
 
-    let mixed_summary = run_until_committed(&cluster, &mixed, &format!("bad-{run_id}")).await;
-    let clean_summary = run_until_committed(&cluster, &clean, &format!("clean-{run_id}")).await;
+    let mixed_summary = process(&cluster, &mixed, &format!("bad-{run_id}")).await;
+    let clean_summary = process(&cluster, &clean, &format!("clean-{run_id}")).await;
 
     // Exactly once each: scored + dead-lettered = consumed.
     let good_count = events.len() + 1;

@@ -32,8 +32,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use common::harness::{Instances, LogDir, end_offsets, pipeline, scored_by_input, simulate};
 use common::{
-    committed_total, free_port, fresh_topology, http_get, metric_sum, metrics_port, read,
-    wait_committed,
+    committed_total, evolved_payment_schema, free_port, fresh_topology, http_get, metric_sum,
+    metrics_port, read, run_until_committed, start_registry, wait_committed,
 };
 
 /// Held by each test for its whole run (an async lock: some tests hold it across awaits).
@@ -87,26 +87,7 @@ async fn input_encoder(cluster: &ClusterArgs, loaded: &Loaded) -> FramedEncoder 
 
 /// Runs the processor in this process until the whole input is committed, then stops it.
 async fn process(cluster: &ClusterArgs, loaded: &Loaded, opts: RunOptions) -> RunSummary {
-    let stop = Arc::new(AtomicBool::new(false));
-    let processor = {
-        let (cluster, loaded, stop) = (cluster.clone(), loaded.clone(), stop.clone());
-        let rt = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || pipeline::run(&cluster, &loaded, &opts, rt, stop))
-    };
-    let t = &loaded.topology;
-    let (c, topic, group) = (
-        cluster.clone(),
-        t.input.topic.clone(),
-        t.input.group.clone(),
-    );
-    let waited = tokio::task::spawn_blocking(move || {
-        wait_committed(&c, &topic, &group, Duration::from_secs(90))
-    })
-    .await;
-    stop.store(true, Ordering::Relaxed);
-    let summary = processor.await.unwrap().expect("processor ran");
-    assert!(waited.is_ok(), "the input was not committed: {summary:?}");
-    summary
+    run_until_committed(cluster, loaded, opts, Duration::from_secs(90)).await
 }
 
 async fn read_committed(cluster: &ClusterArgs, topic: &str, n: usize) -> Vec<common::Record> {
@@ -341,28 +322,6 @@ async fn a_commit_is_decided_by_the_broker_not_by_the_error() {
     }
 }
 
-/// A stand-in registry in a process of its own, on `port`, keeping its state in `dir`.
-fn start_registry(port: u16, dir: &std::path::Path) -> std::process::Child {
-    let child = Command::new(env!("CARGO_BIN_EXE_kscore"))
-        .args([
-            "registry",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--data-dir",
-        ])
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "registry did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child
-}
-
 /// A stop while the registry cannot be reached ends the cycle without publishing it: nothing
 /// is dead-lettered (the records are read again by the next run), and while it waited the
 /// instance kept polling, so it stayed in its group past `max.poll.interval.ms`.
@@ -384,15 +343,10 @@ async fn a_stop_during_a_registry_outage_dead_letters_nothing() {
     let loaded = fresh_topology("regstop", &run_id);
     let t = loaded.topology.clone();
     let v1 = input_encoder(&cluster, &loaded).await;
-    let mut evolved: serde_json::Value = serde_json::from_str(schemas::PAYMENT_AVSC).unwrap();
-    evolved["fields"]
-        .as_array_mut()
-        .unwrap()
-        .push(serde_json::json!({"name": "note", "type": ["null", "string"], "default": null}));
     let v2 = FramedEncoder::register(
         &cluster.registry().unwrap(),
         &schemas::value_subject(&t.input.topic),
-        &evolved.to_string(),
+        &evolved_payment_schema(false, true),
     )
     .await
     .unwrap();

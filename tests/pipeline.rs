@@ -11,10 +11,10 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use apache_avro::types::Value;
 use kscore::cluster::ClusterArgs;
@@ -27,7 +27,7 @@ use kscore::sink::FramedEncoder;
 use kscore::source::Decoder;
 use kscore::topology::config::Guarantee;
 
-use common::{field, fresh_topology, read, wait_committed};
+use common::{evolved_payment_schema, field, fresh_topology, read, start_registry, wait_committed};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 const N: u64 = 1_200;
@@ -491,28 +491,6 @@ async fn scenario(guarantee: Guarantee, abort_once_at: Option<u64>) {
     assert_eq!(by_id.len() + dead.len(), N as usize + bad.len());
 }
 
-/// A stand-in registry in a process of its own, on `port`, keeping its state in `dir`.
-fn start_registry(port: u16, dir: &Path) -> std::process::Child {
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_kscore"))
-        .args([
-            "registry",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--data-dir",
-        ])
-        .arg(dir)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "registry did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child
-}
-
 /// While the registry cannot be reached, records whose schema id is not cached yet wait (with
 /// backoff) instead of being dead-lettered; once it is back they are scored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -539,12 +517,7 @@ async fn an_unreachable_registry_is_retried_not_dead_lettered() {
     let v1 = FramedEncoder::register(&sr, &subject, schemas::PAYMENT_AVSC)
         .await
         .unwrap();
-    let mut evolved: serde_json::Value = serde_json::from_str(schemas::PAYMENT_AVSC).unwrap();
-    evolved["fields"]
-        .as_array_mut()
-        .unwrap()
-        .push(serde_json::json!({"name": "note", "type": ["null", "string"], "default": null}));
-    let v2 = FramedEncoder::register(&sr, &subject, &evolved.to_string())
+    let v2 = FramedEncoder::register(&sr, &subject, &evolved_payment_schema(false, true))
         .await
         .unwrap();
     let events: Vec<Payment> = Simulator::new(Default::default())

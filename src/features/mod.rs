@@ -164,6 +164,30 @@ pub fn millis(d: std::time::Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// The largest record the producer sends by default (librdkafka's `message.max.bytes`): a key's
+/// whole state is one changelog record.
+pub const MAX_RECORD_BYTES: usize = 1_000_000;
+
+/// The problems of a validated topology's feature state, by field path: a full key must fit in
+/// one changelog record. (`kscore validate` and `kscore run` check this beside the topology's
+/// own validation.)
+pub fn check(loaded: &crate::topology::Loaded) -> Vec<crate::topology::Problem> {
+    let set = FeatureSet::new(&loaded.topology, &loaded.schema);
+    let events = loaded.topology.state.max_events_per_key;
+    let bytes = set.key_state_bytes(events);
+    if bytes <= MAX_RECORD_BYTES {
+        return Vec::new();
+    }
+    vec![crate::topology::Problem {
+        path: "state.max_events_per_key".into(),
+        message: format!(
+            "{events} events of this topology's inputs make a key's changelog record of {bytes} \
+             bytes, over the {MAX_RECORD_BYTES} bytes of a Kafka record; at most {}",
+            set.max_events_in(MAX_RECORD_BYTES)
+        ),
+    }]
+}
+
 /// Where a feature reads its value.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Source {

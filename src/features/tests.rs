@@ -812,3 +812,31 @@ fn changelog_records_of_the_previous_format_are_refused() {
     }
     assert_eq!(fresh, FeatureState::default());
 }
+
+/// A key's whole state is one changelog record: a cap too high for the topology's inputs is a
+/// problem at validation, with the most that fits.
+#[test]
+fn a_key_state_too_large_for_one_record_is_a_problem() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("payment.avsc"),
+        crate::schemas::PAYMENT_AVSC,
+    )
+    .expect("schema");
+    let load = |cap: &str| {
+        let file = dir.path().join("t.toml");
+        std::fs::write(&file, TOPOLOGY.replace("max_events_per_key = 10000", cap))
+            .expect("topology");
+        topology::load(&file).expect("valid topology")
+    };
+    assert_eq!(check(&load("max_events_per_key = 10000")), vec![]);
+    let problems = check(&load("max_events_per_key = 100000"));
+    assert_eq!(
+        problems.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        vec![
+            "state.max_events_per_key: 100000 events of this topology's inputs make a key's \
+             changelog record of 5600021 bytes, over the 1000000 bytes of a Kafka record; at \
+             most 17856"
+        ]
+    );
+}

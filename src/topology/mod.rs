@@ -88,8 +88,6 @@ pub struct Loaded {
 pub const MAX_BATCH_DELAY: std::time::Duration = std::time::Duration::from_secs(60);
 /// The longest `delivery.commit_interval`: half the transaction timeout.
 pub const MAX_COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
-/// The largest record the producer sends by default (librdkafka's `message.max.bytes`).
-pub const MAX_RECORD_BYTES: usize = 1_000_000;
 
 /// The schema of a top-level field, a nullable union's non-null branch for a union of null and
 /// one type; `None` if there is no such field.
@@ -98,20 +96,22 @@ pub fn scalar<'s>(schema: &'s Schema, field: &str) -> Option<&'s Schema> {
         return None;
     };
     let f = fields.iter().find(|f| f.name == field)?;
-    Some(match &f.schema {
-        Schema::Union(u) => {
-            let non_null: Vec<&Schema> = u
-                .variants()
-                .iter()
-                .filter(|v| !matches!(v, Schema::Null))
-                .collect();
-            match non_null.as_slice() {
-                [one] => one,
-                _ => &f.schema,
-            }
-        }
-        other => other,
-    })
+    Some(non_null(&f.schema))
+}
+
+/// A union of null and one type: that type; any other schema as it is.
+fn non_null(schema: &Schema) -> &Schema {
+    if let Schema::Union(u) = schema
+        && let [one] = u
+            .variants()
+            .iter()
+            .filter(|v| !matches!(v, Schema::Null))
+            .collect::<Vec<_>>()
+            .as_slice()
+    {
+        return one;
+    }
+    schema
 }
 
 /// The kind of an Avro field as far as features care.
@@ -129,33 +129,14 @@ pub enum FieldKind {
 
 /// The kind of a top-level field of a record schema, `None` if there is no such field.
 pub fn field_kind(schema: &Schema, field: &str) -> Option<FieldKind> {
-    let Schema::Record(RecordSchema { fields, .. }) = schema else {
-        return None;
-    };
-    let f = fields.iter().find(|f| f.name == field)?;
-    Some(kind(&f.schema))
-}
-
-fn kind(schema: &Schema) -> FieldKind {
-    match schema {
+    Some(match scalar(schema, field)? {
         Schema::Int | Schema::Long | Schema::Float | Schema::Double => FieldKind::Numeric,
         Schema::TimestampMillis => FieldKind::TimestampMillis,
         Schema::String | Schema::Uuid(_) | Schema::Enum(_) | Schema::Boolean => {
             FieldKind::Categorical
         }
-        Schema::Union(u) => {
-            let non_null: Vec<&Schema> = u
-                .variants()
-                .iter()
-                .filter(|v| !matches!(v, Schema::Null))
-                .collect();
-            match non_null.as_slice() {
-                [one] => kind(one),
-                _ => FieldKind::Other,
-            }
-        }
         _ => FieldKind::Other,
-    }
+    })
 }
 
 /// Reads, parses and validates a topology file (without touching a broker or the models).
@@ -516,25 +497,6 @@ pub fn load_with(file: &Path, require_models: bool) -> Result<Loaded, TopologyEr
             ),
         );
     }
-    // A full key's state is one changelog record, which must fit in one Kafka record.
-    if problems.is_empty()
-        && let Some(schema) = &schema
-    {
-        let set = crate::features::FeatureSet::new(&topology, schema);
-        let bytes = set.key_state_bytes(topology.state.max_events_per_key);
-        if bytes > MAX_RECORD_BYTES {
-            problems.push(Problem {
-                path: "state.max_events_per_key".into(),
-                message: format!(
-                    "{} events of this topology's inputs make a key's changelog record of {bytes} \
-                     bytes, over the {MAX_RECORD_BYTES} bytes of a Kafka record; at most {}",
-                    topology.state.max_events_per_key,
-                    set.max_events_in(MAX_RECORD_BYTES)
-                ),
-            });
-        }
-    }
-
     match (problems.is_empty(), schema) {
         (true, Some(schema)) => Ok(Loaded {
             file: file.to_path_buf(),

@@ -233,11 +233,6 @@ fn settings_that_would_dead_letter_every_record_are_refused() {
             GOOD.replace(r#"max_delay = "2ms""#, r#"max_delay = "100years""#),
             "model[0] (m).batching.max_delay: must be at most 1m",
         ),
-        // A key's state too large for one changelog record.
-        (
-            GOOD.replace("[output]", "[state]\nmax_events_per_key = 100000\n[output]"),
-            "state.max_events_per_key: 100000 events of this topology's inputs make a key's changelog record of 3200021 bytes, over the 1000000 bytes of a Kafka record; at most 31249",
-        ),
         // A commit interval the transaction timeout (60 s) would cut short.
         (
             GOOD.replace(r#"commit_interval = "100ms""#, r#"commit_interval = "5m""#),

@@ -251,3 +251,80 @@ pub fn metrics_port() -> u16 {
         port
     })
 }
+
+/// A stand-in registry in a process of its own, on `port`, keeping its state in `dir`.
+pub fn start_registry(port: u16, dir: &Path) -> std::process::Child {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_kscore"))
+        .args([
+            "registry",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
+        .arg(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "registry did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
+/// The payment schema as a newer producer might write it: `channel` gains the symbol
+/// `CRYPTO` (which the reader schema lacks) when `symbol`, and an optional `note` is added when
+/// `note`.
+pub fn evolved_payment_schema(symbol: bool, note: bool) -> String {
+    let mut v: serde_json::Value = serde_json::from_str(kscore::schemas::PAYMENT_AVSC).unwrap();
+    let fields = v["fields"].as_array_mut().unwrap();
+    if symbol {
+        for f in fields.iter_mut() {
+            if f["name"] == "channel" {
+                f["type"]["symbols"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push("CRYPTO".into());
+            }
+        }
+    }
+    if note {
+        fields
+            .push(serde_json::json!({"name": "note", "type": ["null", "string"], "default": null}));
+    }
+    v.to_string()
+}
+
+/// Runs the processor in this process until the group has committed the whole input (within
+/// `timeout`; the stream must not stall), then stops it.
+pub async fn run_until_committed(
+    cluster: &ClusterArgs,
+    loaded: &topology::Loaded,
+    opts: kscore::pipeline::RunOptions,
+    timeout: Duration,
+) -> kscore::pipeline::RunSummary {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = Arc::new(AtomicBool::new(false));
+    let processor = {
+        let (cluster, loaded, stop) = (cluster.clone(), loaded.clone(), stop.clone());
+        let rt = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            kscore::pipeline::run(&cluster, &loaded, &opts, rt, stop)
+        })
+    };
+    let t = &loaded.topology;
+    let (c, topic, group) = (
+        cluster.clone(),
+        t.input.topic.clone(),
+        t.input.group.clone(),
+    );
+    let waited =
+        tokio::task::spawn_blocking(move || wait_committed(&c, &topic, &group, timeout)).await;
+    stop.store(true, Ordering::Relaxed);
+    let summary = processor.await.unwrap().expect("processor ran");
+    assert!(waited.is_ok(), "the stream stalled: {summary:?}");
+    summary
+}
