@@ -15,6 +15,7 @@ pub mod inspect;
 pub mod passthrough;
 pub mod payments;
 pub mod pipeline;
+pub mod reason;
 pub mod registry_standin;
 pub mod schemas;
 pub mod scorer;

@@ -51,6 +51,7 @@ use crate::batcher::{self, BatcherError, ModelBatcher, Refused, Scored};
 use crate::changelog::{self, Restorer};
 use crate::cluster::ClusterArgs;
 use crate::features::{FeatureSet, FeatureState};
+use crate::reason::Reason;
 use crate::schemas;
 use crate::scorer::drift::DriftMonitor;
 use crate::sink::dead_letter::{Cut, DeadLetter};
@@ -59,11 +60,11 @@ use crate::sink::produce::{self, Deliveries, Out, OutputProducer, SendError};
 use crate::sink::scored::{self, ScoredEncoder};
 use crate::sink::{FramedEncoder, deliver};
 use crate::source::Decoder;
-use crate::source::decode::DecodeError;
 use crate::telemetry::health;
 use crate::telemetry::metrics as names;
 use crate::topology::Loaded;
 use crate::topology::config::Guarantee;
+use strum::IntoEnumIterator;
 
 /// Options of `kscore run` besides the topology.
 #[derive(Debug, Clone)]
@@ -355,7 +356,7 @@ enum Outcome {
         scores: Vec<Option<Vec<f64>>>,
     },
     Dead {
-        reason: &'static str,
+        reason: Reason,
         error: String,
         /// How much of the input its dead letter carries.
         cut: Cut,
@@ -377,15 +378,10 @@ struct Outputs {
 /// they are dead-lettered, or their dead letters cut down.
 #[derive(Debug, Clone)]
 struct Poison {
-    reason: &'static str,
+    reason: Reason,
     error: String,
     cut: Cut,
 }
-
-/// Why a dead letter is a scored record's instead: the producer refused it for its size...
-const OUTPUT_TOO_LARGE: &str = "output_too_large";
-/// ... or for another reason of the record's own.
-const OUTPUT_REJECTED: &str = "output_rejected";
 
 /// Most records in a cycle redone with a producer that batches nothing.
 const ISOLATED_CYCLE_RECORDS: usize = 1_000;
@@ -812,7 +808,8 @@ pub fn run(
                             }
                             Some(false) => {
                                 summary.aborts += 1;
-                                metrics::counter!(names::ABORTS, "reason" => reason).increment(1);
+                                metrics::counter!(names::ABORTS, "reason" => reason.label())
+                                    .increment(1);
                                 failures.note(
                                     &error,
                                     &first_offsets,
@@ -828,7 +825,7 @@ pub fn run(
                     }
                     Failure::NotCommitted(error) => {
                         summary.aborts += 1;
-                        metrics::counter!(names::ABORTS, "reason" => reason).increment(1);
+                        metrics::counter!(names::ABORTS, "reason" => reason.label()).increment(1);
                         failures.note(&error, &first_offsets, &next_offsets, &t.input.topic);
                         None
                     }
@@ -888,7 +885,7 @@ pub fn run(
                     .increment(pending.len() as u64);
                 metrics::counter!(names::SCORED, "topic" => topic.clone()).increment(counts.scored);
                 for (reason, n) in &counts.dead {
-                    metrics::counter!(names::DEAD_LETTERED, "topic" => topic.clone(), "reason" => *reason).increment(*n);
+                    metrics::counter!(names::DEAD_LETTERED, "topic" => topic.clone(), "reason" => reason.label()).increment(*n);
                 }
                 for (rule, n) in counts.fired.iter().enumerate() {
                     if *n > 0
@@ -1118,7 +1115,7 @@ fn learn(
             _ => {
                 // Its dead letter was refused: the next try sends less of it.
                 if let Outcome::Dead { reason, error, cut } = &p.outcome {
-                    entry.reason = reason;
+                    entry.reason = *reason;
                     entry.error.clone_from(error);
                     entry.cut = cut.next().unwrap_or(Cut::WithoutKeyOrValue);
                 }
@@ -1127,19 +1124,19 @@ fn learn(
         tracing::warn!(
             partition = at.0,
             offset = at.1,
-            reason = entry.reason,
+            reason = entry.reason.label(),
             "the broker refused this record's output ({code}); dead-lettering it on the next try"
         );
     }
     true
 }
 
-fn reason_for(code: RDKafkaErrorCode) -> &'static str {
+fn reason_for(code: RDKafkaErrorCode) -> Reason {
     match code {
         RDKafkaErrorCode::MessageSizeTooLarge
         | RDKafkaErrorCode::InvalidMessageSize
-        | RDKafkaErrorCode::MessageBatchTooLarge => OUTPUT_TOO_LARGE,
-        _ => OUTPUT_REJECTED,
+        | RDKafkaErrorCode::MessageBatchTooLarge => Reason::OutputTooLarge,
+        _ => Reason::OutputRejected,
     }
 }
 
@@ -1239,11 +1236,16 @@ fn restore_assigned(
                      continuing from the changelog's offset (to reprocess from an earlier \
                      offset, delete the changelog topic as well)"
                 );
-                metrics::counter!(names::STATE_RESTORE_GAPS, "reason" => GAP_OFFSETS_BEHIND)
+                metrics::counter!(names::STATE_RESTORE_GAPS, "reason" => RestoreGap::OffsetsBehind.label())
                     .increment(1);
                 seek_to.push((p, next));
             } else if found != want {
-                let reason = if ahead { GAP_AHEAD } else { GAP_BEHIND };
+                let reason = if ahead {
+                    RestoreGap::Ahead
+                } else {
+                    RestoreGap::Behind
+                }
+                .label();
                 tracing::warn!(
                     partition = p,
                     changelog_offset = ?found,
@@ -1255,7 +1257,7 @@ fn restore_assigned(
                 metrics::counter!(names::STATE_RESTORE_GAPS, "reason" => reason).increment(1);
             }
             if r.unreadable > 0 {
-                metrics::counter!(names::STATE_RESTORE_GAPS, "reason" => GAP_UNREADABLE)
+                metrics::counter!(names::STATE_RESTORE_GAPS, "reason" => RestoreGap::Unreadable.label())
                     .increment(r.unreadable);
             }
             records += r.records;
@@ -1305,19 +1307,19 @@ fn restore_assigned(
 /// a rate over a series that appears only at its first occurrence misses that occurrence, and
 /// alerts and panels should see "none yet" rather than "no data".
 fn register_series(topic: &str, rules: &[(String, String, String)]) {
-    for reason in dead_letter_reasons() {
-        metrics::counter!(names::DEAD_LETTERED, "topic" => topic.to_string(), "reason" => reason)
+    for reason in Reason::all() {
+        metrics::counter!(names::DEAD_LETTERED, "topic" => topic.to_string(), "reason" => reason.label())
             .increment(0);
     }
-    for reason in ABORT_REASONS {
-        metrics::counter!(names::ABORTS, "reason" => *reason).increment(0);
+    for reason in AbortReason::iter() {
+        metrics::counter!(names::ABORTS, "reason" => reason.label()).increment(0);
     }
     for (rule, model, version) in rules {
         metrics::counter!(names::ALERTS, "rule" => rule.clone(), "model" => model.clone(), "version" => version.clone())
             .increment(0);
     }
-    for reason in GAP_REASONS {
-        metrics::counter!(names::STATE_RESTORE_GAPS, "reason" => *reason).increment(0);
+    for reason in RestoreGap::iter() {
+        metrics::counter!(names::STATE_RESTORE_GAPS, "reason" => reason.label()).increment(0);
     }
     for kind in ["assign", "revoke"] {
         metrics::counter!(names::REBALANCES, "kind" => kind).increment(0);
@@ -1337,21 +1339,6 @@ fn register_series(topic: &str, rules: &[(String, String, String)]) {
     }
     metrics::gauge!(names::INPUT_PAUSED).set(0.0);
     metrics::gauge!(names::FAILED_CYCLES).set(0.0);
-}
-
-/// Every reason a record can be dead-lettered with.
-pub fn dead_letter_reasons() -> impl Iterator<Item = &'static str> {
-    DecodeError::REASONS
-        .iter()
-        .chain(crate::features::FeatureError::REASONS)
-        .chain(&[
-            SCORING_FAILED,
-            NON_FINITE_SCORE,
-            UNENCODABLE,
-            OUTPUT_TOO_LARGE,
-            OUTPUT_REJECTED,
-        ])
-        .copied()
 }
 
 /// The longest one blocking producer call (init, flush, offsets, commit, abort) may wait. The
@@ -1377,7 +1364,7 @@ fn take(
     state: &mut FeatureState,
     wait: &mut dyn FnMut(Duration) -> bool,
 ) -> Option<Pending> {
-    let dead = |reason: &'static str, error: String| Outcome::Dead {
+    let dead = |reason: Reason, error: String| Outcome::Dead {
         reason,
         error,
         cut: Cut::Whole,
@@ -1493,7 +1480,7 @@ fn wait_scores(
     for (ticket, error) in failures {
         if let Some(p) = pending.get_mut(ticket as usize) {
             p.outcome = Outcome::Dead {
-                reason: SCORING_FAILED,
+                reason: Reason::ScoringFailed,
                 error,
                 cut: Cut::Whole,
             };
@@ -1565,7 +1552,7 @@ fn settle(pending: &mut [Pending], scores: &ScoreSlots, poisoned: &HashMap<(i32,
             scores.fill(&mut values, got);
             if let Some(bad) = values.iter().find(|v| !v.value.is_finite()) {
                 p.outcome = Outcome::Dead {
-                    reason: NON_FINITE_SCORE,
+                    reason: Reason::NonFiniteScore,
                     error: format!(
                         "score {} is not a finite number ({})",
                         bad.qualified, bad.value
@@ -1586,7 +1573,7 @@ struct Counts {
     /// Alerts by rule index.
     fired: Vec<u64>,
     /// Dead letters by reason.
-    dead: BTreeMap<&'static str, u64>,
+    dead: BTreeMap<Reason, u64>,
 }
 
 /// Why a cycle did not commit.
@@ -1605,7 +1592,7 @@ enum Failure {
 
 impl Failure {
     /// A short reason label, and whether the producer failed fatally (no abort is possible).
-    fn classify(&self) -> (&'static str, bool) {
+    fn classify(&self) -> (AbortReason, bool) {
         let e = match self {
             Failure::NotCommitted(e) | Failure::Unknown { error: e, .. } => e,
         };
@@ -1802,7 +1789,7 @@ impl Publisher<'_> {
                         &fired_names,
                         &prov,
                     ) {
-                        (UNENCODABLE, e.to_string(), Cut::Whole)
+                        (Reason::Unencodable, e.to_string(), Cut::Whole)
                     } else {
                         match self.send_scored(
                             producer,
@@ -1843,7 +1830,7 @@ impl Publisher<'_> {
         buf: &[u8],
         alert_buf: &mut Vec<u8>,
         alert: bool,
-    ) -> Result<Option<(&'static str, String, Cut)>, Failure> {
+    ) -> Result<Option<(Reason, String, Cut)>, Failure> {
         let out = self.outputs;
         let refused = |code: RDKafkaErrorCode, what: &str| {
             (
@@ -1902,7 +1889,7 @@ impl Publisher<'_> {
         producer: &OutputProducer,
         p: &Pending,
         i: usize,
-        reason: &'static str,
+        reason: Reason,
         error: &str,
         cut: Cut,
     ) -> Result<(), Failure> {
@@ -1951,51 +1938,52 @@ impl Publisher<'_> {
     }
 }
 
-// Why a cycle was aborted, as `classify` labels it: a fatal transactional error (the producer is
-// rebuilt), an abortable one, another transactional error, a failed produce, an injected abort
-// (tests), anything else.
-const ABORT_FATAL: &str = "fatal";
-const ABORT_ABORTABLE: &str = "abortable";
-const ABORT_TRANSACTION: &str = "transaction";
-const ABORT_PRODUCE: &str = "produce";
-const ABORT_INJECTED: &str = "injected";
-const ABORT_OTHER: &str = "other";
-/// Every reason [`classify`] gives.
-const ABORT_REASONS: &[&str] = &[
-    ABORT_FATAL,
-    ABORT_ABORTABLE,
-    ABORT_TRANSACTION,
-    ABORT_PRODUCE,
-    ABORT_INJECTED,
-    ABORT_OTHER,
-];
+/// Why a cycle was aborted: a fatal transactional error (the producer is rebuilt), an abortable
+/// one, another transactional error, a failed produce, an injected abort (tests), anything else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::EnumIter, strum::IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
+enum AbortReason {
+    Fatal,
+    Abortable,
+    Transaction,
+    Produce,
+    Injected,
+    Other,
+}
 
-// Why a restored partition's state does not match the group's committed offset: the changelog
-// is behind it or ahead of it, the offsets are behind the changelog under exactly-once (the
-// changelog wins), or some changelog records could not be read.
-const GAP_BEHIND: &str = "behind";
-const GAP_AHEAD: &str = "ahead";
-const GAP_OFFSETS_BEHIND: &str = "offsets_behind";
-const GAP_UNREADABLE: &str = "unreadable";
-/// Every restore-gap reason.
-const GAP_REASONS: &[&str] = &[GAP_BEHIND, GAP_AHEAD, GAP_OFFSETS_BEHIND, GAP_UNREADABLE];
+impl AbortReason {
+    fn label(self) -> &'static str {
+        self.into()
+    }
+}
 
-/// Why a model's rows go to the dead-letter topic: the model failed on their batch...
-const SCORING_FAILED: &str = "scoring_failed";
-/// ... or gave a score that is not a finite number.
-const NON_FINITE_SCORE: &str = "non_finite_score";
-/// Why a scored record goes to the dead-letter topic instead: it could not be encoded.
-const UNENCODABLE: &str = "unencodable";
+/// Why a restored partition's state does not match the group's committed offset: the changelog
+/// is behind it or ahead of it, the offsets are behind the changelog under exactly-once (the
+/// changelog wins), or some changelog records could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::EnumIter, strum::IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
+enum RestoreGap {
+    Behind,
+    Ahead,
+    OffsetsBehind,
+    Unreadable,
+}
 
-/// A short reason label, and whether the producer failed fatally.
-fn classify(e: &KafkaError) -> (&'static str, bool) {
+impl RestoreGap {
+    fn label(self) -> &'static str {
+        self.into()
+    }
+}
+
+/// Why the cycle is aborted, and whether the producer failed fatally.
+fn classify(e: &KafkaError) -> (AbortReason, bool) {
     match e {
-        KafkaError::Transaction(t) if t.is_fatal() => (ABORT_FATAL, true),
-        KafkaError::Transaction(t) if t.txn_requires_abort() => (ABORT_ABORTABLE, false),
-        KafkaError::Transaction(_) => (ABORT_TRANSACTION, false),
-        KafkaError::MessageProduction(_) => (ABORT_PRODUCE, false),
-        KafkaError::Canceled => (ABORT_INJECTED, false),
-        _ => (ABORT_OTHER, false),
+        KafkaError::Transaction(t) if t.is_fatal() => (AbortReason::Fatal, true),
+        KafkaError::Transaction(t) if t.txn_requires_abort() => (AbortReason::Abortable, false),
+        KafkaError::Transaction(_) => (AbortReason::Transaction, false),
+        KafkaError::MessageProduction(_) => (AbortReason::Produce, false),
+        KafkaError::Canceled => (AbortReason::Injected, false),
+        _ => (AbortReason::Other, false),
     }
 }
 

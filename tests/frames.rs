@@ -15,7 +15,7 @@ use std::path::Path;
 
 use apache_avro::Schema;
 use kscore::features::{FeatureSet, FeatureState};
-use kscore::pipeline::dead_letter_reasons;
+use kscore::reason::Reason;
 use kscore::schemas;
 use kscore::simulator::{SimConfig, Simulator};
 use kscore::sink::output::{Provenance, ScoreValue};
@@ -168,7 +168,7 @@ fn random_and_mutated_frames_never_panic_and_every_refusal_has_a_reason() {
         qualified: "m.s".into(),
         value: 0.5,
     }];
-    let reasons: HashSet<&str> = dead_letter_reasons().collect();
+    let reasons: HashSet<&str> = Reason::all().map(Reason::label).collect();
     let scored_schema = schemas::parse(schemas::SCORED_PAYMENT_AVSC).unwrap();
     let scored_reader = apache_avro::reader::datum::GenericDatumReader::builder(&scored_schema)
         .build()
@@ -184,15 +184,15 @@ fn random_and_mutated_frames_never_panic_and_every_refusal_has_a_reason() {
         let outcome = catch_unwind(AssertUnwindSafe(|| -> &'static str {
             let decoded = match decoder.decode_known(frame.as_deref()) {
                 Ok(d) => d,
-                Err(e) => return e.reason(),
+                Err(e) => return e.reason().label(),
             };
             let event = match set.extract(&decoded.value, Some(produced_at)) {
                 Ok(e) => e,
-                Err(e) => return e.reason(),
+                Err(e) => return e.reason().label(),
             };
             let features = match state.update(&set, event) {
                 Ok(f) => f,
-                Err(e) => return e.reason(),
+                Err(e) => return e.reason().label(),
             };
             let event = match (&frame, decoded.verbatim) {
                 (Some(f), true) => Event::Verbatim(&f[5..]),

@@ -259,7 +259,7 @@ async fn corrupt_records_are_decode_errors_not_panics() {
     }
     let reasons: Vec<&str> = results
         .iter()
-        .map(|r| r.as_ref().map_or_else(|e| e.reason(), |_| "ok"))
+        .map(|r| r.as_ref().map_or_else(|e| e.reason().label(), |_| "ok"))
         .collect();
     assert_eq!(
         reasons,

@@ -44,6 +44,7 @@ use apache_avro::types::Value;
 pub use codec::{CodecError, PARTITION_KEY, PartitionMark};
 pub use extract::ExtractError;
 
+use crate::reason::Reason;
 use crate::topology::config::{Aggregation, StateLimits, Topology};
 
 /// Why an event cannot be given features.
@@ -68,28 +69,17 @@ pub enum FeatureError {
 }
 
 impl FeatureError {
-    /// Every value [`FeatureError::reason`] returns.
-    pub const REASONS: &'static [&'static str] = &[
-        "missing_key",
-        "key_too_long",
-        "missing_event_time",
-        "event_time_out_of_range",
-        "missing_field",
-        "bad_field",
-        "non_finite_feature",
-    ];
-
-    /// A short, fixed label for metrics and dead-letter headers.
-    pub fn reason(&self) -> &'static str {
+    /// Why the record is dead-lettered.
+    pub fn reason(&self) -> Reason {
         match self {
-            FeatureError::Key(ExtractError::TooLong { .. }) => "key_too_long",
-            FeatureError::Key(_) => "missing_key",
-            FeatureError::EventTime(_) => "missing_event_time",
-            FeatureError::EventTimeOutOfRange(_) => "event_time_out_of_range",
-            FeatureError::Extract(ExtractError::Missing(_)) => "missing_field",
-            FeatureError::Extract(ExtractError::NotFinite(_)) => "non_finite_feature",
-            FeatureError::Extract(_) => "bad_field",
-            FeatureError::NotFinite(_) => "non_finite_feature",
+            FeatureError::Key(ExtractError::TooLong { .. }) => Reason::KeyTooLong,
+            FeatureError::Key(_) => Reason::MissingKey,
+            FeatureError::EventTime(_) => Reason::MissingEventTime,
+            FeatureError::EventTimeOutOfRange(_) => Reason::EventTimeOutOfRange,
+            FeatureError::Extract(ExtractError::Missing(_)) => Reason::MissingField,
+            FeatureError::Extract(ExtractError::NotFinite(_)) => Reason::NonFiniteFeature,
+            FeatureError::Extract(_) => Reason::BadField,
+            FeatureError::NotFinite(_) => Reason::NonFiniteFeature,
         }
     }
 }

@@ -5,6 +5,8 @@
 
 use rdkafka::message::{Header, OwnedHeaders};
 
+use crate::reason::Reason;
+
 /// Header: why the record was dead-lettered (a fixed label, as in the metrics).
 pub const REASON: &str = "kscore.reason";
 /// Header: the error in words.
@@ -50,8 +52,8 @@ impl Cut {
 /// A dead letter for one input record.
 #[derive(Debug, Clone)]
 pub struct DeadLetter<'a> {
-    /// Why (a fixed label).
-    pub reason: &'a str,
+    /// Why.
+    pub reason: Reason,
     /// The error in words.
     pub error: &'a str,
     /// Source topic.
@@ -88,7 +90,7 @@ impl DeadLetter<'_> {
         let partition = self.partition.to_string();
         let offset = self.offset.to_string();
         let mut headers = OwnedHeaders::new()
-            .insert(text(REASON, self.reason))
+            .insert(text(REASON, self.reason.label()))
             .insert(text(ERROR, truncate(self.error, MAX_ERROR_BYTES)))
             .insert(text(SOURCE_TOPIC, self.topic))
             .insert(text(SOURCE_PARTITION, &partition))
@@ -142,7 +144,7 @@ mod tests {
     fn cutting_down_keeps_reason_and_position_and_says_what_was_left_out() {
         let long_error = "é".repeat(1_000);
         let d = DeadLetter {
-            reason: "output_too_large",
+            reason: Reason::OutputTooLarge,
             error: &long_error,
             topic: "payments",
             partition: 3,

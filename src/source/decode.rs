@@ -17,6 +17,7 @@ use apache_avro::types::Value;
 use schema_registry_converter::async_impl::avro::AvroDecoder;
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
 
+use crate::reason::Reason;
 use crate::wire::{self, FrameError};
 
 /// A decoded record.
@@ -88,21 +89,15 @@ impl DecodeError {
         )
     }
 
-    /// Every value [`DecodeError::reason`] returns.
-    pub const REASONS: &'static [&'static str] = &[
-        "not_confluent_framed",
-        "unknown_schema_id",
-        "incompatible_schema",
-        "undecodable",
-    ];
-
-    /// A short, fixed label for metrics and dead-letter headers.
-    pub fn reason(&self) -> &'static str {
+    /// Why the record is dead-lettered.
+    pub fn reason(&self) -> Reason {
         match self {
-            DecodeError::Frame(_) => "not_confluent_framed",
-            DecodeError::Schema { .. } => "unknown_schema_id",
-            DecodeError::Incompatible { .. } | DecodeError::Resolve { .. } => "incompatible_schema",
-            DecodeError::Datum { .. } => "undecodable",
+            DecodeError::Frame(_) => Reason::NotConfluentFramed,
+            DecodeError::Schema { .. } => Reason::UnknownSchemaId,
+            DecodeError::Incompatible { .. } | DecodeError::Resolve { .. } => {
+                Reason::IncompatibleSchema
+            }
+            DecodeError::Datum { .. } => Reason::Undecodable,
         }
     }
 }
@@ -388,8 +383,6 @@ fn describe(e: &apache_avro::Error) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeSet;
-
     use super::*;
     use crate::schemas;
     use crate::simulator::Simulator;
@@ -425,7 +418,7 @@ mod tests {
             let err = decoder
                 .decode_known(Some(&frame[..frame.len() - cut]))
                 .expect_err("cut short");
-            assert_eq!(err.reason(), "undecodable", "{err}");
+            assert_eq!(err.reason(), Reason::Undecodable, "{err}");
         }
     }
 
@@ -462,7 +455,7 @@ mod tests {
         let err = decoder
             .decode_known(Some(&frame))
             .expect_err("unknown symbol");
-        assert_eq!(err.reason(), "incompatible_schema");
+        assert_eq!(err.reason(), Reason::IncompatibleSchema);
         assert_eq!(
             err.to_string(),
             "record of writer schema 2 cannot be read with the reader schema: field `channel`: \
@@ -479,39 +472,54 @@ mod tests {
         );
     }
 
-    /// `REASONS` (registered at 0 for the dashboards) is exactly what `reason` gives.
+    /// Each error's dead-letter reason.
     #[test]
-    fn every_reason_is_listed_and_every_listed_reason_occurs() {
-        let errors = [
-            DecodeError::Frame(FrameError::Missing),
-            DecodeError::Frame(FrameError::TooShort(3)),
-            DecodeError::Frame(FrameError::BadMagic(7)),
-            DecodeError::Schema {
-                id: 1,
-                reason: "404".into(),
-                retriable: false,
-            },
-            DecodeError::Schema {
-                id: 1,
-                reason: "503".into(),
-                retriable: true,
-            },
-            DecodeError::Incompatible {
-                id: 1,
-                reason: "no field".into(),
-            },
-            DecodeError::Resolve {
-                id: 1,
-                reason: "enum".into(),
-            },
-            DecodeError::Datum {
-                id: 1,
-                reason: "eof".into(),
-            },
+    fn each_error_has_its_reason() {
+        let cases = [
+            (
+                DecodeError::Frame(FrameError::Missing),
+                Reason::NotConfluentFramed,
+            ),
+            (
+                DecodeError::Frame(FrameError::TooShort(3)),
+                Reason::NotConfluentFramed,
+            ),
+            (
+                DecodeError::Frame(FrameError::BadMagic(7)),
+                Reason::NotConfluentFramed,
+            ),
+            (
+                DecodeError::Schema {
+                    id: 1,
+                    reason: "404".into(),
+                    retriable: false,
+                },
+                Reason::UnknownSchemaId,
+            ),
+            (
+                DecodeError::Incompatible {
+                    id: 1,
+                    reason: "no field".into(),
+                },
+                Reason::IncompatibleSchema,
+            ),
+            (
+                DecodeError::Resolve {
+                    id: 1,
+                    reason: "enum".into(),
+                },
+                Reason::IncompatibleSchema,
+            ),
+            (
+                DecodeError::Datum {
+                    id: 1,
+                    reason: "eof".into(),
+                },
+                Reason::Undecodable,
+            ),
         ];
-        let given: BTreeSet<&str> = errors.iter().map(DecodeError::reason).collect();
-        let listed: BTreeSet<&str> = DecodeError::REASONS.iter().copied().collect();
-        assert_eq!(given, listed);
-        assert_eq!(listed.len(), DecodeError::REASONS.len(), "listed twice");
+        for (error, reason) in cases {
+            assert_eq!(error.reason(), reason, "{error}");
+        }
     }
 }
