@@ -5,10 +5,10 @@
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use kscore::registry_standin::{Store, router};
-use kscore::simulator::Simulator;
 use kscore::sink::FramedEncoder;
 use kscore::source::Decoder;
+use kscore::tools::registry_standin::{Store, router};
+use kscore::tools::simulator::Simulator;
 use kscore::{schemas, wire};
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
 

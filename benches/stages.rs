@@ -10,13 +10,13 @@ use std::path::Path;
 use apache_avro::types::Value;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use kscore::features::{Event, FeatureSet, FeatureState};
-use kscore::registry_standin::{Store, router};
 use kscore::scorer::{ScoringSession, runtime};
-use kscore::simulator::{SimConfig, Simulator};
 use kscore::sink::FramedEncoder;
 use kscore::sink::output::{self, Provenance, ScoreValue};
 use kscore::sink::scored::{self, ScoredEncoder};
 use kscore::source::Decoder;
+use kscore::tools::registry_standin::{Store, router};
+use kscore::tools::simulator::{SimConfig, Simulator};
 use kscore::{schemas, topology};
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
 

@@ -32,14 +32,14 @@ enum Command {
         #[command(flatten)]
         cluster: ClusterArgs,
         #[command(flatten)]
-        args: kscore::simulator::SimulateArgs,
+        args: kscore::tools::simulator::SimulateArgs,
     },
     /// Read a topic of payments, decode them and print a running summary.
     Tail {
         #[command(flatten)]
         cluster: ClusterArgs,
         #[command(flatten)]
-        args: kscore::inspect::TailArgs,
+        args: kscore::tools::tail::TailArgs,
     },
     /// Run the processor: consume, featurise, score, publish (exactly once by default).
     Run {
@@ -74,7 +74,7 @@ enum Command {
         #[command(flatten)]
         cluster: ClusterArgs,
         #[command(flatten)]
-        args: kscore::passthrough::PassthroughArgs,
+        args: kscore::tools::passthrough::PassthroughArgs,
     },
     /// Compute a topology's features over a file of events, offline (for training).
     Features {
@@ -148,10 +148,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Simulate { cluster, args } => {
             tracing::info!("connecting: {}", cluster.describe());
-            kscore::simulator::run(&cluster, &args, stop_flag()).await?;
+            kscore::tools::simulator::run(&cluster, &args, stop_flag()).await?;
         }
         Command::Tail { cluster, args } => {
-            kscore::inspect::run(&cluster, &args, stop_flag()).await?;
+            kscore::tools::tail::run(&cluster, &args, stop_flag()).await?;
         }
         Command::Run {
             cluster,
@@ -191,7 +191,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let rt = tokio::runtime::Handle::current();
             let stop = stop_flag();
             let n = tokio::task::spawn_blocking(move || {
-                kscore::passthrough::run(&cluster, &args, rt, stop)
+                kscore::tools::passthrough::run(&cluster, &args, rt, stop)
             })
             .await??;
             tracing::info!(records = n, "passthrough stopped");
@@ -236,7 +236,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Registry { listen, data_dir } => {
-            kscore::registry_standin::run(listen, &data_dir).await?;
+            kscore::tools::registry_standin::run(listen, &data_dir).await?;
         }
     }
     Ok(())

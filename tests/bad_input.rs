@@ -18,13 +18,13 @@ use std::time::Duration;
 
 use apache_avro::types::Value;
 use kscore::cluster::ClusterArgs;
-use kscore::payments::Payment;
 use kscore::pipeline::{RunOptions, RunSummary};
 use kscore::schemas;
 use kscore::scorer::runtime;
-use kscore::simulator::{SimConfig, Simulator};
 use kscore::sink::FramedEncoder;
 use kscore::source::Decoder;
+use kscore::tools::payments::Payment;
+use kscore::tools::simulator::{SimConfig, Simulator};
 use kscore::topology::Loaded;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 

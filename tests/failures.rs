@@ -21,12 +21,12 @@ use std::time::{Duration, Instant};
 
 use apache_avro::types::Value;
 use kscore::cluster::ClusterArgs;
-use kscore::payments::Payment;
 use kscore::pipeline::{self, CommitFault, RunOptions, RunSummary};
 use kscore::schemas;
 use kscore::scorer::runtime;
-use kscore::simulator::{SimConfig, Simulator};
 use kscore::sink::FramedEncoder;
+use kscore::tools::payments::Payment;
+use kscore::tools::simulator::{SimConfig, Simulator};
 use kscore::topology::Loaded;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 

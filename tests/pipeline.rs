@@ -18,13 +18,13 @@ use std::time::Duration;
 
 use apache_avro::types::Value;
 use kscore::cluster::ClusterArgs;
-use kscore::payments::{Channel, EntryMode, Payment};
 use kscore::pipeline::{self, RunOptions};
 use kscore::schemas;
 use kscore::scorer::{ScoringSession, runtime};
-use kscore::simulator::{self, SimulateArgs, Simulator};
 use kscore::sink::FramedEncoder;
 use kscore::source::Decoder;
+use kscore::tools::payments::{Channel, EntryMode, Payment};
+use kscore::tools::simulator::{self, SimulateArgs, Simulator};
 use kscore::topology::config::Guarantee;
 
 use common::{evolved_payment_schema, field, fresh_topology, read, start_registry, wait_committed};

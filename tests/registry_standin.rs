@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use apache_avro::types::Value;
-use kscore::registry_standin::{Store, router};
+use kscore::tools::registry_standin::{Store, router};
 use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
 use schema_registry_converter::async_impl::schema_registry::{
     SrSettings, get_all_subjects, get_all_versions, get_schema_by_id,

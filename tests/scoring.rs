@@ -130,8 +130,8 @@ fn cuda_is_refused_where_the_runtime_cannot_provide_it_never_silently_cpu() {
 fn alert_rate(args: &[&str], events: usize) -> f64 {
     use clap::Parser;
     use kscore::features::{FeatureSet, FeatureState};
-    use kscore::simulator::{SimulateArgs, Simulator};
     use kscore::sink::output::{Rules, ScoreValue};
+    use kscore::tools::simulator::{SimulateArgs, Simulator};
 
     #[derive(Parser)]
     struct Cli {

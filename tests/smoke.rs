@@ -11,10 +11,10 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use kscore::cluster::ClusterArgs;
-use kscore::payments::Payment;
 use kscore::schemas;
-use kscore::simulator::{self, Label, SimulateArgs, Simulator};
 use kscore::source::{DecodeError, Decoder};
+use kscore::tools::payments::Payment;
+use kscore::tools::simulator::{self, Label, SimulateArgs, Simulator};
 use kscore::wire::FrameError;
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};

@@ -169,7 +169,7 @@ fn id_of(value: &Value, field: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::simulator::{SimConfig, Simulator};
+    use crate::tools::simulator::{SimConfig, Simulator};
 
     #[test]
     fn fields_with_commas_quotes_or_line_breaks_are_quoted() {

@@ -4,8 +4,8 @@ use std::path::Path;
 use apache_avro::types::Value;
 
 use super::*;
-use crate::payments::Payment;
-use crate::simulator::{SimConfig, Simulator};
+use crate::tools::payments::Payment;
+use crate::tools::simulator::{SimConfig, Simulator};
 use crate::topology;
 
 const TOPOLOGY: &str = r#"
@@ -178,7 +178,9 @@ fn reference(events: &[Payment], i: usize) -> Vec<f64> {
             _ => -1.0,
         },
         e.amount_minor as f64 / m1,
-        f64::from(u8::from(e.channel == crate::payments::Channel::Ecommerce)),
+        f64::from(u8::from(
+            e.channel == crate::tools::payments::Channel::Ecommerce,
+        )),
         f64::from(u8::from(e.merchant_country != e.card_country)),
     ]
 }

@@ -134,8 +134,8 @@ fn string(out: &mut Vec<u8>, s: &str) {
 mod tests {
     use super::*;
     use crate::schemas;
-    use crate::simulator::Simulator;
     use crate::sink::output;
+    use crate::tools::simulator::Simulator;
     use apache_avro::reader::datum::GenericDatumReader;
     use apache_avro::writer::datum::GenericDatumWriter;
 

@@ -385,7 +385,7 @@ fn describe(e: &apache_avro::Error) -> String {
 mod tests {
     use super::*;
     use crate::schemas;
-    use crate::simulator::Simulator;
+    use crate::tools::simulator::Simulator;
 
     fn framed(schema: &Schema, id: u32, value: &Value) -> Vec<u8> {
         let mut out = Vec::new();

@@ -12,7 +12,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Exp, LogNormal};
 use uuid::Uuid;
 
-use crate::payments::{Channel, EntryMode, Payment};
+use crate::tools::payments::{Channel, EntryMode, Payment};
 
 /// What the simulator generates; every field changes the stream.
 #[derive(Debug, Clone, PartialEq)]

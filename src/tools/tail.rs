@@ -10,10 +10,10 @@ use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 
 use crate::cluster::ClusterArgs;
-use crate::payments::Payment;
 use crate::schemas;
 use crate::source::Decoder;
 use crate::telemetry::metrics as names;
+use crate::tools::payments::Payment;
 
 /// Options of `kscore tail`.
 #[derive(Debug, Clone, clap::Args)]

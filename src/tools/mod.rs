@@ -1,0 +1,9 @@
+//! Off the data path: what runs beside the processor rather than in it. The event simulator
+//! and the payment type it produces, `kscore tail`, the Schema Registry stand-in of the local
+//! stack, and the benchmark's transactional passthrough.
+
+pub mod passthrough;
+pub mod payments;
+pub mod registry_standin;
+pub mod simulator;
+pub mod tail;
