@@ -12,8 +12,8 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use kscore::features::{Event, FeatureSet, FeatureState};
 use kscore::scorer::{ScoringSession, runtime};
 use kscore::sink::FramedEncoder;
-use kscore::sink::output::{self, Provenance, ScoreValue};
-use kscore::sink::scored::{self, ScoredEncoder};
+use kscore::sink::decision::Rules;
+use kscore::sink::record::{self, Provenance, ScoreValue, ScoredEncoder, ScoredRecord};
 use kscore::source::Decoder;
 use kscore::tools::registry_standin::{Store, router};
 use kscore::tools::simulator::{SimConfig, Simulator};
@@ -79,7 +79,7 @@ fn fixture() -> Fixture {
             schemas::PAYMENT_AVSC,
         ))
         .expect("register");
-    let scored_avsc = output::scored_schema(&loaded.schema_text).expect("scored schema");
+    let scored_avsc = record::schema(&loaded.schema_text).expect("scored schema");
     let scored = rt
         .block_on(FramedEncoder::register(
             &sr,
@@ -239,6 +239,14 @@ fn stages(c: &mut Criterion) {
         })
         .collect();
     let fixed: Vec<ScoreValue> = templates.iter().map(|(_, _, v)| v.clone()).collect();
+    let qualified: Vec<String> = fixed.iter().map(|v| v.qualified.clone()).collect();
+    let rules = Rules::new(&t.alerts, &qualified).expect("rules");
+    // What the pipeline does per record: the rules by index, the names of those that fired.
+    let decide = |values: &[ScoreValue], fired: &mut Vec<usize>| {
+        let decision = rules.decide(values, fired);
+        let names: Vec<String> = fired.iter().map(|r| rules.name(*r).to_string()).collect();
+        (decision, names)
+    };
     let prov = Provenance {
         processor: "bench",
         topology: &t.name,
@@ -251,34 +259,21 @@ fn stages(c: &mut Criterion) {
     let fast = ScoredEncoder::new(f.scored.schema_id(), &f.loaded.schema).expect("encoder");
     g.bench_function("scored_encode", |b| {
         let mut out = Vec::with_capacity(2048);
+        let mut fired = Vec::new();
         b.iter(|| {
             for (frame, r) in f.frames.iter().zip(&rows) {
-                let (decision, fired) = output::decide(&t.alerts, &fixed);
+                let (decision, rules_fired) = decide(&fixed, &mut fired);
                 out.clear();
-                fast.encode_into(
-                    &mut out,
-                    scored::Event::Verbatim(&frame[5..]),
-                    &names,
-                    r,
-                    &fixed,
+                let record = ScoredRecord {
+                    event: record::Event::Verbatim(&frame[5..]),
+                    feature_names: &names,
+                    features: r,
+                    scores: &fixed,
                     decision,
-                    &fired,
-                    &prov,
-                )
-                .expect("encode");
-            }
-        })
-    });
-    // The generic way, for comparison: a `Value` per scored record through apache-avro.
-    g.bench_function("scored_encode_generic", |b| {
-        let mut out = Vec::with_capacity(2048);
-        b.iter(|| {
-            for (v, r) in f.values.iter().zip(&rows) {
-                let (decision, fired) = output::decide(&t.alerts, &fixed);
-                let record =
-                    output::scored_record(v.clone(), &names, r, &fixed, decision, &fired, &prov);
-                out.clear();
-                f.scored.encode_into(record, &mut out).expect("encode");
+                    rules_fired: &rules_fired,
+                    processing: prov.clone(),
+                };
+                fast.encode_into(&mut out, &record).expect("encode");
             }
         })
     });
@@ -286,6 +281,7 @@ fn stages(c: &mut Criterion) {
     // from Kafka itself.
     g.bench_function("in_process_path", |b| {
         let mut out = Vec::with_capacity(2048);
+        let mut fired = Vec::new();
         let batch = 256;
         b.iter_batched(
             FeatureState::default,
@@ -320,15 +316,22 @@ fn stages(c: &mut Criterion) {
                                 ..tpl.clone()
                             })
                             .collect();
-                        let (decision, fired) = output::decide(&t.alerts, &values);
-                        let ev = if event.verbatim {
-                            scored::Event::Verbatim(&value[5..])
-                        } else {
-                            scored::Event::Value(&event.value)
+                        let (decision, rules_fired) = decide(&values, &mut fired);
+                        let record = ScoredRecord {
+                            event: if event.verbatim {
+                                record::Event::Verbatim(&value[5..])
+                            } else {
+                                record::Event::Value(&event.value)
+                            },
+                            feature_names: &names,
+                            features: r,
+                            scores: &values,
+                            decision,
+                            rules_fired: &rules_fired,
+                            processing: prov.clone(),
                         };
                         out.clear();
-                        fast.encode_into(&mut out, ev, &names, r, &values, decision, &fired, &prov)
-                            .expect("encode");
+                        fast.encode_into(&mut out, &record).expect("encode");
                     }
                 }
                 state

@@ -45,12 +45,7 @@ pub async fn ensure_topic(
     cluster
         .ensure_topic_with(topic, partitions, &[("cleanup.policy", "compact")])
         .await?;
-    let probe: BaseConsumer = cluster.client_config()?.create()?;
-    let metadata = probe.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let found = metadata
-        .topics()
-        .first()
-        .map_or(0, |t| t.partitions().len()) as i32;
+    let found = cluster.partitions(topic)?;
     if found != partitions {
         anyhow::bail!(
             "changelog topic `{topic}` has {found} partitions but the input has {partitions}; \

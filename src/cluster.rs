@@ -7,9 +7,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::types::RDKafkaErrorCode;
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
 
 /// Connection settings for Kafka and the schema registry.
@@ -194,70 +191,6 @@ impl ClusterArgs {
         }
         b.set_timeout(Duration::from_secs(10));
         b.build().map_err(|e| ClusterError::Registry(e.to_string()))
-    }
-
-    /// The smallest `max.message.bytes` (the largest record batch a topic takes) of `topics`,
-    /// as the cluster reports it; `None` where it cannot say (no permission to describe
-    /// configs, say).
-    pub async fn max_message_bytes(&self, topics: &[String]) -> Option<usize> {
-        let admin: AdminClient<DefaultClientContext> = self.client_config().ok()?.create().ok()?;
-        let resources: Vec<ResourceSpecifier<'_>> =
-            topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
-        let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
-        let results = match admin.describe_configs(&resources, &opts).await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::info!("cannot read the output topics' max.message.bytes: {e}");
-                return None;
-            }
-        };
-        results
-            .into_iter()
-            .filter_map(|r| {
-                r.ok()?
-                    .get("max.message.bytes")?
-                    .value
-                    .as_deref()?
-                    .parse::<usize>()
-                    .ok()
-            })
-            .min()
-    }
-
-    /// Creates `topic` with `partitions` partitions unless it exists.
-    pub async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<(), ClusterError> {
-        self.ensure_topic_with(topic, partitions, &[]).await
-    }
-
-    /// Creates `topic` with `partitions` and the given topic configs unless it exists.
-    pub async fn ensure_topic_with(
-        &self,
-        topic: &str,
-        partitions: i32,
-        configs: &[(&str, &str)],
-    ) -> Result<(), ClusterError> {
-        let admin: AdminClient<DefaultClientContext> = self
-            .client_config()?
-            .create()
-            .map_err(|e| ClusterError::Admin(e.to_string()))?;
-        let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
-        for (k, v) in configs {
-            new = new.set(k, v);
-        }
-        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-        let results = admin
-            .create_topics([&new], &opts)
-            .await
-            .map_err(|e| ClusterError::Admin(format!("create topic {topic}: {e}")))?;
-        for r in results {
-            match r {
-                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((t, code)) => {
-                    return Err(ClusterError::Admin(format!("create topic {t}: {code}")));
-                }
-            }
-        }
-        Ok(())
     }
 }
 

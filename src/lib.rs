@@ -11,6 +11,7 @@ pub mod batcher;
 pub mod changelog;
 pub mod cluster;
 pub mod features;
+pub mod kafka;
 pub mod pipeline;
 pub mod reason;
 pub mod schemas;

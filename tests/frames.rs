@@ -17,8 +17,7 @@ use apache_avro::Schema;
 use kscore::features::{FeatureSet, FeatureState};
 use kscore::reason::Reason;
 use kscore::schemas;
-use kscore::sink::output::{Provenance, ScoreValue};
-use kscore::sink::scored::{Event, ScoredEncoder};
+use kscore::sink::record::{Event, Provenance, ScoreValue, ScoredEncoder, ScoredRecord};
 use kscore::source::Decoder;
 use kscore::tools::simulator::{SimConfig, Simulator};
 use kscore::topology::config::Decision;
@@ -208,16 +207,16 @@ fn random_and_mutated_frames_never_panic_and_every_refusal_has_a_reason() {
                 schema_id: decoded.schema_id,
                 processed_at: produced_at,
             };
-            match encoder.encode_into(
-                &mut out,
+            let record = ScoredRecord {
                 event,
-                &names,
-                &features,
-                &scores,
-                Decision::Allow,
-                &[],
-                &prov,
-            ) {
+                feature_names: &names,
+                features: &features,
+                scores: &scores,
+                decision: Decision::Allow,
+                rules_fired: &[],
+                processing: prov,
+            };
+            match encoder.encode_into(&mut out, &record) {
                 Ok(()) => {
                     // What is published reads back, with the event as it was decoded.
                     let mut body = &out[5..];

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicIsize, Ordering};
 
 use apache_avro::Schema;
 use kscore::schemas;
-use kscore::sink::scored::ScoredEncoder;
+use kscore::sink::record::ScoredEncoder;
 use kscore::source::Decoder;
 
 /// The system allocator, counting the bytes live.

@@ -327,7 +327,7 @@ async fn scenario(guarantee: Guarantee, abort_once_at: Option<u64>) {
 
     // Exactly one scored record per good input.
     let scored_schema = apache_avro::Schema::parse_str(
-        &kscore::sink::output::scored_schema(schemas::PAYMENT_AVSC).unwrap(),
+        &kscore::sink::record::schema(schemas::PAYMENT_AVSC).unwrap(),
     )
     .unwrap();
     let decoder = Decoder::new(sr.clone(), scored_schema);
@@ -728,7 +728,7 @@ async fn a_fenced_producer_is_rebuilt_and_output_stays_exactly_once() {
         .unwrap()
     };
     let scored_schema = apache_avro::Schema::parse_str(
-        &kscore::sink::output::scored_schema(schemas::PAYMENT_AVSC).unwrap(),
+        &kscore::sink::record::schema(schemas::PAYMENT_AVSC).unwrap(),
     )
     .unwrap();
     let decoder = Decoder::new(sr, scored_schema);

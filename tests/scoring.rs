@@ -130,7 +130,8 @@ fn cuda_is_refused_where_the_runtime_cannot_provide_it_never_silently_cpu() {
 fn alert_rate(args: &[&str], events: usize) -> f64 {
     use clap::Parser;
     use kscore::features::{FeatureSet, FeatureState};
-    use kscore::sink::output::{Rules, ScoreValue};
+    use kscore::sink::decision::Rules;
+    use kscore::sink::record::ScoreValue;
     use kscore::tools::simulator::{SimulateArgs, Simulator};
 
     #[derive(Parser)]

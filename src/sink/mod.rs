@@ -1,10 +1,10 @@
-//! Where scored events leave: Avro encoding in Confluent's wire format.
+//! Where scored events leave: the scored record (one description: its schema and its
+//! encoder), what it decides, the dead-letter record, and Avro encoding in Confluent's wire
+//! format under a registered schema.
 
 pub mod dead_letter;
-pub mod deliver;
+pub mod decision;
 pub mod encode;
-pub mod output;
-pub mod produce;
-pub mod scored;
+pub mod record;
 
 pub use encode::{EncodeError, FramedEncoder};

@@ -20,9 +20,9 @@ use rdkafka::producer::Producer;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::cluster::ClusterArgs;
-use crate::pipeline::{sink_config, source_config};
-use crate::sink::deliver;
-use crate::sink::produce::{self, Deliveries, Out, OutputProducer};
+use crate::kafka::config;
+use crate::kafka::deliver;
+use crate::kafka::produce::{self, Deliveries, Out, OutputProducer};
 use crate::telemetry::metrics as names;
 
 /// What to copy where.
@@ -52,22 +52,16 @@ pub fn run(
     rt: tokio::runtime::Handle,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<u64> {
-    let probe: BaseConsumer = cluster.client_config()?.create()?;
-    let partitions = loop {
-        let md = probe.fetch_metadata(Some(&args.input), Duration::from_secs(10))?;
-        let n = md.topics().first().map_or(0, |t| t.partitions().len()) as i32;
-        if n > 0 || stop.load(Ordering::Relaxed) {
-            break n;
-        }
-        std::thread::sleep(Duration::from_millis(500));
+    let Some(partitions) = cluster.wait_for_topic(&args.input, &stop)? else {
+        return Ok(0);
     };
     rt.block_on(cluster.ensure_topic(&args.output, partitions))?;
     let consumer: BaseConsumer =
-        source_config(cluster, &args.group, Some("passthrough"))?.create()?;
+        config::source(cluster, &args.group, Some("passthrough"))?.create()?;
     consumer.subscribe(&[&args.input])?;
     let txn_id = format!("kscore-passthrough-{}", args.group);
     let producer: OutputProducer =
-        sink_config(cluster, Some(&txn_id))?.create_with_context(Deliveries::default())?;
+        config::sink(cluster, Some(&txn_id))?.create_with_context(Deliveries::default())?;
     producer.init_transactions(Duration::from_secs(60))?;
     let mut total = 0u64;
     while !stop.load(Ordering::Relaxed) {

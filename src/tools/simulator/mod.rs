@@ -19,8 +19,9 @@ use rdkafka::producer::{BaseRecord, ProducerContext, ThreadedProducer};
 pub use model::{Label, Pattern, SimConfig, Simulator};
 
 use crate::cluster::ClusterArgs;
+use crate::kafka::deliver;
 use crate::schemas;
-use crate::sink::{FramedEncoder, deliver};
+use crate::sink::FramedEncoder;
 use crate::telemetry::metrics as names;
 
 /// Options of `kscore simulate`.

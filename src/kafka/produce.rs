@@ -62,6 +62,16 @@ pub struct Deliveries {
 }
 
 impl Deliveries {
+    /// One refusal reported so far, if any, leaving them all in place.
+    pub fn peek_refused(&self) -> Option<(usize, RDKafkaErrorCode)> {
+        self.refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .next()
+            .map(|(t, c)| (*t, *c))
+    }
+
     /// Takes the refusals reported so far.
     pub fn take_refused(&self) -> HashMap<usize, RDKafkaErrorCode> {
         std::mem::take(&mut *self.refused.lock().unwrap_or_else(|p| p.into_inner()))

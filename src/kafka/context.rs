@@ -1,0 +1,140 @@
+//! The input consumer's context: what librdkafka's group callbacks tell, kept for the commit
+//! loop to act on between polls, and the lag it exports from the statistics.
+//!
+//! - A revocation is a flag: the loop discards the cycle in progress (nothing of it was sent;
+//!   transactions only open after a cycle's last poll).
+//! - An assignment pauses the new partitions at once and queues them: the loop restores their
+//!   state from the changelog before it resumes them.
+//! - The lag counts from the offsets the processor committed (its own map, set at every commit
+//!   and restore), not from the consumer's position, which runs ahead while cycles fail.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::statistics::Statistics;
+use rdkafka::{ClientContext, TopicPartitionList};
+
+use crate::telemetry::events::Rebalanced;
+use crate::telemetry::health;
+use crate::telemetry::metrics as names;
+
+/// The input consumer's context.
+#[derive(Default)]
+pub struct GroupContext {
+    revoked: AtomicBool,
+    /// Partitions assigned and paused until their state is restored.
+    assigned: Mutex<Vec<i32>>,
+    /// Per assigned partition, the next offset committed.
+    committed: Mutex<HashMap<i32, i64>>,
+}
+
+impl GroupContext {
+    /// Whether partitions were revoked since the last call (which clears it).
+    pub fn take_revoked(&self) -> bool {
+        self.revoked.swap(false, Ordering::SeqCst)
+    }
+
+    /// Whether partitions were revoked, without clearing it.
+    pub fn revoked(&self) -> bool {
+        self.revoked.load(Ordering::SeqCst)
+    }
+
+    /// The partitions assigned since the last call, to restore.
+    pub fn take_assigned(&self) -> Vec<i32> {
+        self.assigned
+            .lock()
+            .map(|mut a| std::mem::take(&mut *a))
+            .unwrap_or_default()
+    }
+
+    /// The partitions assigned and not yet taken for restoring.
+    pub fn awaiting_restore(&self) -> Vec<i32> {
+        self.assigned.lock().map(|a| a.clone()).unwrap_or_default()
+    }
+
+    /// `partition`'s committed next offset is `next`.
+    pub fn set_committed(&self, partition: i32, next: i64) {
+        if let Ok(mut c) = self.committed.lock() {
+            c.insert(partition, next);
+        }
+    }
+
+    fn committed(&self, partition: i32) -> Option<i64> {
+        self.committed.lock().ok()?.get(&partition).copied()
+    }
+}
+
+impl ClientContext for GroupContext {
+    fn stats(&self, stats: Statistics) {
+        for (topic, t) in stats.topics {
+            for (partition, p) in t.partitions {
+                // Records between what is committed and the end of the partition (the last
+                // stable offset, as read `read_committed`). librdkafka's own `consumer_lag`
+                // counts from offsets it committed, and offsets here are committed by the
+                // transactional producer, which it does not see.
+                let end = if p.ls_offset >= 0 {
+                    p.ls_offset
+                } else {
+                    p.hi_offset
+                };
+                if partition >= 0 && p.desired && end >= 0 {
+                    let from = self.committed(partition).unwrap_or(p.lo_offset.max(0));
+                    metrics::gauge!(names::CONSUMER_LAG, "topic" => topic.clone(), "partition" => partition.to_string())
+                        .set((end - from).max(0) as f64);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                Rebalanced {
+                    kind: "revoke",
+                    partitions: &partitions_of(tpl),
+                }
+                .emit();
+                // Their new owner reports their lag from now on; a gauge left at its last value
+                // here would count it twice in a sum over instances.
+                for e in tpl.elements() {
+                    metrics::gauge!(names::CONSUMER_LAG, "topic" => e.topic().to_string(), "partition" => e.partition().to_string())
+                        .set(0.0);
+                    if let Ok(mut c) = self.committed.lock() {
+                        c.remove(&e.partition());
+                    }
+                }
+                self.revoked.store(true, Ordering::SeqCst);
+            }
+            Rebalance::Error(e) => tracing::warn!("rebalance failed: {e}"),
+            Rebalance::Assign(_) => {}
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let partitions = partitions_of(tpl);
+            Rebalanced {
+                kind: "assign",
+                partitions: &partitions,
+            }
+            .emit();
+            // Nothing of these partitions is read before their state is restored.
+            if let Err(e) = consumer.pause(tpl) {
+                tracing::warn!("pausing assigned partitions: {e}");
+            }
+            if let Ok(mut a) = self.assigned.lock() {
+                a.extend(partitions);
+                health::awaiting_restore(a.len());
+            }
+            health::assigned();
+        }
+    }
+}
+
+fn partitions_of(tpl: &TopicPartitionList) -> Vec<i32> {
+    tpl.elements().iter().map(|e| e.partition()).collect()
+}

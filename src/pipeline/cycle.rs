@@ -1,0 +1,464 @@
+//! One cycle's records, from the poll to their fate: each record is decoded, featurised and
+//! handed to the models (or set aside as a dead letter with its reason); at the end of the
+//! cycle every score is awaited, and [`settle`] decides which records are dead letters after
+//! all. Nothing here publishes: see `publish` and `delivery`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use apache_avro::types::Value;
+use rdkafka::message::{BorrowedMessage, Message};
+use tokio::runtime::Handle;
+
+use std::sync::atomic::Ordering;
+
+use rdkafka::consumer::Consumer;
+
+use super::backpressure::Pressure;
+use super::recovery::Poison;
+use super::restore::Restore;
+use super::{Gathered, Input, Processor, now_ms};
+use crate::batcher::{BatcherError, ModelBatcher, Refused, Scored};
+use crate::features::{FeatureSet, FeatureState};
+use crate::reason::Reason;
+use crate::sink::dead_letter::Cut;
+use crate::sink::record::ScoreValue;
+use crate::source::Decoder;
+use crate::telemetry::events::RegistryUnavailable;
+use crate::telemetry::health;
+use crate::topology::Loaded;
+
+/// A record of the cycle, waiting for its scores or set aside as a dead letter.
+pub(super) struct Pending {
+    pub(super) partition: i32,
+    pub(super) offset: i64,
+    pub(super) key: Option<Vec<u8>>,
+    /// The input value as it was: the dead letter's value, and the scored record's `event`
+    /// bytes when written with the reader schema.
+    pub(super) value: Option<Vec<u8>>,
+    pub(super) outcome: Outcome,
+}
+
+/// A record's fate so far.
+pub(super) enum Outcome {
+    Scored {
+        event: Value,
+        /// Whether the input datum was written with the reader schema (and is copied into the
+        /// output as it is).
+        verbatim: bool,
+        schema_id: u32,
+        event_time: i64,
+        features: Vec<f64>,
+        /// Per model, its scores once they arrived.
+        scores: Vec<Option<Vec<f64>>>,
+    },
+    Dead {
+        reason: Reason,
+        error: String,
+        /// How much of the input its dead letter carries.
+        cut: Cut,
+    },
+}
+
+/// The cycle in progress. Kept between cycles so its capacity is reused: growing its record
+/// vector to thousands of records again every cycle showed in profiles.
+#[derive(Default)]
+pub(super) struct Cycle {
+    pub(super) records: Vec<Pending>,
+    /// Per partition read, the first offset of the cycle (where a rollback rewinds to)...
+    pub(super) first: BTreeMap<i32, i64>,
+    /// ... and the next offset to read after it (what a commit commits).
+    pub(super) next: BTreeMap<i32, i64>,
+    /// Rows handed to the models whose scores are still to come.
+    pub(super) outstanding: usize,
+    /// Per model, the rows not handed to its batcher yet.
+    open: Vec<(Vec<u64>, Vec<f32>)>,
+}
+
+impl Cycle {
+    /// Empties it for the next cycle of `models` models.
+    pub(super) fn clear(&mut self, models: usize) {
+        self.records.clear();
+        self.first.clear();
+        self.next.clear();
+        self.outstanding = 0;
+        self.open = vec![(Vec::new(), Vec::new()); models];
+    }
+
+    /// Takes one decoded record: its rows go to the models (in batches of their `max_rows`).
+    pub(super) fn push(
+        &mut self,
+        p: Pending,
+        batchers: &[ModelBatcher],
+        columns: &[Vec<usize>],
+        hold: &mut dyn FnMut(),
+    ) -> Result<(), BatcherError> {
+        if let Outcome::Scored { features, .. } = &p.outcome {
+            let ticket = self.records.len() as u64;
+            for ((b, cols), open) in batchers.iter().zip(columns).zip(&mut self.open) {
+                open.0.push(ticket);
+                open.1.extend(cols.iter().map(|&c| features[c] as f32));
+                self.outstanding += 1;
+                if open.0.len() >= b.max_rows() {
+                    submit(b, open, hold)?;
+                }
+            }
+        }
+        self.records.push(p);
+        Ok(())
+    }
+
+    /// Hands every model the rows it has not had yet, and asks for their batches now.
+    pub(super) fn flush(
+        &mut self,
+        batchers: &[ModelBatcher],
+        hold: &mut dyn FnMut(),
+    ) -> Result<(), BatcherError> {
+        for (b, open) in batchers.iter().zip(&mut self.open) {
+            submit(b, open, hold)?;
+            b.flush()?;
+        }
+        Ok(())
+    }
+}
+
+/// Most records in a cycle redone with a producer that batches nothing (one produce request
+/// each): such a cycle is kept short, and a refused record past it is found by a later one.
+const ISOLATED_CYCLE_RECORDS: usize = 1_000;
+
+impl Processor<'_> {
+    /// Polls and takes records until the commit interval has passed or the cycle is full,
+    /// restoring newly assigned partitions first.
+    pub(super) fn gather(&mut self, cycle: &mut Cycle) -> anyhow::Result<Gathered> {
+        let t = &self.loaded.topology;
+        let started = Instant::now();
+        let most = if self.delivery.isolating() {
+            self.opts.max_cycle_records.min(ISOLATED_CYCLE_RECORDS)
+        } else {
+            self.opts.max_cycle_records
+        };
+        let restore = Restore {
+            consumer: &self.consumer,
+            restorer: &self.restorer,
+            set: &self.set,
+            topic: &t.input.topic,
+            guarantee: t.delivery.guarantee,
+            stop: &self.stop,
+        };
+        while started.elapsed() < t.delivery.commit_interval
+            && cycle.records.len() < most
+            && !self.stop.load(Ordering::Relaxed)
+        {
+            health::beat();
+            let wait = t
+                .delivery
+                .commit_interval
+                .saturating_sub(started.elapsed())
+                .min(Duration::from_millis(50));
+            let msg = self.consumer.poll(wait);
+            if self.consumer.context().take_revoked() {
+                return Ok(Gathered::Interrupted);
+            }
+            let assigned = self.consumer.context().take_assigned();
+            if !assigned.is_empty() {
+                restore.assigned(&mut self.states, &assigned)?;
+            }
+            let msg = match msg {
+                None => {
+                    self.starved.check(&self.consumer, &t.input.topic);
+                    continue;
+                }
+                Some(Err(e)) => {
+                    self.consumer_errors.note(&e);
+                    continue;
+                }
+                Some(Ok(m)) => {
+                    self.starved.received();
+                    m
+                }
+            };
+            cycle.first.entry(msg.partition()).or_insert(msg.offset());
+            let taken = {
+                let mut wait = registry_wait(&self.consumer, &mut self.pressure, &self.stop);
+                let state = self.states.entry(msg.partition()).or_default();
+                take(&msg, &self.decoder, &self.rt, &self.set, state, &mut wait)
+            };
+            let Some(p) = taken else {
+                return Ok(Gathered::Interrupted);
+            };
+            cycle.next.insert(msg.partition(), msg.offset() + 1);
+            let (consumer, pressure) = (&self.consumer, &mut self.pressure);
+            cycle.push(p, &self.batchers, &self.model_columns, &mut || {
+                pressure.hold(consumer)
+            })?;
+        }
+        // A stop ends the gathering; what was gathered is still published.
+        Ok(if cycle.records.is_empty() {
+            Gathered::Empty
+        } else {
+            Gathered::Records
+        })
+    }
+}
+
+/// Hands a model the rows gathered for it; while its queue is full, holds the input.
+fn submit(
+    b: &ModelBatcher,
+    open: &mut (Vec<u64>, Vec<f32>),
+    hold: &mut dyn FnMut(),
+) -> Result<(), BatcherError> {
+    if open.0.is_empty() {
+        return Ok(());
+    }
+    let mut batch = std::mem::take(open);
+    loop {
+        match b.try_submit(batch.0, batch.1) {
+            Ok(()) => return Ok(()),
+            Err(Refused::Full(t, r)) => {
+                batch = (t, r);
+                hold();
+            }
+            Err(Refused::Dead(e)) => return Err(e),
+        }
+    }
+}
+
+/// While the registry is away a record waits; so does the consumer, serving its group: `wait`
+/// waits up to `d` and says `false` when the cycle must end, for a stop or a revocation.
+pub(super) fn registry_wait<'a>(
+    consumer: &'a Input,
+    pressure: &'a mut Pressure,
+    stop: &'a std::sync::atomic::AtomicBool,
+) -> impl FnMut(Duration) -> bool + 'a {
+    move |d| {
+        let until = Instant::now() + d;
+        while Instant::now() < until {
+            crate::telemetry::health::beat();
+            if stop.load(std::sync::atomic::Ordering::Relaxed) || consumer.context().revoked() {
+                return false;
+            }
+            pressure.hold(consumer);
+        }
+        true
+    }
+}
+
+/// Decodes and featurises one record. While the registry cannot be reached the record waits
+/// (`wait`, see [`registry_wait`]): `None` when the wait ended the cycle, which is then
+/// discarded, never the record dead-lettered.
+pub(super) fn take(
+    msg: &BorrowedMessage<'_>,
+    decoder: &Decoder,
+    rt: &Handle,
+    set: &FeatureSet,
+    state: &mut FeatureState,
+    wait: &mut dyn FnMut(Duration) -> bool,
+) -> Option<Pending> {
+    let dead = |reason: Reason, error: String| Outcome::Dead {
+        reason,
+        error,
+        cut: Cut::Whole,
+    };
+    let mut backoff = Duration::from_millis(100);
+    let mut logged: Option<Instant> = None;
+    let decoded = loop {
+        match rt.block_on(decoder.decode(msg.payload())) {
+            Err(e) if e.is_retriable() => {
+                // The registry being down says nothing about the record: wait, do not dead-letter.
+                let log = logged.is_none_or(|w| w.elapsed() >= Duration::from_secs(10));
+                RegistryUnavailable {
+                    partition: msg.partition(),
+                    offset: msg.offset(),
+                    retry_in: backoff,
+                    error: &e,
+                    log,
+                }
+                .emit();
+                if log {
+                    logged = Some(Instant::now());
+                }
+                if !wait(backoff) {
+                    return None;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+            other => break other,
+        }
+    };
+    // The record's own timestamp (when it was produced, or appended), against which its event
+    // time is checked; a record without one is checked against now.
+    let produced_at = msg.timestamp().to_millis().unwrap_or_else(now_ms);
+    let outcome = match decoded {
+        Err(e) => dead(e.reason(), e.to_string()),
+        Ok(d) => match set.extract(&d.value, Some(produced_at)) {
+            Err(e) => dead(e.reason(), e.to_string()),
+            Ok(ev) => {
+                let event_time = ev.time;
+                match state.update(set, ev) {
+                    Err(e) => dead(e.reason(), e.to_string()),
+                    Ok(features) => Outcome::Scored {
+                        event: d.value,
+                        verbatim: d.verbatim,
+                        schema_id: d.schema_id,
+                        event_time,
+                        features,
+                        scores: Vec::new(),
+                    },
+                }
+            }
+        },
+    };
+    Some(Pending {
+        partition: msg.partition(),
+        offset: msg.offset(),
+        key: msg.key().map(<[u8]>::to_vec),
+        value: msg.payload().map(<[u8]>::to_vec),
+        outcome,
+    })
+}
+
+/// Waits for every score of the cycle (`idle` between checks), and marks the rows of batches a
+/// model failed on as `scoring_failed`. A dead model is an error: its rows never come.
+pub(super) fn wait_scores(
+    results: &Receiver<Scored>,
+    cycle: &mut Cycle,
+    batchers: &[ModelBatcher],
+    idle: &mut dyn FnMut(),
+) -> Result<(), BatcherError> {
+    let pending = &mut cycle.records;
+    for p in pending.iter_mut() {
+        if let Outcome::Scored { scores, .. } = &mut p.outcome {
+            scores.resize(batchers.len(), None);
+        }
+    }
+    let mut failures: Vec<(u64, String)> = Vec::new();
+    while cycle.outstanding > 0 {
+        let batch = match results.recv_timeout(Duration::from_millis(50)) {
+            Ok(batch) => batch,
+            Err(RecvTimeoutError::Timeout) => {
+                for b in batchers {
+                    b.check()?;
+                }
+                idle();
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                for b in batchers {
+                    b.check()?;
+                }
+                return Err(BatcherError::Died {
+                    model: "every model".into(),
+                    reason: "the scoring threads are gone".into(),
+                });
+            }
+        };
+        match batch.rows {
+            Ok(rows) => {
+                cycle.outstanding = cycle.outstanding.saturating_sub(rows.len());
+                for (ticket, values) in rows {
+                    if let Some(Pending {
+                        outcome: Outcome::Scored { scores, .. },
+                        ..
+                    }) = pending.get_mut(ticket as usize)
+                    {
+                        scores[batch.model] = Some(values);
+                    }
+                }
+            }
+            Err((tickets, e)) => {
+                cycle.outstanding = cycle.outstanding.saturating_sub(tickets.len());
+                failures.extend(tickets.into_iter().map(|t| (t, e.to_string())));
+            }
+        }
+    }
+    for (ticket, error) in failures {
+        if let Some(p) = pending.get_mut(ticket as usize) {
+            p.outcome = Outcome::Dead {
+                reason: Reason::ScoringFailed,
+                error,
+                cut: Cut::Whole,
+            };
+        }
+    }
+    Ok(())
+}
+
+/// Every score of the topology, in order: names and versions kept once, the value filled in per
+/// event. `slots[i]` says where score `i` comes from: (model index, score index).
+pub(super) struct ScoreSlots {
+    slots: Vec<(usize, usize)>,
+    pub(super) values: Vec<ScoreValue>,
+}
+
+impl ScoreSlots {
+    pub(super) fn new(loaded: &Loaded, versions: &[String]) -> Self {
+        let (slots, values) = loaded
+            .topology
+            .models
+            .iter()
+            .enumerate()
+            .flat_map(|(m, model)| {
+                model.scores.iter().enumerate().map(move |(i, spec)| {
+                    let value = ScoreValue {
+                        model: model.name.clone(),
+                        version: versions.get(m).cloned().unwrap_or_default(),
+                        score: spec.name.clone(),
+                        qualified: format!("{}.{}", model.name, spec.name),
+                        value: f64::NAN,
+                    };
+                    ((m, i), value)
+                })
+            })
+            .unzip();
+        ScoreSlots { slots, values }
+    }
+
+    pub(super) fn qualified(&self) -> Vec<String> {
+        self.values.iter().map(|v| v.qualified.clone()).collect()
+    }
+
+    /// Fills `values` with an event's scores (NaN where one is missing).
+    pub(super) fn fill(&self, values: &mut [ScoreValue], scores: &[Option<Vec<f64>>]) {
+        for ((m, i), v) in self.slots.iter().zip(values) {
+            v.value = scores
+                .get(*m)
+                .and_then(|got| got.as_ref()?.get(*i).copied())
+                .unwrap_or(f64::NAN);
+        }
+    }
+}
+
+/// Decides, before anything is published, the records that are dead letters after all: those
+/// the producer refused on an earlier try, and those with a score that is not a finite number
+/// (so only published scores reach the drift and latency metrics).
+pub(super) fn settle(
+    pending: &mut [Pending],
+    scores: &ScoreSlots,
+    poisoned: &HashMap<(i32, i64), Poison>,
+) {
+    let mut values = scores.values.clone();
+    for p in pending.iter_mut() {
+        if let Some(poison) = poisoned.get(&(p.partition, p.offset)) {
+            p.outcome = Outcome::Dead {
+                reason: poison.reason,
+                error: poison.error.clone(),
+                cut: poison.cut,
+            };
+            continue;
+        }
+        if let Outcome::Scored { scores: got, .. } = &p.outcome {
+            scores.fill(&mut values, got);
+            if let Some(bad) = values.iter().find(|v| !v.value.is_finite()) {
+                p.outcome = Outcome::Dead {
+                    reason: Reason::NonFiniteScore,
+                    error: format!(
+                        "score {} is not a finite number ({})",
+                        bad.qualified, bad.value
+                    ),
+                    cut: Cut::Whole,
+                };
+            }
+        }
+    }
+}

@@ -1,0 +1,486 @@
+//! `kscore run`: the processor. One consumer and one producer per instance; work proceeds in
+//! cycles of at most `commit_interval` (and at most `max_cycle_records` records, which bounds
+//! memory), each one [`Processor::run`]'s turn:
+//!
+//! 1. **gather** ([`cycle`]): poll records; decode each (source), compute its features
+//!    (features), hand its rows to the models' batchers (batcher → scorer threads), or set it
+//!    aside as a dead letter with its reason; restore newly assigned partitions first
+//!    ([`restore`]);
+//! 2. **wait for the scores**, the input paused while the models are behind ([`backpressure`]),
+//!    and **settle** which records are dead letters after all (non-finite scores, records the
+//!    producer refused before);
+//! 3. **publish** ([`publish`]) the scored events and alerts in input order, the dead letters
+//!    and the changelog of the state the cycle changed, and **commit** with the input offsets
+//!    ([`delivery`]: one transaction under exactly-once);
+//! 4. on success the feature state is checkpointed; on failure it is rolled back, the consumer
+//!    rewound to the cycle's first offsets, and the cycle redone after a backoff
+//!    ([`recovery`]); a revocation discards the cycle (nothing of it was sent).
+//!
+//! One record never stops the stream: one whose output the producer refuses is dead-lettered
+//! instead, and a dead letter that does not fit is cut down. Set-up is [`setup`].
+
+mod backpressure;
+mod cycle;
+mod delivery;
+mod publish;
+mod recovery;
+mod report;
+mod restore;
+mod setup;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::runtime::Handle;
+
+use crate::batcher::{ModelBatcher, Scored};
+use crate::changelog::Restorer;
+use crate::cluster::ClusterArgs;
+use crate::features::{FeatureSet, FeatureState};
+use crate::kafka::context::GroupContext;
+use crate::scorer::drift::DriftMonitor;
+use crate::sink::decision::Rules;
+use crate::source::Decoder;
+use crate::telemetry::events::{CommitFoundCommitted, CycleCommitted, CycleDiscarded};
+use crate::telemetry::health;
+use crate::topology::Loaded;
+
+use backpressure::Pressure;
+use cycle::{Cycle, Outcome, ScoreSlots};
+use delivery::{Delivery, Failure};
+use publish::{Counts, Outputs, Publisher};
+use recovery::{Failures, Poison};
+use report::{Reporter, Starved, Throttled};
+
+/// The input consumer.
+type Input = BaseConsumer<GroupContext>;
+
+/// Options of `kscore run` besides the topology.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Stable id of this instance: part of the `transactional.id`, so a restarted instance
+    /// fences its predecessor and aborts the transaction it left open.
+    pub instance_id: String,
+    /// Most records in one cycle (one transaction).
+    pub max_cycle_records: usize,
+    /// How often to print the one-line summary (`None`: never).
+    pub summary_every: Option<Duration>,
+    /// Testing aid: abort the n-th transaction (once) after all its records were sent, to show
+    /// that an aborted cycle is redone and its records never reach `read_committed`.
+    pub abort_once_at: Option<u64>,
+    /// Testing aid: while on, abort every transaction after its records were sent (a broker
+    /// that refuses every commit), to show backoff, readiness and lag.
+    pub fail_cycles: Option<FailSwitch>,
+    /// Testing aid: make the n-th transaction's commit fail (once) in this way.
+    pub commit_fault: Option<(u64, CommitFault)>,
+    /// Testing aid: cap each model worker at this many rows per second, to show backpressure.
+    pub throttle_scoring: Option<f64>,
+    /// How this instance belongs to its consumer group.
+    pub membership: Membership,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            instance_id: "0".into(),
+            max_cycle_records: 20_000,
+            summary_every: None,
+            abort_once_at: None,
+            fail_cycles: None,
+            commit_fault: None,
+            throttle_scoring: None,
+            membership: Membership::Static,
+        }
+    }
+}
+
+/// A testing aid's switch.
+#[derive(Debug, Clone)]
+pub enum FailSwitch {
+    /// On while the flag is set.
+    Flag(Arc<AtomicBool>),
+    /// On while the file exists.
+    File(std::path::PathBuf),
+}
+
+impl FailSwitch {
+    /// Whether the switch is on.
+    pub fn on(&self) -> bool {
+        match self {
+            FailSwitch::Flag(f) => f.load(Ordering::Relaxed),
+            FailSwitch::File(p) => p.exists(),
+        }
+    }
+}
+
+/// A commit failure a test can inject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitFault {
+    /// The commit succeeds, but is reported as timed out (librdkafka completing a commit whose
+    /// call ran out of time): the processor must find from the broker that it committed.
+    TimedOutAfterCommit,
+    /// A retriable error before the commit: the processor must retry, not abort.
+    RetriableBeforeCommit,
+}
+
+/// Consumer-group membership (KIP-345).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Membership {
+    /// `group.instance.id = kscore-<group>-<instance>`: a restarted instance takes its
+    /// partitions back without a rebalance, but one that stops for good keeps them until its
+    /// session times out (static members never send LeaveGroup).
+    #[default]
+    Static,
+    /// No `group.instance.id`: a stopping instance leaves the group and its partitions move at
+    /// once (scaling down), but every restart rebalances the group.
+    Dynamic,
+}
+
+/// Totals of a run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunSummary {
+    /// Records read (and committed).
+    pub consumed: u64,
+    /// Scored events published.
+    pub scored: u64,
+    /// Alerts published.
+    pub alerts: u64,
+    /// Records dead-lettered.
+    pub dead_lettered: u64,
+    /// Transactions committed.
+    pub commits: u64,
+    /// Transactions aborted.
+    pub aborts: u64,
+}
+
+/// Runs the processor until `stop` is set. Blocking: call it from a thread of its own.
+pub fn run(
+    cluster: &ClusterArgs,
+    loaded: &Loaded,
+    opts: &RunOptions,
+    rt: Handle,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<RunSummary> {
+    match Processor::start(cluster, loaded, opts, rt, stop)? {
+        Some(p) => p.run(),
+        // Stopped before the input existed.
+        None => Ok(RunSummary::default()),
+    }
+}
+
+/// A running processor: its stages, its consumer and delivery, and what changes cycle by
+/// cycle. Built by [`Processor::start`] (in [`setup`]).
+struct Processor<'a> {
+    loaded: &'a Loaded,
+    opts: &'a RunOptions,
+    rt: Handle,
+    stop: Arc<AtomicBool>,
+    consumer: Input,
+    decoder: Decoder,
+    set: FeatureSet,
+    feature_names: Vec<String>,
+    restorer: Restorer,
+    batchers: Vec<ModelBatcher>,
+    results: Receiver<Scored>,
+    /// Per model, the feature columns it takes.
+    model_columns: Vec<Vec<usize>>,
+    drift: Vec<DriftMonitor>,
+    scores: ScoreSlots,
+    rules: Rules,
+    /// Per rule, its (name, model, version) labels.
+    rule_labels: Vec<(String, String, String)>,
+    outputs: Outputs,
+    delivery: Delivery,
+    states: HashMap<i32, FeatureState>,
+    pressure: Pressure,
+    starved: Starved,
+    consumer_errors: Throttled,
+    reporter: Reporter,
+    failures: Failures,
+    /// Records the producer refused, by input position (see [`recovery`]).
+    poisoned: HashMap<(i32, i64), Poison>,
+    summary: RunSummary,
+    cycles: u64,
+}
+
+/// How gathering a cycle ended.
+enum Gathered {
+    /// With records to score and publish.
+    Records,
+    /// With none.
+    Empty,
+    /// Cut short by a revocation or a stop: the cycle is discarded.
+    Interrupted,
+}
+
+impl Processor<'_> {
+    /// The commit loop, until a stop.
+    fn run(mut self) -> anyhow::Result<RunSummary> {
+        let mut cycle = Cycle::default();
+        while !self.stopping() {
+            cycle.clear(self.batchers.len());
+            match self.gather(&mut cycle)? {
+                Gathered::Records => {}
+                Gathered::Empty => {
+                    self.reporter.tick(&self.summary);
+                    continue;
+                }
+                Gathered::Interrupted => {
+                    self.discard(&cycle);
+                    continue;
+                }
+            }
+            if !self.await_scores(&mut cycle)? {
+                self.discard(&cycle);
+                continue;
+            }
+            cycle::settle(&mut cycle.records, &self.scores, &self.poisoned);
+            let started = Instant::now();
+            match self.publish(&cycle) {
+                Ok(counts) => self.committed(&cycle, counts, started)?,
+                Err(failure) => {
+                    if !self.recover(&cycle, failure, started)? {
+                        break;
+                    }
+                }
+            }
+            self.reporter.tick(&self.summary);
+        }
+        for b in self.batchers {
+            b.shutdown();
+        }
+        tracing::info!(summary = ?self.summary, "processor stopped");
+        Ok(self.summary)
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Waits for every score of the cycle, the consumer kept polling (paused while the models
+    /// are behind). `false` when a revocation came meanwhile.
+    fn await_scores(&mut self, cycle: &mut Cycle) -> anyhow::Result<bool> {
+        let (consumer, pressure) = (&self.consumer, &mut self.pressure);
+        cycle.flush(&self.batchers, &mut || pressure.hold(consumer))?;
+        cycle::wait_scores(&self.results, cycle, &self.batchers, &mut || {
+            // Waiting on slow models is the loop turning, not a stuck process.
+            health::beat();
+            pressure.hold(consumer)
+        })?;
+        let revoked = self.consumer.context().take_revoked();
+        self.pressure.release(&self.consumer);
+        Ok(!revoked)
+    }
+
+    /// Publishes the cycle and commits it with its input offsets.
+    fn publish(&mut self, cycle: &Cycle) -> Result<Counts, Failure> {
+        self.cycles += 1;
+        let names: Vec<&str> = self.feature_names.iter().map(String::as_str).collect();
+        let publisher = Publisher {
+            outputs: &self.outputs,
+            loaded: self.loaded,
+            feature_names: &names,
+            scores: &self.scores,
+            rules: &self.rules,
+            instance: &self.opts.instance_id,
+            set: &self.set,
+        };
+        let producer = self.delivery.producer();
+        self.delivery.begin()?;
+        let mut counts = publisher.send_records(producer, &cycle.records)?;
+        counts.changelog = publisher.send_changelog(producer, &cycle.next, &self.states)?;
+        let mut offsets = TopicPartitionList::new();
+        for (partition, next) in &cycle.next {
+            offsets
+                .add_partition_offset(
+                    &self.loaded.topology.input.topic,
+                    *partition,
+                    Offset::Offset(*next),
+                )
+                .map_err(Failure::NotCommitted)?;
+        }
+        let exactly_once = matches!(self.delivery, Delivery::ExactlyOnce(_));
+        let inject = exactly_once
+            && (self.opts.abort_once_at == Some(self.cycles)
+                || self.opts.fail_cycles.as_ref().is_some_and(FailSwitch::on));
+        let fault = self
+            .opts
+            .commit_fault
+            .filter(|(at, _)| exactly_once && *at == self.cycles)
+            .map(|(_, f)| f);
+        self.delivery
+            .commit(&self.consumer, &offsets, counts, inject, fault)
+    }
+
+    /// The cycle committed: its state is checkpointed, its outputs counted and observed.
+    fn committed(&mut self, cycle: &Cycle, counts: Counts, started: Instant) -> anyhow::Result<()> {
+        for (partition, s) in &mut self.states {
+            match cycle.next.get(partition) {
+                Some(next) => {
+                    s.commit(*next);
+                    self.consumer.context().set_committed(*partition, *next);
+                }
+                None => s.checkpoint(),
+            }
+        }
+        self.poisoned
+            .retain(|(p, o), _| cycle.next.get(p).is_none_or(|next| o >= next));
+        if self.failures.committed() {
+            self.delivery.back_to_batching()?;
+        }
+        self.observe(cycle);
+        let topic = &self.loaded.topology.input.topic;
+        CycleCommitted {
+            topic,
+            consumed: cycle.records.len() as u64,
+            scored: counts.scored,
+            dead: &counts.dead,
+            alerts: counts
+                .fired
+                .iter()
+                .zip(&self.rule_labels)
+                .filter(|(n, _)| **n > 0)
+                .map(|(n, (rule, model, version))| {
+                    (rule.as_str(), model.as_str(), version.as_str(), *n)
+                })
+                .collect(),
+            changelog_records: counts.changelog,
+            took: started.elapsed(),
+            state_keys: self.states.values().map(FeatureState::keys).sum(),
+        }
+        .emit();
+        self.summary.consumed += cycle.records.len() as u64;
+        self.summary.scored += counts.scored;
+        self.summary.alerts += counts.alerts;
+        self.summary.dead_lettered += counts.dead.values().sum::<u64>();
+        self.summary.commits += 1;
+        Ok(())
+    }
+
+    /// A committed cycle's latency and drift: only published scores count.
+    fn observe(&mut self, cycle: &Cycle) {
+        let now = now_ms();
+        let to_commit = metrics::histogram!(crate::telemetry::metrics::EVENT_TO_COMMIT_SECONDS);
+        for p in &cycle.records {
+            if let Outcome::Scored {
+                event_time,
+                features,
+                scores,
+                ..
+            } = &p.outcome
+            {
+                let secs = now.saturating_sub(*event_time) as f64 / 1000.0;
+                to_commit.record(secs);
+                self.reporter.latency(secs);
+                for ((d, cols), s) in self.drift.iter_mut().zip(&self.model_columns).zip(scores) {
+                    if let Some(s) = s {
+                        d.observe(cols.iter().map(|&c| features[c]), s);
+                    }
+                }
+            }
+        }
+        for d in &self.drift {
+            d.publish();
+        }
+    }
+
+    /// A failed cycle: settles its transaction; unless the broker says it committed after all,
+    /// rolls it back, rewinds the input and waits out the backoff, the group served meanwhile.
+    /// `false` when stopping with the outcome unknown (nothing more is sent; a restart finds
+    /// the state and offsets of whichever it was).
+    fn recover(
+        &mut self,
+        cycle: &Cycle,
+        failure: Failure,
+        started: Instant,
+    ) -> anyhow::Result<bool> {
+        let (reason, fatal) = failure.classify();
+        let refused = self.delivery.take_refused();
+        let isolate = recovery::learn(
+            &refused,
+            &cycle.records,
+            self.delivery.isolating(),
+            &mut self.poisoned,
+        );
+        self.delivery.settle(&failure, fatal, isolate)?;
+        let topic = &self.loaded.topology.input.topic;
+        let error = match failure {
+            Failure::Unknown { error, counts } => {
+                match delivery::committed_outcome(&self.consumer, topic, &cycle.next, &self.stop) {
+                    Some(true) => {
+                        CommitFoundCommitted { error: &error }.emit();
+                        self.committed(cycle, *counts, started)?;
+                        return Ok(true);
+                    }
+                    Some(false) => error,
+                    None => return Ok(false),
+                }
+            }
+            Failure::NotCommitted(error) => error,
+        };
+        self.summary.aborts += 1;
+        self.failures
+            .failed(topic, &cycle.first, &cycle.next, reason.label(), &error);
+        self.roll_back(cycle);
+        let until = Instant::now() + self.failures.backoff();
+        while Instant::now() < until && !self.stopping() {
+            health::beat();
+            self.pressure.hold_now(&self.consumer);
+        }
+        self.pressure.release(&self.consumer);
+        Ok(true)
+    }
+
+    /// A revocation or a stop cut the cycle short: nothing of it was sent.
+    fn discard(&mut self, cycle: &Cycle) {
+        CycleDiscarded {
+            records: cycle.records.len(),
+            stopping: self.stopping(),
+        }
+        .emit();
+        self.pressure.release(&self.consumer);
+        self.roll_back(cycle);
+    }
+
+    /// The cycle never happened: its state changes are taken back and the partitions it read
+    /// rewound to where it began (a partition that cannot be rewound gives up its state, which
+    /// is then restored again). Partitions reassigned meanwhile start from the committed
+    /// offsets anyway.
+    fn roll_back(&mut self, cycle: &Cycle) {
+        for s in self.states.values_mut() {
+            s.rollback();
+        }
+        let topic = &self.loaded.topology.input.topic;
+        let reassigned = self.consumer.context().awaiting_restore();
+        let kept = self.consumer.assignment().unwrap_or_default();
+        for (partition, offset) in &cycle.first {
+            if reassigned.contains(partition) || kept.find_partition(topic, *partition).is_none() {
+                continue;
+            }
+            if let Err(e) = self.consumer.seek(
+                topic,
+                *partition,
+                Offset::Offset(*offset),
+                Duration::from_secs(10),
+            ) {
+                tracing::warn!(
+                    partition,
+                    offset,
+                    "rewinding failed: {e}; discarding the partition's state"
+                );
+                self.states.remove(partition);
+            }
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, crate::features::millis)
+}
