@@ -101,6 +101,75 @@ pub struct ModelBatcher {
     died: Arc<Mutex<Option<String>>>,
 }
 
+/// Runs `body`, noting why it died if it panicked, so the pipeline can say so instead of
+/// waiting for rows that will never come.
+fn guarded(
+    died: Arc<Mutex<Option<String>>>,
+    body: Box<dyn FnOnce() + Send>,
+) -> impl FnOnce() + Send + 'static {
+    move || {
+        if let Err(panic) = catch_unwind(AssertUnwindSafe(body)) {
+            let reason = panic_message(&*panic);
+            tracing::error!("scoring thread died: {reason}");
+            died.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert(reason);
+        }
+    }
+}
+
+/// A scoring worker: takes batches from its model's queue, scores them with its own session,
+/// and sends the rows' scores (or the batch's failure) back.
+struct Worker {
+    model: usize,
+    name: String,
+    session: Box<dyn Scorer>,
+    batches: Arc<Mutex<Receiver<Batch>>>,
+    out: Sender<Scored>,
+    throttle: Option<f64>,
+}
+
+impl Worker {
+    fn run(mut self) {
+        loop {
+            let batch = match self
+                .batches
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .recv()
+            {
+                Ok(b) => b,
+                Err(_) => return,
+            };
+            let started = Instant::now();
+            let n = batch.tickets.len();
+            let rows = match self.session.score(&batch.rows) {
+                Ok(scores) => rows_of(&self.name, &batch.tickets, &scores),
+                Err(e) => Err(e),
+            }
+            .map_err(|e| (batch.tickets, e));
+            if let Some(due) = self
+                .throttle
+                .filter(|r| *r > 0.0)
+                .and_then(|rate| Duration::try_from_secs_f64(n as f64 / rate).ok())
+            {
+                // Testing aid: a model this many rows per second slow.
+                std::thread::sleep(due.saturating_sub(started.elapsed()));
+            }
+            metrics::histogram!(names::BATCH_ROWS, "model" => self.name.clone()).record(n as f64);
+            metrics::histogram!(names::SCORING_SECONDS, "model" => self.name.clone())
+                .record(started.elapsed().as_secs_f64());
+            let scored = Scored {
+                model: self.model,
+                rows,
+            };
+            if self.out.send(scored).is_err() {
+                return;
+            }
+        }
+    }
+}
+
 /// The message of a caught panic.
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     panic
@@ -153,74 +222,32 @@ impl ModelBatcher {
         let (tx, rx) = sync_channel::<Msg>(4);
         let (batch_tx, batch_rx) = sync_channel::<Batch>(sessions.len() * 2);
         let batch_rx = Arc::new(Mutex::new(batch_rx));
-        let mut threads = Vec::new();
-        let name = model.name.clone();
-        // Every thread notes why it died, so the pipeline can say so instead of waiting.
-        let guarded = |died: Arc<Mutex<Option<String>>>, body: Box<dyn FnOnce() + Send>| {
-            move || {
-                if let Err(panic) = catch_unwind(AssertUnwindSafe(body)) {
-                    let reason = panic_message(&*panic);
-                    tracing::error!("scoring thread died: {reason}");
-                    died.lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .get_or_insert(reason);
-                }
-            }
-        };
-        threads.push(
+        let spawn = |thread: String, body: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
-                .name(format!("batch-{name}"))
-                .spawn(guarded(
-                    died.clone(),
-                    Box::new(move || gather(rx, batch_tx, max_rows, max_delay, width)),
-                ))
+                .name(thread)
+                .spawn(guarded(died.clone(), body))
                 .map_err(|e| ScorerError::Run {
                     model: model.name.clone(),
                     reason: e.to_string(),
-                })?,
-        );
-        for (w, mut session) in sessions.into_iter().enumerate() {
-            let rx = batch_rx.clone();
-            let out = out.clone();
-            let name = name.clone();
-            let body = move || {
-                loop {
-                    let batch = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
-                        Ok(b) => b,
-                        Err(_) => return,
-                    };
-                    let started = Instant::now();
-                    let n = batch.tickets.len();
-                    let rows = match session.score(&batch.rows) {
-                        Ok(scores) => rows_of(&name, &batch.tickets, &scores),
-                        Err(e) => Err(e),
-                    }
-                    .map_err(|e| (batch.tickets, e));
-                    if let Some(due) = throttle
-                        .filter(|r| *r > 0.0)
-                        .and_then(|rate| Duration::try_from_secs_f64(n as f64 / rate).ok())
-                    {
-                        // Testing aid: a model this many rows per second slow.
-                        std::thread::sleep(due.saturating_sub(started.elapsed()));
-                    }
-                    metrics::histogram!(names::BATCH_ROWS, "model" => name.clone())
-                        .record(n as f64);
-                    metrics::histogram!(names::SCORING_SECONDS, "model" => name.clone())
-                        .record(started.elapsed().as_secs_f64());
-                    if out.send(Scored { model: index, rows }).is_err() {
-                        return;
-                    }
-                }
+                })
+        };
+        let mut threads = vec![spawn(
+            format!("batch-{}", model.name),
+            Box::new(move || gather(rx, batch_tx, max_rows, max_delay, width)),
+        )?];
+        for (w, session) in sessions.into_iter().enumerate() {
+            let worker = Worker {
+                model: index,
+                name: model.name.clone(),
+                session,
+                batches: batch_rx.clone(),
+                out: out.clone(),
+                throttle,
             };
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("score-{}-{w}", model.name))
-                    .spawn(guarded(died.clone(), Box::new(body)))
-                    .map_err(|e| ScorerError::Run {
-                        model: model.name.clone(),
-                        reason: e.to_string(),
-                    })?,
-            );
+            threads.push(spawn(
+                format!("score-{}-{w}", model.name),
+                Box::new(move || worker.run()),
+            )?);
         }
         Ok(ModelBatcher {
             tx,

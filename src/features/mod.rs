@@ -662,9 +662,7 @@ fn compute(
     events: &VecDeque<Stored>,
     pos: usize,
 ) -> Result<Vec<f64>, FeatureError> {
-    let current = &events[pos];
-    let t = current.time;
-    let idle_ms = set.idle_ms;
+    let t = events[pos].time;
     // Each window is events[start..=pos] with time > t - window. Events are sorted by time and
     // none after `pos` is older than `t`, so a binary search finds its start.
     let starts: Vec<usize> = set
@@ -677,86 +675,17 @@ fn compute(
         .collect();
     let mut out = Vec::with_capacity(set.specs.len());
     for spec in &set.specs {
-        let num = |e: &Stored| match spec.source {
-            Source::Num(i) => e.nums[i],
-            _ => 0.0,
+        let at = At {
+            events,
+            start: starts[spec.window],
+            pos,
         };
-        let cat = |e: &Stored| match spec.source {
-            Source::Cat(i) => e.cats[i],
-            _ => 0,
-        };
-        let start = starts[spec.window];
-        let window = || events.range(start..=pos);
         let x = match spec.aggregation {
-            Aggregation::Value => num(current),
-            Aggregation::Equals => {
-                let eq = match spec.source {
-                    Source::Num(_) => spec.equals_num == Some(num(current)),
-                    _ => spec.equals_cat == Some(cat(current)),
-                };
-                f64::from(u8::from(eq))
-            }
-            Aggregation::Differs => {
-                let differs = match (spec.source, spec.other) {
-                    (Source::Num(a), Source::Num(b)) => current.nums[a] != current.nums[b],
-                    (Source::Cat(a), Source::Cat(b)) => current.cats[a] != current.cats[b],
-                    _ => true,
-                };
-                f64::from(u8::from(differs))
-            }
-            Aggregation::Count => window().count() as f64,
-            Aggregation::Sum => window().map(num).sum(),
-            Aggregation::Mean => mean(window().map(num)),
-            Aggregation::Std => {
-                let (s, n) = sum_count(window().map(num));
-                let m = s / n as f64;
-                (window().map(|e| (num(e) - m).powi(2)).sum::<f64>() / n as f64).sqrt()
-            }
-            Aggregation::Min => window().map(num).fold(f64::INFINITY, f64::min),
-            Aggregation::Max => window().map(num).fold(f64::NEG_INFINITY, f64::max),
-            Aggregation::DistinctCount if pos + 1 - start <= SMALL_WINDOW => {
-                // A few values: count those not seen earlier in the window, on the stack.
-                let mut seen = [0u64; SMALL_WINDOW];
-                let mut n = 0;
-                for v in window().map(cat) {
-                    if !seen[..n].contains(&v) {
-                        seen[n] = v;
-                        n += 1;
-                    }
-                }
-                n as f64
-            }
-            Aggregation::DistinctCount => DISTINCT.with(|scratch| {
-                // Sorting a reused buffer: no allocation and no hashing per event.
-                let mut values = scratch.borrow_mut();
-                values.clear();
-                values.extend(window().map(cat));
-                values.sort_unstable();
-                values.dedup();
-                values.len() as f64
-            }),
-            Aggregation::IsNew => {
-                let v = cat(current);
-                let seen = window()
-                    .take_while(|e| !std::ptr::eq(*e, current))
-                    .any(|e| cat(e) == v);
-                f64::from(u8::from(!seen))
-            }
-            Aggregation::TimeSinceLast => match pos.checked_sub(1).map(|p| &events[p]) {
-                Some(prev) if t.saturating_sub(prev.time) <= idle_ms => {
-                    t.saturating_sub(prev.time) as f64 / 1000.0
-                }
-                _ => spec.default,
-            },
-            Aggregation::RatioToMean => {
-                let m = mean(window().map(num));
-                // A mean of 0 (a card's first payment is a $0 verification): undefined.
-                if m == 0.0 {
-                    spec.default
-                } else {
-                    num(current) / m
-                }
-            }
+            Aggregation::Value
+            | Aggregation::Equals
+            | Aggregation::Differs
+            | Aggregation::TimeSinceLast => own(spec, &at, set.idle_ms),
+            _ => windowed(spec, &at),
         };
         if !x.is_finite() {
             return Err(FeatureError::NotFinite(spec.name.clone()));
@@ -764,6 +693,137 @@ fn compute(
         out.push(x);
     }
     Ok(out)
+}
+
+/// An event in its key's history, and the start of one of its windows.
+struct At<'a> {
+    events: &'a VecDeque<Stored>,
+    start: usize,
+    pos: usize,
+}
+
+impl At<'_> {
+    fn current(&self) -> &Stored {
+        &self.events[self.pos]
+    }
+
+    fn window(&self) -> std::collections::vec_deque::Iter<'_, Stored> {
+        self.events.range(self.start..=self.pos)
+    }
+}
+
+impl Spec {
+    #[inline]
+    fn num(&self, e: &Stored) -> f64 {
+        match self.source {
+            Source::Num(i) => e.nums[i],
+            _ => 0.0,
+        }
+    }
+
+    #[inline]
+    fn cat(&self, e: &Stored) -> u64 {
+        match self.source {
+            Source::Cat(i) => e.cats[i],
+            _ => 0,
+        }
+    }
+}
+
+/// A feature of the event itself (and its predecessor).
+#[inline]
+fn own(spec: &Spec, at: &At<'_>, idle_ms: i64) -> f64 {
+    let current = at.current();
+    match spec.aggregation {
+        Aggregation::Value => spec.num(current),
+        Aggregation::Equals => {
+            let eq = match spec.source {
+                Source::Num(_) => spec.equals_num == Some(spec.num(current)),
+                _ => spec.equals_cat == Some(spec.cat(current)),
+            };
+            f64::from(u8::from(eq))
+        }
+        Aggregation::Differs => {
+            let differs = match (spec.source, spec.other) {
+                (Source::Num(a), Source::Num(b)) => current.nums[a] != current.nums[b],
+                (Source::Cat(a), Source::Cat(b)) => current.cats[a] != current.cats[b],
+                _ => true,
+            };
+            f64::from(u8::from(differs))
+        }
+        // TimeSinceLast
+        _ => match at.pos.checked_sub(1).map(|p| &at.events[p]) {
+            Some(prev) if current.time.saturating_sub(prev.time) <= idle_ms => {
+                current.time.saturating_sub(prev.time) as f64 / 1000.0
+            }
+            _ => spec.default,
+        },
+    }
+}
+
+/// A feature over the event's window.
+#[inline]
+fn windowed(spec: &Spec, at: &At<'_>) -> f64 {
+    let num = |e: &Stored| spec.num(e);
+    let cat = |e: &Stored| spec.cat(e);
+    match spec.aggregation {
+        Aggregation::Count => at.window().count() as f64,
+        Aggregation::Sum => at.window().map(num).sum(),
+        Aggregation::Mean => mean(at.window().map(num)),
+        Aggregation::Std => {
+            let (s, n) = sum_count(at.window().map(num));
+            let m = s / n as f64;
+            (at.window().map(|e| (num(e) - m).powi(2)).sum::<f64>() / n as f64).sqrt()
+        }
+        Aggregation::Min => at.window().map(num).fold(f64::INFINITY, f64::min),
+        Aggregation::Max => at.window().map(num).fold(f64::NEG_INFINITY, f64::max),
+        Aggregation::DistinctCount => distinct(at.window().map(cat), at.pos + 1 - at.start),
+        Aggregation::IsNew => {
+            let current = at.current();
+            let v = cat(current);
+            let seen = at
+                .window()
+                .take_while(|e| !std::ptr::eq(*e, current))
+                .any(|e| cat(e) == v);
+            f64::from(u8::from(!seen))
+        }
+        // RatioToMean
+        _ => {
+            let m = mean(at.window().map(num));
+            // A mean of 0 (a card's first payment is a $0 verification): undefined.
+            if m == 0.0 {
+                spec.default
+            } else {
+                num(at.current()) / m
+            }
+        }
+    }
+}
+
+/// How many distinct values `values` (`n` of them) holds.
+#[inline]
+fn distinct(values: impl Iterator<Item = u64>, n: usize) -> f64 {
+    if n <= SMALL_WINDOW {
+        // A few values: count those not seen earlier in the window, on the stack.
+        let mut seen = [0u64; SMALL_WINDOW];
+        let mut k = 0;
+        for v in values {
+            if !seen[..k].contains(&v) {
+                seen[k] = v;
+                k += 1;
+            }
+        }
+        return k as f64;
+    }
+    DISTINCT.with(|scratch| {
+        // Sorting a reused buffer: no allocation and no hashing per event.
+        let mut values_buf = scratch.borrow_mut();
+        values_buf.clear();
+        values_buf.extend(values);
+        values_buf.sort_unstable();
+        values_buf.dedup();
+        values_buf.len() as f64
+    })
 }
 
 /// Windows up to this many events count distinct values by comparing each with those before it.

@@ -67,6 +67,94 @@ impl<'a> Processor<'a> {
         let sr = cluster.registry()?;
         let outputs = outputs(&sr, loaded, &rt, topics.changelog.clone())?;
 
+        let models = Models::start(loaded, opts)?;
+        register_series(&t.input.topic, &models.rule_labels);
+
+        let (consumer, delivery) = connect(cluster, loaded, opts, topics.batch_limit, &stop)?;
+        Ok(Some(Processor {
+            loaded,
+            opts,
+            rt,
+            stop,
+            consumer,
+            decoder: Decoder::new(sr, loaded.schema.clone()),
+            restorer: Restorer::new(cluster, &topics.changelog)?,
+            set,
+            feature_names,
+            batchers: models.batchers,
+            results: models.results,
+            model_columns,
+            drift: models.drift,
+            scores: models.scores,
+            rules: models.rules,
+            rule_labels: models.rule_labels,
+            outputs,
+            delivery,
+            states: HashMap::new(),
+            pressure: Pressure::default(),
+            starved: Starved::new(),
+            consumer_errors: Throttled::new("consumer"),
+            reporter: Reporter::new(opts.summary_every, &t.name),
+            failures: Failures::default(),
+            poisoned: HashMap::new(),
+            summary: RunSummary::default(),
+            cycles: 0,
+        }))
+    }
+}
+
+/// The input consumer, subscribed, and the delivery with its first producer.
+fn connect(
+    cluster: &ClusterArgs,
+    loaded: &Loaded,
+    opts: &RunOptions,
+    batch_limit: Option<usize>,
+    stop: &Arc<AtomicBool>,
+) -> anyhow::Result<(super::Input, Delivery)> {
+    let t = &loaded.topology;
+    let consumer: super::Input = config::source(
+        cluster,
+        &t.input.group,
+        (opts.membership == Membership::Static).then_some(opts.instance_id.as_str()),
+    )?
+    .create_with_context(GroupContext::default())?;
+    consumer.subscribe(&[&t.input.topic])?;
+    let exactly_once = t.delivery.guarantee == Guarantee::ExactlyOnce;
+    let transactional_id =
+        exactly_once.then(|| format!("kscore-{}-{}", t.input.group, opts.instance_id));
+    let delivery = Delivery::start(
+        exactly_once,
+        Producers {
+            cluster: cluster.clone(),
+            transactional_id: transactional_id.clone(),
+            batch_limit,
+            stop: stop.clone(),
+        },
+    )?;
+    ProcessorRunning {
+        topology: &t.name,
+        input: &t.input.topic,
+        group: &t.input.group,
+        transactional_id: transactional_id.as_deref(),
+    }
+    .emit();
+    Ok((consumer, delivery))
+}
+
+/// The models, scoring: their batchers and workers, drift monitors, scores and rules.
+struct Models {
+    batchers: Vec<batcher::ModelBatcher>,
+    results: std::sync::mpsc::Receiver<batcher::Scored>,
+    drift: Vec<DriftMonitor>,
+    scores: ScoreSlots,
+    rules: Rules,
+    rule_labels: Vec<(String, String, String)>,
+}
+
+impl Models {
+    /// Opens every model's sessions (warm: each ran a batch) and starts its threads.
+    fn start(loaded: &Loaded, opts: &RunOptions) -> anyhow::Result<Self> {
+        let t = &loaded.topology;
         let (batchers, results) =
             batcher::start_all(&t.models, &loaded.model_paths, opts.throttle_scoring)?;
         let versions: Vec<String> = batchers.iter().map(|b| b.info().version.clone()).collect();
@@ -88,63 +176,14 @@ impl<'a> Processor<'a> {
         let scores = ScoreSlots::new(loaded, &versions);
         let rules = Rules::new(&t.alerts, &scores.qualified()).map_err(anyhow::Error::msg)?;
         let rule_labels = rule_labels(&rules, &scores);
-        register_series(&t.input.topic, &rule_labels);
-
-        let consumer: super::Input = config::source(
-            cluster,
-            &t.input.group,
-            (opts.membership == Membership::Static).then_some(opts.instance_id.as_str()),
-        )?
-        .create_with_context(GroupContext::default())?;
-        consumer.subscribe(&[&t.input.topic])?;
-        let exactly_once = t.delivery.guarantee == Guarantee::ExactlyOnce;
-        let transactional_id =
-            exactly_once.then(|| format!("kscore-{}-{}", t.input.group, opts.instance_id));
-        let delivery = Delivery::start(
-            exactly_once,
-            Producers {
-                cluster: cluster.clone(),
-                transactional_id: transactional_id.clone(),
-                batch_limit: topics.batch_limit,
-                stop: stop.clone(),
-            },
-        )?;
-        ProcessorRunning {
-            topology: &t.name,
-            input: &t.input.topic,
-            group: &t.input.group,
-            transactional_id: transactional_id.as_deref(),
-        }
-        .emit();
-        Ok(Some(Processor {
-            loaded,
-            opts,
-            rt,
-            stop,
-            consumer,
-            decoder: Decoder::new(sr, loaded.schema.clone()),
-            restorer: Restorer::new(cluster, &topics.changelog)?,
-            set,
-            feature_names,
+        Ok(Models {
             batchers,
             results,
-            model_columns,
             drift,
             scores,
             rules,
             rule_labels,
-            outputs,
-            delivery,
-            states: HashMap::new(),
-            pressure: Pressure::default(),
-            starved: Starved::new(),
-            consumer_errors: Throttled::new("consumer"),
-            reporter: Reporter::new(opts.summary_every, &t.name),
-            failures: Failures::default(),
-            poisoned: HashMap::new(),
-            summary: RunSummary::default(),
-            cycles: 0,
-        }))
+        })
     }
 }
 

@@ -93,6 +93,27 @@ pub fn file_digest(path: &Path) -> String {
 impl ScoringSession {
     /// Opens `path` for `model`, with its execution provider. ONNX Runtime must be loaded.
     pub fn open(model: &Model, path: &Path) -> Result<Self, ScorerError> {
+        let session = Self::load(model, path)?;
+        let (input, width) = Self::input(model, &session)?;
+        let scores = Self::scores(model, &session)?;
+        let (version, reference) = Self::metadata(model, path, &session, width);
+        let info = ModelInfo {
+            name: model.name.clone(),
+            version,
+            input,
+            width,
+            reference,
+        };
+        Ok(ScoringSession {
+            session,
+            info,
+            scores,
+        })
+    }
+
+    /// The session, with the model's execution provider (CUDA refused, with the reason, where
+    /// the runtime cannot give it; never a silent CPU fallback).
+    fn load(model: &Model, path: &Path) -> Result<Session, ScorerError> {
         let env =
             runtime::environment().map_err(|e| ScorerError::Runtime(std::sync::Arc::new(e)))?;
         let name = model.name.clone();
@@ -124,15 +145,23 @@ impl ScoringSession {
                     reason: e.to_string(),
                 })?;
         }
-        let session = builder
+        builder
             .commit_from_file(path)
-            .map_err(|e| load_err(e.to_string()))?;
-        let mismatch = |field: &str, problem: String| ScorerError::Mismatch {
-            model: name.clone(),
+            .map_err(|e| load_err(e.to_string()))
+    }
+
+    fn mismatch(model: &Model, field: &str, problem: String) -> ScorerError {
+        ScorerError::Mismatch {
+            model: model.name.clone(),
             problem,
             field: field.into(),
-        };
+        }
+    }
 
+    /// The model's one input, `[rows, features]` with as many columns as features listed: its
+    /// name and width.
+    fn input(model: &Model, session: &Session) -> Result<(String, usize), ScorerError> {
+        let mismatch = |field: &str, problem: String| Self::mismatch(model, field, problem);
         let [input] = session.inputs() else {
             return Err(mismatch(
                 "path",
@@ -169,6 +198,12 @@ impl ScoringSession {
                 ),
             ));
         }
+        Ok((input.name().to_string(), width))
+    }
+
+    /// (output, column) per score, each a float32 tensor's existing column.
+    fn scores(model: &Model, session: &Session) -> Result<Vec<(String, usize)>, ScorerError> {
+        let mismatch = |field: &str, problem: String| Self::mismatch(model, field, problem);
         let mut scores = Vec::new();
         for (i, s) in model.scores.iter().enumerate() {
             let Some(out) = session.outputs().iter().find(|o| o.name() == s.output) else {
@@ -221,6 +256,18 @@ impl ScoringSession {
             }
             scores.push((s.output.clone(), s.column));
         }
+        Ok(scores)
+    }
+
+    /// The model's version (its `version` metadata, else a digest of the file) and its drift
+    /// reference (a warning, and none, where it is invalid).
+    fn metadata(
+        model: &Model,
+        path: &Path,
+        session: &Session,
+        width: usize,
+    ) -> (String, Option<std::sync::Arc<Reference>>) {
+        let name = &model.name;
         let metadata = session.metadata().ok();
         let version = metadata
             .as_ref()
@@ -239,18 +286,7 @@ impl ScoringSession {
             },
         };
         drop(metadata);
-        let info = ModelInfo {
-            name,
-            version,
-            input: input.name().to_string(),
-            width,
-            reference,
-        };
-        Ok(ScoringSession {
-            session,
-            info,
-            scores,
-        })
+        (version, reference)
     }
 
     /// The model.

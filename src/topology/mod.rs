@@ -156,12 +156,44 @@ pub fn load_with(file: &Path, require_models: bool) -> Result<Loaded, TopologyEr
         message: e.to_string().trim_end().to_string(),
     })?;
     let base = file.parent().unwrap_or(Path::new("."));
-    let mut problems = Vec::new();
-    let mut problem = |path: String, message: String| problems.push(Problem { path, message });
+    let mut problems = Problems::default();
+    check_names_and_topics(&topology, &mut problems);
+    let (schema, schema_text) = reader_schema(&topology, base, &mut problems);
+    check_input_fields(&topology, schema.as_ref(), &mut problems);
+    let names = check_features(&topology, schema.as_ref(), &mut problems);
+    let model_paths = check_models(&topology, base, require_models, &names, &mut problems);
+    check_rules_and_delivery(&topology, &model_paths.1, &mut problems);
+    let problems = problems.0;
+    match (problems.is_empty(), schema) {
+        (true, Some(schema)) => Ok(Loaded {
+            file: file.to_path_buf(),
+            topology,
+            schema,
+            schema_text,
+            model_paths: model_paths.0,
+        }),
+        _ => Err(TopologyError::Invalid {
+            file: file.to_path_buf(),
+            problems,
+        }),
+    }
+}
 
+/// The problems found so far.
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn add(&mut self, path: String, message: String) {
+        self.0.push(Problem { path, message });
+    }
+}
+
+/// Names that must be given, and topics that must differ.
+fn check_names_and_topics(topology: &Topology, problems: &mut Problems) {
     let non_empty = |v: &str| !v.trim().is_empty();
     if !non_empty(&topology.name) {
-        problem("name".into(), "must not be empty".into());
+        problems.add("name".into(), "must not be empty".into());
     }
     for (path, v) in [
         ("input.topic", &topology.input.topic),
@@ -175,7 +207,7 @@ pub fn load_with(file: &Path, require_models: bool) -> Result<Loaded, TopologyEr
         ),
     ] {
         if !non_empty(v) {
-            problem(path.into(), "must not be empty".into());
+            problems.add(path.into(), "must not be empty".into());
         }
     }
     if topology
@@ -184,7 +216,7 @@ pub fn load_with(file: &Path, require_models: bool) -> Result<Loaded, TopologyEr
         .as_deref()
         .is_some_and(|t| !non_empty(t))
     {
-        problem("state.changelog_topic".into(), "must not be empty".into());
+        problems.add("state.changelog_topic".into(), "must not be empty".into());
     }
     let outputs = [
         Some(&topology.output.scored_topic),
@@ -202,7 +234,7 @@ pub fn load_with(file: &Path, require_models: bool) -> Result<Loaded, TopologyEr
     .zip(outputs)
     {
         if t == Some(&topology.input.topic) {
-            problem(
+            problems.add(
                 (*path).into(),
                 format!(
                     "must differ from the input topic `{}`",
@@ -213,19 +245,25 @@ pub fn load_with(file: &Path, require_models: bool) -> Result<Loaded, TopologyEr
     }
     let changelog = topology.changelog_topic();
     if outputs[..3].contains(&Some(&changelog)) {
-        problem(
+        problems.add(
             "state.changelog_topic".into(),
             format!(
                 "`{changelog}` is also an output topic; the changelog needs a topic of its own"
             ),
         );
     }
+}
 
-    // The reader schema.
+/// The reader schema, read and parsed (a record schema).
+fn reader_schema(
+    topology: &Topology,
+    base: &Path,
+    problems: &mut Problems,
+) -> (Option<Schema>, String) {
     let schema_path = base.join(&topology.input.schema);
-    let (schema, schema_text) = match std::fs::read_to_string(&schema_path) {
+    match std::fs::read_to_string(&schema_path) {
         Err(e) => {
-            problem(
+            problems.add(
                 "input.schema".into(),
                 format!("cannot read {}: {e}", schema_path.display()),
             );
@@ -234,30 +272,33 @@ pub fn load_with(file: &Path, require_models: bool) -> Result<Loaded, TopologyEr
         Ok(t) => match Schema::parse_str(&t) {
             Ok(s @ Schema::Record(_)) => (Some(s), t),
             Ok(_) => {
-                problem(
+                problems.add(
                     "input.schema".into(),
                     format!("{} is not a record schema", schema_path.display()),
                 );
                 (None, t)
             }
             Err(e) => {
-                problem(
+                problems.add(
                     "input.schema".into(),
                     format!("{} is not a valid Avro schema: {e}", schema_path.display()),
                 );
                 (None, t)
             }
         },
-    };
-    let field = |name: &str| schema.as_ref().map(|s| field_kind(s, name));
-    let scalar_of = |name: &str| schema.as_ref().map(|s| scalar(s, name));
+    }
+}
+
+/// The key and event-time fields.
+fn check_input_fields(topology: &Topology, schema: Option<&Schema>, problems: &mut Problems) {
+    let scalar_of = |name: &str| schema.map(|s| scalar(s, name));
     match scalar_of(&topology.input.key_field) {
-        Some(None) => problem(
+        Some(None) => problems.add(
             "input.key_field".into(),
             format!("the schema has no field `{}`", topology.input.key_field),
         ),
         Some(Some(Schema::String | Schema::Uuid(_) | Schema::Enum(_))) | None => {}
-        Some(Some(_)) => problem(
+        Some(Some(_)) => problems.add(
             "input.key_field".into(),
             format!(
                 "`{}` must be a string, uuid or enum field (the key is text)",
@@ -266,7 +307,7 @@ pub fn load_with(file: &Path, require_models: bool) -> Result<Loaded, TopologyEr
         ),
     }
     match scalar_of(&topology.input.event_time_field) {
-        Some(None) => problem(
+        Some(None) => problems.add(
             "input.event_time_field".into(),
             format!(
                 "the schema has no field `{}`",
@@ -274,7 +315,7 @@ pub fn load_with(file: &Path, require_models: bool) -> Result<Loaded, TopologyEr
             ),
         ),
         Some(Some(Schema::Long | Schema::TimestampMillis | Schema::TimestampMicros)) | None => {}
-        Some(Some(_)) => problem(
+        Some(Some(_)) => problems.add(
             "input.event_time_field".into(),
             format!(
                 "`{}` must be a `long` with logicalType timestamp-millis or timestamp-micros (or \
@@ -283,109 +324,36 @@ pub fn load_with(file: &Path, require_models: bool) -> Result<Loaded, TopologyEr
             ),
         ),
     }
+}
 
-    // Features.
+/// The features (returns their names) and the state limits.
+fn check_features(
+    topology: &Topology,
+    schema: Option<&Schema>,
+    problems: &mut Problems,
+) -> HashSet<String> {
+    let non_empty = |v: &str| !v.trim().is_empty();
     let mut names = HashSet::new();
     let mut longest_window = std::time::Duration::ZERO;
     for (i, f) in topology.features.iter().enumerate() {
         let at = |k: &str| format!("feature[{i}] ({}).{k}", f.name);
         if !non_empty(&f.name) {
-            problem(format!("feature[{i}].name"), "must not be empty".into());
+            problems.add(format!("feature[{i}].name"), "must not be empty".into());
         } else if !names.insert(f.name.clone()) {
-            problem(at("name"), "is used by an earlier feature".into());
+            problems.add(at("name"), "is used by an earlier feature".into());
         }
-        let a = f.aggregation;
-        match (&f.field, a.needs_field()) {
-            (None, true) => problem(at("field"), format!("`{a:?}` needs a field").to_lowercase()),
-            (Some(_), false) => problem(at("field"), "not used by this aggregation".into()),
-            (Some(name), true) => match field(name) {
-                Some(None) => problem(at("field"), format!("the schema has no field `{name}`")),
-                Some(Some(k)) if a.numeric() && k != FieldKind::Numeric => problem(
-                    at("field"),
-                    format!("`{name}` is not numeric (int, long, float or double)"),
-                ),
-                Some(Some(FieldKind::Other)) => {
-                    problem(at("field"), format!("`{name}` is not a scalar field"))
-                }
-                _ => {}
-            },
-            (None, false) => {}
-        }
-        match (f.window, a.windowed()) {
-            (None, true) => problem(
-                at("window"),
-                "this aggregation needs a window, e.g. \"1h\"".into(),
-            ),
-            (Some(w), true) if w.is_zero() => {
-                problem(at("window"), "must be longer than zero".into())
-            }
-            (Some(w), true) => longest_window = longest_window.max(w),
-            (Some(_), false) => problem(at("window"), "not used by this aggregation".into()),
-            (None, false) => {}
-        }
-        if let (Some(value), Some(name), config::Aggregation::Equals) = (&f.equals, &f.field, a) {
-            match scalar_of(name).flatten() {
-                Some(Schema::Int | Schema::Long | Schema::Float | Schema::Double)
-                    if !value.trim().parse::<f64>().is_ok_and(f64::is_finite) =>
-                {
-                    problem(
-                        at("equals"),
-                        format!("`{name}` is numeric; `{value}` is not a number"),
-                    )
-                }
-                Some(Schema::Enum(e)) if !e.symbols.contains(value) => problem(
-                    at("equals"),
-                    format!(
-                        "`{value}` is not a symbol of `{name}` ({})",
-                        e.symbols.join(", ")
-                    ),
-                ),
-                Some(Schema::Boolean) if value != "true" && value != "false" => problem(
-                    at("equals"),
-                    format!("`{name}` is a boolean; write `true` or `false`"),
-                ),
-                _ => {}
-            }
-        }
-        if (a == config::Aggregation::Equals) != f.equals.is_some() {
-            problem(
-                at("equals"),
-                if f.equals.is_some() {
-                    "only used by `equals`"
-                } else {
-                    "`equals` needs the value to compare with"
-                }
-                .into(),
-            );
-        }
-        match (&f.other_field, a == config::Aggregation::Differs) {
-            (None, true) => problem(at("other_field"), "`differs` needs the second field".into()),
-            (Some(_), false) => problem(at("other_field"), "only used by `differs`".into()),
-            (Some(o), true) => {
-                if field(o) == Some(None) {
-                    problem(at("other_field"), format!("the schema has no field `{o}`"));
-                }
-            }
-            (None, false) => {}
-        }
-        if f.default.is_some() && !a.has_default() {
-            problem(
-                at("default"),
-                "only used by `time_since_last` and `ratio_to_mean`".into(),
-            );
-        }
-        if f.default.is_some_and(|d| !d.is_finite()) {
-            problem(at("default"), "must be a finite number".into());
+        if let Some(w) = check_feature(f, &at, schema, problems) {
+            longest_window = longest_window.max(w);
         }
     }
     if topology.state.max_events_per_key == 0 {
-        problem(
+        problems.add(
             "state.max_events_per_key".into(),
             "must be at least 1".into(),
         );
     }
     if topology.state.idle_key_ttl < longest_window {
-        problem(
+        problems.add(
             "state.idle_key_ttl".into(),
             format!(
                 "{} is shorter than the longest window ({}): keys would be evicted while still inside a window",
@@ -394,7 +362,113 @@ pub fn load_with(file: &Path, require_models: bool) -> Result<Loaded, TopologyEr
             ),
         );
     }
+    names
+}
+/// One feature's fields, against its aggregation and the schema. Returns its window.
+fn check_feature(
+    f: &Feature,
+    at: &dyn Fn(&str) -> String,
+    schema: Option<&Schema>,
+    problems: &mut Problems,
+) -> Option<std::time::Duration> {
+    let field = |name: &str| schema.map(|s| field_kind(s, name));
+    let scalar_of = |name: &str| schema.map(|s| scalar(s, name));
+    let mut window = None;
+    let a = f.aggregation;
+    match (&f.field, a.needs_field()) {
+        (None, true) => problems.add(at("field"), format!("`{a:?}` needs a field").to_lowercase()),
+        (Some(_), false) => problems.add(at("field"), "not used by this aggregation".into()),
+        (Some(name), true) => match field(name) {
+            Some(None) => problems.add(at("field"), format!("the schema has no field `{name}`")),
+            Some(Some(k)) if a.numeric() && k != FieldKind::Numeric => problems.add(
+                at("field"),
+                format!("`{name}` is not numeric (int, long, float or double)"),
+            ),
+            Some(Some(FieldKind::Other)) => {
+                problems.add(at("field"), format!("`{name}` is not a scalar field"))
+            }
+            _ => {}
+        },
+        (None, false) => {}
+    }
+    match (f.window, a.windowed()) {
+        (None, true) => problems.add(
+            at("window"),
+            "this aggregation needs a window, e.g. \"1h\"".into(),
+        ),
+        (Some(w), true) if w.is_zero() => {
+            problems.add(at("window"), "must be longer than zero".into())
+        }
+        (Some(w), true) => window = Some(w),
+        (Some(_), false) => problems.add(at("window"), "not used by this aggregation".into()),
+        (None, false) => {}
+    }
+    if let (Some(value), Some(name), config::Aggregation::Equals) = (&f.equals, &f.field, a) {
+        match scalar_of(name).flatten() {
+            Some(Schema::Int | Schema::Long | Schema::Float | Schema::Double)
+                if !value.trim().parse::<f64>().is_ok_and(f64::is_finite) =>
+            {
+                problems.add(
+                    at("equals"),
+                    format!("`{name}` is numeric; `{value}` is not a number"),
+                )
+            }
+            Some(Schema::Enum(e)) if !e.symbols.contains(value) => problems.add(
+                at("equals"),
+                format!(
+                    "`{value}` is not a symbol of `{name}` ({})",
+                    e.symbols.join(", ")
+                ),
+            ),
+            Some(Schema::Boolean) if value != "true" && value != "false" => problems.add(
+                at("equals"),
+                format!("`{name}` is a boolean; write `true` or `false`"),
+            ),
+            _ => {}
+        }
+    }
+    if (a == config::Aggregation::Equals) != f.equals.is_some() {
+        problems.add(
+            at("equals"),
+            if f.equals.is_some() {
+                "only used by `equals`"
+            } else {
+                "`equals` needs the value to compare with"
+            }
+            .into(),
+        );
+    }
+    match (&f.other_field, a == config::Aggregation::Differs) {
+        (None, true) => problems.add(at("other_field"), "`differs` needs the second field".into()),
+        (Some(_), false) => problems.add(at("other_field"), "only used by `differs`".into()),
+        (Some(o), true) => {
+            if field(o) == Some(None) {
+                problems.add(at("other_field"), format!("the schema has no field `{o}`"));
+            }
+        }
+        (None, false) => {}
+    }
+    if f.default.is_some() && !a.has_default() {
+        problems.add(
+            at("default"),
+            "only used by `time_since_last` and `ratio_to_mean`".into(),
+        );
+    }
+    if f.default.is_some_and(|d| !d.is_finite()) {
+        problems.add(at("default"), "must be a finite number".into());
+    }
+    window
+}
 
+/// The models: returns their resolved paths and every `<model>.<score>`.
+fn check_models(
+    topology: &Topology,
+    base: &Path,
+    require_models: bool,
+    names: &HashSet<String>,
+    problems: &mut Problems,
+) -> (Vec<PathBuf>, HashSet<String>) {
+    let non_empty = |v: &str| !v.trim().is_empty();
     // Models.
     let mut model_names = HashSet::new();
     let mut score_names = HashSet::new();
@@ -402,54 +476,54 @@ pub fn load_with(file: &Path, require_models: bool) -> Result<Loaded, TopologyEr
     for (i, m) in topology.models.iter().enumerate() {
         let at = |k: &str| format!("model[{i}] ({}).{k}", m.name);
         if !non_empty(&m.name) {
-            problem(format!("model[{i}].name"), "must not be empty".into());
+            problems.add(format!("model[{i}].name"), "must not be empty".into());
         } else if !model_names.insert(m.name.clone()) {
-            problem(at("name"), "is used by an earlier model".into());
+            problems.add(at("name"), "is used by an earlier model".into());
         }
         if m.name.contains('.') {
-            problem(
+            problems.add(
                 at("name"),
                 "must not contain `.` (rules name scores `<model>.<score>`)".into(),
             );
         }
         let path = base.join(&m.path);
         if require_models && !path.is_file() {
-            problem(at("path"), format!("{} does not exist", path.display()));
+            problems.add(at("path"), format!("{} does not exist", path.display()));
         }
         model_paths.push(path);
         if m.features.is_empty() {
-            problem(at("features"), "a model needs at least one feature".into());
+            problems.add(at("features"), "a model needs at least one feature".into());
         }
         for (j, f) in m.features.iter().enumerate() {
             if !names.contains(f) {
-                problem(
+                problems.add(
                     at(&format!("features[{j}]")),
                     format!("no feature named `{f}`"),
                 );
             }
         }
         if m.scores.is_empty() {
-            problem(at("scores"), "a model needs at least one score".into());
+            problems.add(at("scores"), "a model needs at least one score".into());
         }
         for (j, s) in m.scores.iter().enumerate() {
             if s.name.contains('.') {
-                problem(
+                problems.add(
                     at(&format!("scores[{j}].name")),
                     "must not contain `.` (rules name scores `<model>.<score>`)".into(),
                 );
             }
             if !score_names.insert(format!("{}.{}", m.name, s.name)) {
-                problem(
+                problems.add(
                     at(&format!("scores[{j}].name")),
                     format!("`{}` is used twice", s.name),
                 );
             }
         }
         if m.batching.max_rows == 0 {
-            problem(at("batching.max_rows"), "must be at least 1".into());
+            problems.add(at("batching.max_rows"), "must be at least 1".into());
         }
         if m.batching.max_delay > MAX_BATCH_DELAY {
-            problem(
+            problems.add(
                 at("batching.max_delay"),
                 format!(
                     "must be at most {} (batches are sent at every commit anyway)",
@@ -458,37 +532,45 @@ pub fn load_with(file: &Path, require_models: bool) -> Result<Loaded, TopologyEr
             );
         }
         if m.workers == 0 {
-            problem(at("workers"), "must be at least 1".into());
+            problems.add(at("workers"), "must be at least 1".into());
         }
     }
+    (model_paths, score_names)
+}
 
+/// The alert rules, and the delivery settings.
+fn check_rules_and_delivery(
+    topology: &Topology,
+    score_names: &HashSet<String>,
+    problems: &mut Problems,
+) {
     // Rules.
     for (i, r) in topology.alerts.iter().enumerate() {
         let at = |k: &str| format!("alert[{i}] ({}).{k}", r.name);
         if !score_names.contains(&r.score) {
-            problem(
+            problems.add(
                 at("score"),
                 format!("no score `{}` (write `<model>.<score>`)", r.score),
             );
         }
         if !r.threshold.is_finite() {
-            problem(at("threshold"), "must be a finite number".into());
+            problems.add(at("threshold"), "must be a finite number".into());
         }
     }
     if !topology.alerts.is_empty() && topology.output.alerts_topic.is_none() {
-        problem(
+        problems.add(
             "output.alerts_topic".into(),
             "alert rules are defined but no alerts topic".into(),
         );
     }
     if topology.delivery.commit_interval.is_zero() {
-        problem(
+        problems.add(
             "delivery.commit_interval".into(),
             "must be longer than zero".into(),
         );
     }
     if topology.delivery.commit_interval > MAX_COMMIT_INTERVAL {
-        problem(
+        problems.add(
             "delivery.commit_interval".into(),
             format!(
                 "must be at most {}: a transaction is open for the whole interval, and the \
@@ -496,19 +578,6 @@ pub fn load_with(file: &Path, require_models: bool) -> Result<Loaded, TopologyEr
                 humantime::format_duration(MAX_COMMIT_INTERVAL)
             ),
         );
-    }
-    match (problems.is_empty(), schema) {
-        (true, Some(schema)) => Ok(Loaded {
-            file: file.to_path_buf(),
-            topology,
-            schema,
-            schema_text,
-            model_paths,
-        }),
-        _ => Err(TopologyError::Invalid {
-            file: file.to_path_buf(),
-            problems,
-        }),
     }
 }
 
