@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use kscore::cluster::ClusterArgs;
 
 use common::harness::{Instances, LogDir, end_offsets, pipeline, simulate_cards};
-use common::{committed_total, wait_committed};
+use common::{committed_total, free_port, http_get, metric_sum, wait_committed};
 
 /// The limit asserted on the processor's peak resident set. The million-event run needs more
 /// than the debug run's 15,000 only because of the local stand-in broker: it ignores
@@ -40,25 +40,6 @@ fn peak_rss_mib(pid: u32) -> Option<f64> {
         .parse::<f64>()
         .ok()
         .map(|kb| kb / 1024.0)
-}
-
-fn scrape(port: u16) -> String {
-    use std::io::{Read, Write};
-    let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return String::new();
-    };
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
-    let _ = conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n");
-    let mut body = String::new();
-    let _ = conn.read_to_string(&mut body);
-    body
-}
-
-fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[test]
@@ -97,11 +78,7 @@ fn a_slow_model_over_a_large_backlog_keeps_memory_bounded_and_output_exact() {
         started.elapsed()
     );
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let log = std::fs::File::create(dir.path().join("slow.log")).unwrap();
     // Each model worker scores at most 3,000 rows a second (300 on the debug build;
     // `KSCORE_BACKPRESSURE_THROTTLE`), below what the rest of the processor does (about 5,000
@@ -135,7 +112,7 @@ fn a_slow_model_over_a_large_backlog_keeps_memory_bounded_and_output_exact() {
         std::thread::sleep(Duration::from_millis(250));
         assert!(slow.try_wait().unwrap().is_none(), "the processor exited");
         peak = peak.max(peak_rss_mib(slow.id()).unwrap_or(0.0));
-        let m = scrape(port);
+        let m = http_get(port, "/metrics").1;
         paused_seen |= metric_sum(&m, "kscore_input_paused") > 0.0;
         pauses = pauses.max(metric_sum(&m, "kscore_backpressure_pauses_total"));
         max_lag = max_lag.max(metric_sum(&m, "kscore_consumer_lag{"));

@@ -26,7 +26,6 @@ use kscore::source::Decoder;
 use kscore::tools::payments::Payment;
 use kscore::tools::simulator::{SimConfig, Simulator};
 use kscore::topology::Loaded;
-use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use common::{Record, evolved_payment_schema, field, fresh_topology, read, run_until_committed};
 
@@ -48,27 +47,12 @@ struct Bad {
 
 async fn produce(cluster: &ClusterArgs, topic: &str, records: &[Input]) {
     cluster.ensure_topic(topic, 3).await.unwrap();
-    let producer: FutureProducer = cluster
-        .client_config()
-        .unwrap()
-        // The huge payment is over librdkafka's default limit of 1,000,000 bytes.
-        .set("message.max.bytes", "2000000")
-        .set("partitioner", "murmur2_random")
-        .create()
-        .unwrap();
-    for r in records {
-        let mut record = FutureRecord::<[u8], [u8]>::to(topic);
-        if let Some(k) = &r.key {
-            record = record.key(k.as_slice());
-        }
-        if let Some(v) = &r.value {
-            record = record.payload(v.as_slice());
-        }
-        producer
-            .send(record, Duration::from_secs(30))
-            .await
-            .unwrap_or_else(|(e, _)| panic!("produce: {e}"));
-    }
+    common::produce(
+        cluster,
+        topic,
+        records.iter().map(|r| (r.key.as_ref(), r.value.as_ref())),
+    )
+    .await;
 }
 
 async fn process(cluster: &ClusterArgs, loaded: &Loaded, instance: &str) -> RunSummary {

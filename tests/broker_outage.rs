@@ -9,25 +9,18 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use kscore::cluster::ClusterArgs;
 
 use common::harness::{
-    Instances, LogDir, assert_same_output, end_offsets, pipeline, reference_run, simulate, stack,
+    Instances, LogDir, assert_same_as_reference, finish, pipeline, simulate, stack,
 };
-use common::wait_committed;
+use common::{free_port, http_get, wait_committed};
 
 /// The HTTP status of `GET path`, or `None` while nothing answers.
 fn status(port: u16, path: &str) -> Option<u16> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-    let mut response = String::new();
-    s.read_to_string(&mut response).ok()?;
-    response.split_whitespace().nth(1)?.parse().ok()
+    Some(http_get(port, path).0).filter(|s| *s != 0)
 }
 
 #[test]
@@ -39,11 +32,7 @@ fn a_broker_outage_longer_than_the_stall_threshold_keeps_the_instance_live_and_c
     let input = format!("outage-in-{run}");
     let under_test = pipeline(dir.path(), &input, "outage", &run);
     let reference = pipeline(dir.path(), &input, "outageref", &run);
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
 
     let mut sim = simulate(&input, events, 0.0, 21, Some("2026-01-01T00:00:00Z"));
     assert!(sim.wait().unwrap().success());
@@ -103,14 +92,19 @@ fn a_broker_outage_longer_than_the_stall_threshold_keeps_the_instance_live_and_c
         Duration::from_secs(300),
     );
     assert_eq!(status(port, "/health/ready"), Some(200));
-    instances.check_alive();
-    instances.stop_all();
-
-    reference_run(&cluster, &reference, &input, dir.path());
-    let inputs = end_offsets(&cluster, &input) as usize;
-    assert_eq!(
-        inputs as u64, events,
-        "the input itself lost or repeated records"
+    finish(
+        &cluster,
+        &mut instances,
+        &input,
+        &under_test,
+        Duration::from_secs(300),
     );
-    assert_same_output(&cluster, &reference, &under_test, inputs);
+    assert_same_as_reference(
+        &cluster,
+        &reference,
+        &under_test,
+        &input,
+        dir.path(),
+        events,
+    );
 }

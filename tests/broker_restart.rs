@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use kscore::cluster::ClusterArgs;
 
 use common::harness::{
-    Instances, LogDir, assert_same_output, end_offsets, pipeline, reference_run, simulate, stack,
+    Instances, LogDir, assert_same_as_reference, finish, pipeline, simulate, stack,
 };
 use common::wait_committed;
 
@@ -54,28 +54,25 @@ fn a_broker_restarted_mid_run_changes_no_output() {
     instances.start("a");
     let mut second = simulate(&input, half, 0.0, 12, Some("2026-01-01T03:00:00Z"));
     assert!(second.wait().unwrap().success());
-    wait_committed(
+    let restores = finish(
         &cluster,
+        &mut instances,
         &input,
-        &under_test.group,
+        &under_test,
         Duration::from_secs(300),
     );
-    instances.check_alive();
-    instances.stop_all();
-    let restores = instances.restores();
     assert!(
         restores
             .iter()
             .any(|(records, keys)| *records > 0 && *keys > 0),
         "the restarted instance restored no state: {restores:?}"
     );
-
-    reference_run(&cluster, &reference, &input, dir.path());
-    let inputs = end_offsets(&cluster, &input) as usize;
-    assert_eq!(
-        inputs as u64,
+    assert_same_as_reference(
+        &cluster,
+        &reference,
+        &under_test,
+        &input,
+        dir.path(),
         2 * half,
-        "the input itself lost or repeated records"
     );
-    assert_same_output(&cluster, &reference, &under_test, inputs);
 }

@@ -19,8 +19,7 @@ use rand::{Rng, SeedableRng};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 
 use common::harness::{
-    Instances, LogDir, assert_same_output, end_offsets, pipeline, reference_run, simulate,
-    wait_input,
+    Instances, LogDir, assert_same_as_reference, finish, pipeline, simulate, wait_input,
 };
 use common::wait_committed;
 
@@ -67,24 +66,25 @@ fn sigkilled_and_restarted_the_processor_publishes_exactly_what_an_uninterrupted
         instances.start("p");
     }
     wait_input(&mut simulator, &mut instances);
-    wait_committed(
+    let restores = finish(
         &cluster,
+        &mut instances,
         &input,
-        &under_test.group,
+        &under_test,
         Duration::from_secs(300),
     );
-    instances.check_alive();
-    instances.stop_all();
-    let restores = instances.restores();
     assert!(
         restores.iter().filter(|(records, _)| *records > 0).count() >= 1,
         "no start restored any state, so the test showed nothing: {restores:?}"
     );
-
-    reference_run(&cluster, &reference, &input, dir.path());
-    let inputs = end_offsets(&cluster, &input) as usize;
-    assert_eq!(inputs as u64, events);
-    assert_same_output(&cluster, &reference, &under_test, inputs);
+    assert_same_as_reference(
+        &cluster,
+        &reference,
+        &under_test,
+        &input,
+        dir.path(),
+        events,
+    );
 }
 
 #[test]
@@ -125,24 +125,25 @@ fn instances_joining_and_leaving_the_group_publish_exactly_what_one_uninterrupte
         }
     }
     wait_input(&mut simulator, &mut instances);
-    wait_committed(
+    let restores = finish(
         &cluster,
+        &mut instances,
         &input,
-        &under_test.group,
+        &under_test,
         Duration::from_secs(300),
     );
-    instances.check_alive();
-    instances.stop_all();
-    let restores = instances.restores();
     assert!(
         restores.iter().filter(|(records, _)| *records > 0).count() >= 2,
         "too few restores read state: {restores:?}"
     );
-
-    reference_run(&cluster, &reference, &input, dir.path());
-    let inputs = end_offsets(&cluster, &input) as usize;
-    assert_eq!(inputs as u64, events);
-    assert_same_output(&cluster, &reference, &under_test, inputs);
+    assert_same_as_reference(
+        &cluster,
+        &reference,
+        &under_test,
+        &input,
+        dir.path(),
+        events,
+    );
 }
 
 /// An instance died inside a transaction that had already sent scored records and changelog
@@ -210,23 +211,25 @@ fn an_open_transaction_left_by_a_dead_instance_is_aborted_by_its_restart() {
     let mut more = simulate(&input, 2 * events, 10_000.0, 11, None);
     assert!(more.wait().unwrap().success());
     instances.start("z");
-    wait_committed(
+    let restores = finish(
         &cluster,
+        &mut instances,
         &input,
-        &under_test.group,
+        &under_test,
         Duration::from_secs(120),
     );
-    instances.check_alive();
-    instances.stop_all();
-    let restores = instances.restores();
     assert!(
         restores
             .iter()
             .any(|(records, keys)| *records > 0 && *keys > 0),
         "the restart restored no state: {restores:?}"
     );
-    reference_run(&cluster, &reference, &input, dir.path());
-    let inputs = end_offsets(&cluster, &input) as usize;
-    assert_eq!(inputs as u64, 3 * events);
-    assert_same_output(&cluster, &reference, &under_test, inputs);
+    assert_same_as_reference(
+        &cluster,
+        &reference,
+        &under_test,
+        &input,
+        dir.path(),
+        3 * events,
+    );
 }

@@ -12,11 +12,8 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::io::BufRead;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use apache_avro::types::Value;
@@ -28,12 +25,12 @@ use kscore::sink::FramedEncoder;
 use kscore::tools::payments::Payment;
 use kscore::tools::simulator::{SimConfig, Simulator};
 use kscore::topology::Loaded;
-use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use common::harness::{Instances, LogDir, end_offsets, pipeline, scored_by_input, simulate};
 use common::{
-    committed_total, evolved_payment_schema, free_port, fresh_topology, http_get, metric_sum,
-    metrics_port, read, run_until_committed, start_registry, wait_committed,
+    Running, committed, committed_total, evolved_payment_schema, free_port, fresh_topology,
+    http_get, metric_sum, metrics_port, read, run_until_committed, scored_event_ids,
+    start_registry, wait_committed,
 };
 
 /// Held by each test for its whole run (an async lock: some tests hold it across awaits).
@@ -58,19 +55,7 @@ fn payments(n: usize, seed: u64) -> Vec<Payment> {
 }
 
 async fn produce(cluster: &ClusterArgs, topic: &str, encoder: &FramedEncoder, events: &[Payment]) {
-    let producer: FutureProducer = cluster.client_config().unwrap().create().unwrap();
-    for p in events {
-        let bytes = encoder.encode(p.to_value()).unwrap();
-        producer
-            .send(
-                FutureRecord::<str, [u8]>::to(topic)
-                    .key(&p.card_id)
-                    .payload(bytes.as_slice()),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap();
-    }
+    common::produce_payments(cluster, topic, encoder, events).await;
 }
 
 async fn input_encoder(cluster: &ClusterArgs, loaded: &Loaded) -> FramedEncoder {
@@ -97,22 +82,6 @@ async fn read_committed(cluster: &ClusterArgs, topic: &str, n: usize) -> Vec<com
     })
     .await
     .unwrap()
-}
-
-/// The event ids of scored records; panics on one scored twice.
-fn scored_ids(records: &[common::Record]) -> HashSet<uuid::Uuid> {
-    let schema = kscore::schemas::parse(kscore::schemas::SCORED_PAYMENT_AVSC).unwrap();
-    let reader = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
-        .build()
-        .unwrap();
-    let mut ids = HashSet::new();
-    for r in records {
-        let mut body = &r.payload[5..];
-        let v = reader.read_value(&mut body).unwrap();
-        let p = Payment::from_value(common::field(&v, "event")).unwrap();
-        assert!(ids.insert(p.event_id), "{} scored twice", p.event_id);
-    }
-    ids
 }
 
 /// A broker that refuses every commit: the instance backs off (a handful of attempts in 12 s,
@@ -263,7 +232,7 @@ async fn a_record_the_broker_refuses_is_found_and_dead_lettered() {
         "{summary:?}"
     );
     let scored = read_committed(&cluster, &t.output.scored_topic, 300).await;
-    let ids = scored_ids(&scored);
+    let ids = scored_event_ids(&scored);
     assert_eq!(ids.len(), 300);
     assert!(!ids.contains(&big.event_id));
     let dead = read_committed(&cluster, &t.output.dead_letter_topic, 1).await;
@@ -313,7 +282,7 @@ async fn a_commit_is_decided_by_the_broker_not_by_the_error() {
         .await;
         let scored = read_committed(&cluster, &t.output.scored_topic, 300).await;
         assert_eq!(scored.len(), 300, "{fault:?}: every input scored once");
-        assert_eq!(scored_ids(&scored).len(), 300);
+        assert_eq!(scored_event_ids(&scored).len(), 300);
         assert_eq!(
             (summary.consumed, summary.scored, summary.aborts),
             (300, 300, 0),
@@ -359,25 +328,10 @@ async fn a_stop_during_a_registry_outage_dead_letters_nothing() {
         membership: pipeline::Membership::Dynamic,
         ..Default::default()
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    let processor = {
-        let (cluster, loaded, stop, opts) =
-            (cluster.clone(), loaded.clone(), stop.clone(), opts.clone());
-        let rt = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || pipeline::run(&cluster, &loaded, &opts, rt, stop))
-    };
-    {
-        let (c, topic, group) = (
-            cluster.clone(),
-            t.input.topic.clone(),
-            t.input.group.clone(),
-        );
-        tokio::task::spawn_blocking(move || {
-            wait_committed(&c, &topic, &group, Duration::from_secs(60))
-        })
+    let processor = Running::start(&cluster, &loaded, opts.clone());
+    committed(&cluster, &loaded, Duration::from_secs(60))
         .await
         .unwrap();
-    }
     let members = || {
         use rdkafka::consumer::{BaseConsumer, Consumer};
         let probe: BaseConsumer = cluster.client_config().unwrap().create().unwrap();
@@ -398,18 +352,11 @@ async fn a_stop_during_a_registry_outage_dead_letters_nothing() {
         fields.push(("note".into(), Value::Union(0, Box::new(Value::Null))));
         v2.encode(Value::Record(fields)).unwrap()
     };
-    let producer: FutureProducer = cluster.client_config().unwrap().create().unwrap();
-    for p in &events[50..] {
-        producer
-            .send(
-                FutureRecord::<str, [u8]>::to(&t.input.topic)
-                    .key(&p.card_id)
-                    .payload(with_note(p).as_slice()),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap();
-    }
+    let noted: Vec<_> = events[50..]
+        .iter()
+        .map(|p| (Some(p.card_id.clone()), Some(with_note(p))))
+        .collect();
+    common::produce(&cluster, &t.input.topic, noted).await;
     // Longer than max.poll.interval.ms: a member that stopped polling would be out of its group.
     tokio::time::sleep(Duration::from_secs(12)).await;
     assert_eq!(
@@ -417,8 +364,7 @@ async fn a_stop_during_a_registry_outage_dead_letters_nothing() {
         1,
         "the instance left its group while it waited"
     );
-    stop.store(true, Ordering::Relaxed);
-    let summary = processor.await.unwrap().expect("processor ran");
+    let summary = processor.stop().await;
     assert_eq!(
         (summary.consumed, summary.dead_lettered),
         (50, 0),
@@ -447,7 +393,7 @@ async fn a_stop_during_a_registry_outage_dead_letters_nothing() {
         (50, 50, 0)
     );
     let scored = read_committed(&cluster, &t.output.scored_topic, 100).await;
-    assert_eq!(scored_ids(&scored).len(), 100);
+    assert_eq!(scored_event_ids(&scored).len(), 100);
 }
 
 /// A score that is not a finite number dead-letters its record before anything is published:
@@ -579,19 +525,12 @@ async fn the_passthrough_stops_on_a_record_it_cannot_copy() {
     let run = uuid::Uuid::new_v4().simple().to_string();
     let input = format!("pass-in-{run}");
     cluster.ensure_topic(&input, 1).await.unwrap();
-    let producer: FutureProducer = cluster
-        .client_config()
-        .unwrap()
-        .set("message.max.bytes", "2000000")
-        .create()
-        .unwrap();
-    producer
-        .send(
-            FutureRecord::<str, [u8]>::to(&input).payload(&vec![7u8; 1_020_000][..]),
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap();
+    common::produce(
+        &cluster,
+        &input,
+        [(None::<&[u8]>, Some(vec![7u8; 1_020_000]))],
+    )
+    .await;
     let started = Instant::now();
     let out = tokio::task::spawn_blocking(move || {
         Command::new("timeout")

@@ -18,18 +18,10 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use serde_json::Value;
 
 use common::harness::{LogDir, pipeline, simulate_cards};
-use common::{promql, wait_committed};
+use common::{free_port, promql, wait_committed};
 
 const EVENTS: u64 = 3_000;
 const GARBAGE: u64 = 20;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Kills a child process when the test ends, however it ends.
 struct Guard(Child);

@@ -12,13 +12,13 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use apache_avro::types::Value;
 use kscore::cluster::ClusterArgs;
-use kscore::pipeline::{self, RunOptions};
+use kscore::pipeline::RunOptions;
 use kscore::schemas;
 use kscore::scorer::{ScoringSession, runtime};
 use kscore::sink::FramedEncoder;
@@ -27,8 +27,10 @@ use kscore::tools::payments::{Channel, EntryMode, Payment};
 use kscore::tools::simulator::{self, SimulateArgs, Simulator};
 use kscore::topology::config::Guarantee;
 
-use common::{evolved_payment_schema, field, fresh_topology, read, start_registry, wait_committed};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use common::{
+    Running, committed, evolved_payment_schema, field, free_port, fresh_topology, http_get,
+    metric_value, metrics_port, read, start_registry,
+};
 
 const N: u64 = 1_200;
 
@@ -112,32 +114,14 @@ fn close(a: f64, b: f64) -> bool {
     (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0)
 }
 
-/// The test process's metrics endpoint, installed once.
-fn metrics_url() -> &'static str {
-    static URL: OnceLock<String> = OnceLock::new();
-    URL.get_or_init(|| {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        // From a thread outside the tests' runtimes: installed inside one, the endpoint would
-        // live on that runtime and end with its test.
-        let addr = format!("127.0.0.1:{port}").parse().unwrap();
-        std::thread::spawn(move || kscore::telemetry::install_exporter(addr))
-            .join()
-            .unwrap()
-            .unwrap();
-        format!("http://127.0.0.1:{port}/metrics")
-    })
-}
-
-/// The value of one metric line (name and exact label set as Prometheus prints them).
+/// The value of one metric line of this process's endpoint (name and exact label set as
+/// Prometheus prints them).
 async fn metric(line_start: &str) -> Option<f64> {
-    let text = reqwest::get(metrics_url()).await.ok()?.text().await.ok()?;
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    let port = metrics_port();
+    let text = tokio::task::spawn_blocking(move || http_get(port, "/metrics").1)
+        .await
+        .ok()?;
+    metric_value(&text, line_start)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -152,7 +136,7 @@ async fn at_least_once_without_failures_is_exact_too() {
 
 async fn scenario(guarantee: Guarantee, abort_once_at: Option<u64>) {
     runtime::init(None).expect("ONNX Runtime (ORT_DYLIB_PATH)");
-    metrics_url();
+    metrics_port();
     let cluster = ClusterArgs::from_env();
     let run_id = uuid::Uuid::new_v4().simple().to_string();
     let mut loaded = fresh_topology("pipe", &run_id);
@@ -220,48 +204,29 @@ async fn scenario(guarantee: Guarantee, abort_once_at: Option<u64>) {
             "event_time_out_of_range",
         ),
     ];
-    let producer: FutureProducer = cluster.client_config().unwrap().create().unwrap();
-    for (key, payload, _) in &bad {
-        producer
-            .send(
-                FutureRecord::<str, [u8]>::to(&t.input.topic)
-                    .key(key)
-                    .payload(payload.as_slice()),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap();
-    }
+    common::produce(
+        &cluster,
+        &t.input.topic,
+        bad.iter()
+            .map(|(key, payload, _)| (Some(key), Some(payload))),
+    )
+    .await;
 
     // The processor, aborting its third transaction once.
-    let stop = Arc::new(AtomicBool::new(false));
     let opts = RunOptions {
         instance_id: format!("test-{run_id}"),
         max_cycle_records: 150,
         abort_once_at,
         ..Default::default()
     };
-    let processor = {
-        let (cluster, loaded, stop) = (cluster.clone(), loaded.clone(), stop.clone());
-        let rt = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || pipeline::run(&cluster, &loaded, &opts, rt, stop))
-    };
+    let processor = Running::start(&cluster, &loaded, opts);
 
     // Wait until the processor has committed the whole input, then read the outputs with fresh
     // readers. (A read_committed reader that is fetching while a transaction is aborted stalls
     // on the local stand-in broker; Kafka does not do that.)
-    {
-        let (c, topic, group) = (
-            cluster.clone(),
-            t.input.topic.clone(),
-            t.input.group.clone(),
-        );
-        tokio::task::spawn_blocking(move || {
-            wait_committed(&c, &topic, &group, Duration::from_secs(120))
-        })
+    committed(&cluster, &loaded, Duration::from_secs(120))
         .await
         .unwrap();
-    }
     let scored = {
         let (c, topic) = (cluster.clone(), t.output.scored_topic.clone());
         tokio::task::spawn_blocking(move || {
@@ -307,8 +272,7 @@ async fn scenario(guarantee: Guarantee, abort_once_at: Option<u64>) {
         .await
         .unwrap()
     };
-    stop.store(true, Ordering::Relaxed);
-    let summary = processor.await.unwrap().expect("processor ran");
+    let summary = processor.stop().await;
     if abort_once_at.is_some() {
         assert_eq!(summary.aborts, 1, "{summary:?}");
         assert!(
@@ -496,13 +460,9 @@ async fn scenario(guarantee: Guarantee, abort_once_at: Option<u64>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_registry_is_retried_not_dead_lettered() {
     runtime::init(None).expect("ONNX Runtime (ORT_DYLIB_PATH)");
-    metrics_url();
+    metrics_port();
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut registry = start_registry(port, dir.path());
     let mut cluster = ClusterArgs::from_env();
     cluster.registry_url = format!("http://127.0.0.1:{port}");
@@ -525,62 +485,37 @@ async fn an_unreachable_registry_is_retried_not_dead_lettered() {
         .take(100)
         .map(|(p, _)| p)
         .collect();
-    let producer: FutureProducer = cluster.client_config().unwrap().create().unwrap();
-    for p in &events[..50] {
-        let bytes = v1.encode(p.to_value()).unwrap();
-        producer
-            .send(
-                FutureRecord::<str, [u8]>::to(&t.input.topic)
-                    .key(&p.card_id)
-                    .payload(bytes.as_slice()),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap();
-    }
+    common::produce_payments(&cluster, &t.input.topic, &v1, &events[..50]).await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let processor = {
-        let (cluster, loaded, stop) = (cluster.clone(), loaded.clone(), stop.clone());
-        let opts = RunOptions {
+    let processor = Running::start(
+        &cluster,
+        &loaded,
+        RunOptions {
             instance_id: format!("outage-{run_id}"),
             ..Default::default()
-        };
-        let rt = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || pipeline::run(&cluster, &loaded, &opts, rt, stop))
-    };
-    {
-        let (c, topic, group) = (
-            cluster.clone(),
-            t.input.topic.clone(),
-            t.input.group.clone(),
-        );
-        tokio::task::spawn_blocking(move || {
-            wait_committed(&c, &topic, &group, Duration::from_secs(60))
-        })
+        },
+    );
+    committed(&cluster, &loaded, Duration::from_secs(60))
         .await
         .unwrap();
-    }
 
     // The registry goes away; records arrive written with a schema version not seen yet.
     registry.kill().unwrap();
     registry.wait().unwrap();
-    for p in &events[50..] {
-        let Value::Record(mut fields) = p.to_value() else {
-            unreachable!()
-        };
-        fields.push(("note".into(), Value::Union(0, Box::new(Value::Null))));
-        let bytes = v2.encode(Value::Record(fields)).unwrap();
-        producer
-            .send(
-                FutureRecord::<str, [u8]>::to(&t.input.topic)
-                    .key(&p.card_id)
-                    .payload(bytes.as_slice()),
-                Duration::from_secs(10),
+    let noted: Vec<_> = events[50..]
+        .iter()
+        .map(|p| {
+            let Value::Record(mut fields) = p.to_value() else {
+                unreachable!()
+            };
+            fields.push(("note".into(), Value::Union(0, Box::new(Value::Null))));
+            (
+                Some(p.card_id.clone()),
+                Some(v2.encode(Value::Record(fields)).unwrap()),
             )
-            .await
-            .unwrap();
-    }
+        })
+        .collect();
+    common::produce(&cluster, &t.input.topic, noted).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(
         metric("kscore_registry_retries_total ")
@@ -595,20 +530,10 @@ async fn an_unreachable_registry_is_retried_not_dead_lettered() {
     .await
     .unwrap();
 
-    {
-        let (c, topic, group) = (
-            cluster.clone(),
-            t.input.topic.clone(),
-            t.input.group.clone(),
-        );
-        tokio::task::spawn_blocking(move || {
-            wait_committed(&c, &topic, &group, Duration::from_secs(60))
-        })
+    committed(&cluster, &loaded, Duration::from_secs(60))
         .await
         .unwrap();
-    }
-    stop.store(true, Ordering::Relaxed);
-    let summary = processor.await.unwrap().expect("processor ran");
+    let summary = processor.stop().await;
     registry.kill().unwrap();
     let _ = registry.wait();
     assert_eq!(
@@ -643,51 +568,20 @@ async fn a_fenced_producer_is_rebuilt_and_output_stays_exactly_once() {
         .take(300)
         .map(|(p, _)| p)
         .collect();
-    let producer: FutureProducer = cluster.client_config().unwrap().create().unwrap();
-    let produce = |batch: &[Payment]| {
-        let batch: Vec<(String, Vec<u8>)> = batch
-            .iter()
-            .map(|p| (p.card_id.clone(), v1.encode(p.to_value()).unwrap()))
-            .collect();
-        let (producer, topic) = (producer.clone(), t.input.topic.clone());
-        async move {
-            for (key, bytes) in batch {
-                producer
-                    .send(
-                        FutureRecord::<str, [u8]>::to(&topic)
-                            .key(&key)
-                            .payload(bytes.as_slice()),
-                        Duration::from_secs(10),
-                    )
-                    .await
-                    .unwrap();
-            }
-        }
-    };
-    produce(&events[..150]).await;
+    common::produce_payments(&cluster, &t.input.topic, &v1, &events[..150]).await;
 
     let instance = format!("fenced-{run_id}");
-    let stop = Arc::new(AtomicBool::new(false));
-    let processor = {
-        let (cluster, loaded, stop) = (cluster.clone(), loaded.clone(), stop.clone());
-        let opts = RunOptions {
+    let processor = Running::start(
+        &cluster,
+        &loaded,
+        RunOptions {
             instance_id: instance.clone(),
             ..Default::default()
-        };
-        let rt = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || pipeline::run(&cluster, &loaded, &opts, rt, stop))
-    };
-    let wait = |timeout: u64| {
-        let (c, topic, group) = (
-            cluster.clone(),
-            t.input.topic.clone(),
-            t.input.group.clone(),
-        );
-        tokio::task::spawn_blocking(move || {
-            wait_committed(&c, &topic, &group, Duration::from_secs(timeout))
-        })
-    };
-    wait(60).await.unwrap();
+        },
+    );
+    committed(&cluster, &loaded, Duration::from_secs(60))
+        .await
+        .unwrap();
 
     // The zombie takes over the transactional id.
     let zombie: BaseProducer = cluster
@@ -705,10 +599,11 @@ async fn a_fenced_producer_is_rebuilt_and_output_stays_exactly_once() {
     })
     .await
     .unwrap();
-    produce(&events[150..]).await;
-    wait(60).await.unwrap();
-    stop.store(true, Ordering::Relaxed);
-    let summary = processor.await.unwrap().expect("processor ran");
+    common::produce_payments(&cluster, &t.input.topic, &v1, &events[150..]).await;
+    committed(&cluster, &loaded, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let summary = processor.stop().await;
     assert!(
         summary.aborts >= 1,
         "the fenced transaction should have failed: {summary:?}"

@@ -5,10 +5,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kscore::cluster::ClusterArgs;
 use kscore::schemas;
@@ -16,8 +18,6 @@ use kscore::source::{DecodeError, Decoder};
 use kscore::tools::payments::Payment;
 use kscore::tools::simulator::{self, Label, SimulateArgs, Simulator};
 use kscore::wire::FrameError;
-use rdkafka::Message;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 /// partition, offset, key, value
@@ -46,46 +46,13 @@ fn sim_args(topic: &str, count: u64, labels: std::path::PathBuf) -> SimulateArgs
     }
 }
 
-/// Reads every record of `topic` (all partitions, from the start) with a `read_committed`
-/// consumer until `expected` records arrived or `timeout` passed.
+/// Every record of `topic` (all partitions, from the start), read `read_committed` until
+/// `expected` arrived and nothing more came for a second, or `timeout` passed.
 fn read_all(cluster: &ClusterArgs, topic: &str, expected: usize, timeout: Duration) -> Vec<Raw> {
-    let consumer: BaseConsumer = cluster
-        .client_config()
-        .expect("config")
-        .set("group.id", format!("smoke-reader-{}", uuid::Uuid::new_v4()))
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed")
-        .create()
-        .expect("consumer");
-    consumer.subscribe(&[topic]).expect("subscribe");
-    let deadline = Instant::now() + timeout;
-    let mut out = Vec::new();
-    while out.len() < expected && Instant::now() < deadline {
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => out.push((
-                m.partition(),
-                m.offset(),
-                m.key().map(<[u8]>::to_vec),
-                m.payload().map(<[u8]>::to_vec),
-            )),
-            Some(Err(e)) => panic!("consumer error: {e}"),
-            None => {}
-        }
-    }
-    // Nothing more than expected may be there.
-    let extra_deadline = Instant::now() + Duration::from_millis(500);
-    while Instant::now() < extra_deadline {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-            out.push((
-                m.partition(),
-                m.offset(),
-                m.key().map(<[u8]>::to_vec),
-                m.payload().map(<[u8]>::to_vec),
-            ));
-        }
-    }
-    out
+    common::read(cluster, topic, "read_committed", expected, timeout)
+        .into_iter()
+        .map(|r| (r.partition, r.offset, r.key, r.value))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

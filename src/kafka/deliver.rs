@@ -17,8 +17,22 @@ pub fn flush<C: ProducerContext + 'static>(
     producer: &ThreadedProducer<C>,
     timeout: Duration,
 ) -> KafkaResult<()> {
+    flush_unless(producer, timeout, || None)
+}
+
+/// [`flush`], but returns that error as soon as `failed` gives one (a record the broker refused
+/// dooms a transaction: its other records are only purged by the abort, so waiting for them
+/// would only wait out the timeout).
+pub fn flush_unless<C: ProducerContext + 'static>(
+    producer: &ThreadedProducer<C>,
+    timeout: Duration,
+    failed: impl Fn() -> Option<KafkaError>,
+) -> KafkaResult<()> {
     let deadline = Instant::now() + timeout;
     loop {
+        if let Some(e) = failed() {
+            return Err(e);
+        }
         // A zero timeout only checks: nothing is polled here, the polling thread serves reports.
         match producer.flush(Duration::ZERO) {
             Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut))

@@ -124,7 +124,8 @@ impl Cycle {
 }
 
 /// Most records in a cycle redone with a producer that batches nothing (one produce request
-/// each): such a cycle is kept short, and a refused record past it is found by a later one.
+/// each): such a cycle is kept short, and ends once it holds every suspect; suspects past it
+/// are found by the next one.
 const ISOLATED_CYCLE_RECORDS: usize = 1_000;
 
 impl Processor<'_> {
@@ -146,9 +147,11 @@ impl Processor<'_> {
             guarantee: t.delivery.guarantee,
             stop: &self.stop,
         };
+        let isolating = self.delivery.isolating();
         while started.elapsed() < t.delivery.commit_interval
             && cycle.records.len() < most
             && !self.stop.load(Ordering::Relaxed)
+            && !(isolating && !cycle.next.is_empty() && self.refusals.covered_by(&cycle.next))
         {
             health::beat();
             let wait = t

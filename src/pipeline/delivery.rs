@@ -143,6 +143,18 @@ pub(super) struct Link {
     isolating: bool,
 }
 
+impl Link {
+    /// Waits for the cycle's deliveries; fails as soon as the broker refused one.
+    fn flush(&self) -> Result<(), KafkaError> {
+        let deliveries = self.producer.context();
+        deliver::flush_unless(&self.producer, BROKER_CALL, || {
+            deliveries
+                .peek_refused()
+                .map(|(_, code)| KafkaError::MessageProduction(code))
+        })
+    }
+}
+
 /// The guarantee, each with its way to begin, commit and settle a cycle.
 pub(super) enum Delivery {
     /// Outputs, changelog and offsets commit together in one transaction.
@@ -213,11 +225,8 @@ impl Delivery {
         let not_committed = Failure::NotCommitted;
         match self {
             Delivery::AtLeastOnce(l) => {
-                deliver::flush(&l.producer, BROKER_CALL).map_err(not_committed)?;
                 // Deliveries refused by the broker are lost unless the offsets stay behind them.
-                if let Some((_, code)) = l.producer.context().peek_refused() {
-                    return Err(Failure::NotCommitted(KafkaError::MessageProduction(code)));
-                }
+                l.flush().map_err(not_committed)?;
                 consumer
                     .commit(offsets, CommitMode::Sync)
                     .map_err(not_committed)?;
@@ -230,7 +239,7 @@ impl Delivery {
                     .map_err(not_committed)?;
                 if inject {
                     // Make sure the records reached the broker, so the abort is visible to readers.
-                    deliver::flush(&l.producer, BROKER_CALL).map_err(not_committed)?;
+                    l.flush().map_err(not_committed)?;
                     return Err(Failure::NotCommitted(KafkaError::Canceled));
                 }
                 health::beat();
@@ -239,7 +248,7 @@ impl Delivery {
                     .map_err(not_committed)?;
                 health::beat();
                 // Deliveries first: a record that failed makes the commit fail (abortable).
-                deliver::flush(&l.producer, BROKER_CALL).map_err(not_committed)?;
+                l.flush().map_err(not_committed)?;
                 commit_transaction(&l.producer, counts, fault)
             }
         }

@@ -54,7 +54,7 @@ use backpressure::Pressure;
 use cycle::{Cycle, Outcome, ScoreSlots};
 use delivery::{Delivery, Failure};
 use publish::{Counts, Outputs, Publisher};
-use recovery::{Failures, Poison};
+use recovery::{Failures, Refusals};
 use report::{Reporter, Starved, Throttled};
 
 /// The input consumer.
@@ -202,8 +202,8 @@ struct Processor<'a> {
     consumer_errors: Throttled,
     reporter: Reporter,
     failures: Failures,
-    /// Records the producer refused, by input position (see [`recovery`]).
-    poisoned: HashMap<(i32, i64), Poison>,
+    /// What is known of the records the broker refused (see [`recovery`]).
+    refusals: Refusals,
     summary: RunSummary,
     cycles: u64,
 }
@@ -239,7 +239,7 @@ impl Processor<'_> {
                 self.discard(&cycle);
                 continue;
             }
-            cycle::settle(&mut cycle.records, &self.scores, &self.poisoned);
+            cycle::settle(&mut cycle.records, &self.scores, &self.refusals.poisoned);
             let started = Instant::now();
             match self.publish(&cycle) {
                 Ok(counts) => self.committed(&cycle, counts, started)?,
@@ -328,9 +328,13 @@ impl Processor<'_> {
                 None => s.checkpoint(),
             }
         }
-        self.poisoned
-            .retain(|(p, o), _| cycle.next.get(p).is_none_or(|next| o >= next));
-        if self.failures.committed() {
+        self.failures.committed();
+        let assigned: Vec<i32> = self
+            .consumer
+            .assignment()
+            .map(|a| a.elements().iter().map(|e| e.partition()).collect())
+            .unwrap_or_default();
+        if !self.refusals.committed(&cycle.next, &assigned) {
             self.delivery.back_to_batching()?;
         }
         self.observe(cycle);
@@ -405,7 +409,7 @@ impl Processor<'_> {
             &refused,
             &cycle.records,
             self.delivery.isolating(),
-            &mut self.poisoned,
+            &mut self.refusals,
         );
         self.delivery.settle(&failure, fatal, isolate)?;
         let topic = &self.loaded.topology.input.topic;

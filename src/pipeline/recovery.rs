@@ -86,14 +86,44 @@ pub(super) struct Poison {
     pub(super) cut: Cut,
 }
 
+/// What is known of the records the broker refused.
+#[derive(Default)]
+pub(super) struct Refusals {
+    /// Records the producer could not publish, by input position.
+    pub(super) poisoned: HashMap<(i32, i64), Poison>,
+    /// Per partition, the last offset of a record in a batch the broker refused: the records at
+    /// fault are among those up to there, so the producer batches nothing until they are passed.
+    pub(super) suspects: BTreeMap<i32, i64>,
+}
+
+impl Refusals {
+    /// Whether the cycle `next` (per partition, the next offset it read) reaches every suspect.
+    pub(super) fn covered_by(&self, next: &BTreeMap<i32, i64>) -> bool {
+        self.suspects
+            .iter()
+            .all(|(p, o)| next.get(p).is_some_and(|n| n > o))
+    }
+
+    /// A cycle reading up to `next` committed: its suspects and poisoned records are done.
+    /// Whether any suspect is left.
+    pub(super) fn committed(&mut self, next: &BTreeMap<i32, i64>, assigned: &[i32]) -> bool {
+        let passed = |p: &i32, o: &i64| next.get(p).is_some_and(|n| o < n);
+        self.poisoned.retain(|(p, o), _| !passed(p, o));
+        self.suspects
+            .retain(|p, o| !passed(p, o) && assigned.contains(p));
+        !self.suspects.is_empty()
+    }
+}
+
 /// After a failed cycle, what the broker refused (by delivery tag): with a producer that
 /// batched nothing the refusals are the records' own and go on the poison list; otherwise the
-/// next try must isolate them. Returns whether the next producer must batch nothing.
+/// records of the refused batches become suspects and the next tries isolate them. Returns
+/// whether the next producer must batch nothing.
 pub(super) fn learn(
     refused: &HashMap<usize, RDKafkaErrorCode>,
     pending: &[Pending],
     isolating: bool,
-    poisoned: &mut HashMap<(i32, i64), Poison>,
+    refusals: &mut Refusals,
 ) -> bool {
     let own: Vec<(usize, RDKafkaErrorCode)> = refused
         .iter()
@@ -104,6 +134,10 @@ pub(super) fn learn(
         return isolating;
     }
     if !isolating {
+        for p in own.iter().filter_map(|(tag, _)| pending.get(tag / 4)) {
+            let last = refusals.suspects.entry(p.partition).or_insert(p.offset);
+            *last = (*last).max(p.offset);
+        }
         tracing::warn!(
             records = own.len(),
             "the broker refused records; redoing the cycle with one record per batch to find \
@@ -111,6 +145,7 @@ pub(super) fn learn(
         );
         return true;
     }
+    let poisoned = &mut refusals.poisoned;
     for (tag, code) in own {
         if tag == TAG_CHANGELOG {
             tracing::error!("the broker refused a changelog record: {code}");

@@ -14,7 +14,7 @@ use super::backpressure::Pressure;
 use super::cycle::ScoreSlots;
 use super::delivery::{Delivery, Producers};
 use super::publish::Outputs;
-use super::recovery::Failures;
+use super::recovery::{Failures, Refusals};
 use super::report::{Reporter, Starved, Throttled};
 use super::restore::RestoreGap;
 use super::{Membership, Processor, RunOptions, RunSummary, delivery::AbortReason};
@@ -96,7 +96,7 @@ impl<'a> Processor<'a> {
             consumer_errors: Throttled::new("consumer"),
             reporter: Reporter::new(opts.summary_every, &t.name),
             failures: Failures::default(),
-            poisoned: HashMap::new(),
+            refusals: Refusals::default(),
             summary: RunSummary::default(),
             cycles: 0,
         }))

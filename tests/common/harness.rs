@@ -281,10 +281,6 @@ pub fn scored_by_input(
     p: &Pipeline,
     expected: usize,
 ) -> BTreeMap<(i64, i64), Scored> {
-    let schema = kscore::schemas::parse(kscore::schemas::SCORED_PAYMENT_AVSC).unwrap();
-    let reader = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
-        .build()
-        .unwrap();
     let records = read(
         cluster,
         &p.scored,
@@ -294,12 +290,11 @@ pub fn scored_by_input(
     );
     let mut out = BTreeMap::new();
     for r in records {
-        let mut body = &r.payload[5..];
-        let value = reader.read_value(&mut body).unwrap();
+        let value = super::scored_value(&r.payload);
+        let source = super::provenance(&value);
         let Value::Record(fields) = value else {
             panic!("not a record")
         };
-        let mut source = (0, 0);
         let mut scores = Vec::new();
         let fields = fields
             .into_iter()
@@ -309,13 +304,6 @@ pub fn scored_by_input(
                         .into_iter()
                         .filter(|(n, _)| n != "processor" && n != "processed_at")
                         .collect();
-                    for (n, v) in &kept {
-                        match (n.as_str(), v) {
-                            ("source_partition", Value::Int(x)) => source.0 = i64::from(*x),
-                            ("source_offset", Value::Long(x)) => source.1 = *x,
-                            _ => {}
-                        }
-                    }
                     (name, Value::Record(kept))
                 }
                 ("scores", Value::Array(items)) => {
@@ -355,29 +343,7 @@ pub fn scored_by_input(
 
 /// The input (partition, offset) a scored record names.
 pub fn source_of(payload: &[u8]) -> (i64, i64) {
-    static SCHEMA: std::sync::OnceLock<apache_avro::Schema> = std::sync::OnceLock::new();
-    let schema = SCHEMA
-        .get_or_init(|| kscore::schemas::parse(kscore::schemas::SCORED_PAYMENT_AVSC).unwrap());
-    let reader = apache_avro::reader::datum::GenericDatumReader::builder(schema)
-        .build()
-        .unwrap();
-    let mut body = &payload[5..];
-    let Value::Record(fields) = reader.read_value(&mut body).unwrap() else {
-        panic!("not a record")
-    };
-    let mut source = (-1, -1);
-    for (name, v) in fields {
-        if let ("processing", Value::Record(proc)) = (name.as_str(), v) {
-            for (n, v) in proc {
-                match (n.as_str(), v) {
-                    ("source_partition", Value::Int(x)) => source.0 = i64::from(x),
-                    ("source_offset", Value::Long(x)) => source.1 = x,
-                    _ => {}
-                }
-            }
-        }
-    }
-    source
+    super::provenance(&super::scored_value(payload))
 }
 
 /// Asserts that two runs' committed outputs are the same: every field equal, bit for bit,
@@ -444,6 +410,40 @@ pub fn wait_input(simulator: &mut Child, instances: &mut Instances<'_>) {
         assert!(Instant::now() < deadline, "simulator did not finish");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Waits (up to `timeout`) until `p`'s group has committed the whole of `input`, checks no
+/// instance died meanwhile, stops them all, and returns their restores (records read, keys).
+pub fn finish(
+    cluster: &ClusterArgs,
+    instances: &mut Instances<'_>,
+    input: &str,
+    p: &Pipeline,
+    timeout: Duration,
+) -> Vec<(u64, u64)> {
+    wait_committed(cluster, input, &p.group, timeout);
+    instances.check_alive();
+    instances.stop_all();
+    instances.restores()
+}
+
+/// Asserts that the input holds `events` records and that `under_test` published exactly what
+/// an uninterrupted reference run over the same input publishes.
+pub fn assert_same_as_reference(
+    cluster: &ClusterArgs,
+    reference: &Pipeline,
+    under_test: &Pipeline,
+    input: &str,
+    dir: &Path,
+    events: u64,
+) {
+    reference_run(cluster, reference, input, dir);
+    let inputs = end_offsets(cluster, input) as usize;
+    assert_eq!(
+        inputs as u64, events,
+        "the input itself lost or repeated records"
+    );
+    assert_same_output(cluster, reference, under_test, inputs);
 }
 
 /// Runs the reference pipeline, uninterrupted, over the whole input, and stops it.

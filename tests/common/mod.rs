@@ -297,6 +297,50 @@ pub fn evolved_payment_schema(symbol: bool, note: bool) -> String {
     v.to_string()
 }
 
+/// A processor running in this process, on a blocking thread of the test's runtime.
+pub struct Running {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: tokio::task::JoinHandle<anyhow::Result<kscore::pipeline::RunSummary>>,
+}
+
+impl Running {
+    /// Starts `kscore::pipeline::run` for `loaded`.
+    pub fn start(
+        cluster: &ClusterArgs,
+        loaded: &topology::Loaded,
+        opts: kscore::pipeline::RunOptions,
+    ) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (cluster, loaded, flag) = (cluster.clone(), loaded.clone(), stop.clone());
+        let rt = tokio::runtime::Handle::current();
+        let handle = tokio::task::spawn_blocking(move || {
+            kscore::pipeline::run(&cluster, &loaded, &opts, rt, flag)
+        });
+        Running { stop, handle }
+    }
+
+    /// Stops it and returns its totals.
+    pub async fn stop(self) -> kscore::pipeline::RunSummary {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.await.unwrap().expect("processor ran")
+    }
+}
+
+/// [`wait_committed`] for `loaded`'s input and group, off the test's runtime threads.
+pub async fn committed(
+    cluster: &ClusterArgs,
+    loaded: &topology::Loaded,
+    timeout: Duration,
+) -> Result<(), tokio::task::JoinError> {
+    let t = &loaded.topology;
+    let (c, topic, group) = (
+        cluster.clone(),
+        t.input.topic.clone(),
+        t.input.group.clone(),
+    );
+    tokio::task::spawn_blocking(move || wait_committed(&c, &topic, &group, timeout)).await
+}
+
 /// Runs the processor in this process until the group has committed the whole input (within
 /// `timeout`; the stream must not stall), then stops it.
 pub async fn run_until_committed(
@@ -305,26 +349,105 @@ pub async fn run_until_committed(
     opts: kscore::pipeline::RunOptions,
     timeout: Duration,
 ) -> kscore::pipeline::RunSummary {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let stop = Arc::new(AtomicBool::new(false));
-    let processor = {
-        let (cluster, loaded, stop) = (cluster.clone(), loaded.clone(), stop.clone());
-        let rt = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || {
-            kscore::pipeline::run(&cluster, &loaded, &opts, rt, stop)
-        })
-    };
-    let t = &loaded.topology;
-    let (c, topic, group) = (
-        cluster.clone(),
-        t.input.topic.clone(),
-        t.input.group.clone(),
-    );
-    let waited =
-        tokio::task::spawn_blocking(move || wait_committed(&c, &topic, &group, timeout)).await;
-    stop.store(true, Ordering::Relaxed);
-    let summary = processor.await.unwrap().expect("processor ran");
+    let processor = Running::start(cluster, loaded, opts);
+    let waited = committed(cluster, loaded, timeout).await;
+    let summary = processor.stop().await;
     assert!(waited.is_ok(), "the stream stalled: {summary:?}");
     summary
+}
+
+/// The value of the first metric line starting with `prefix` (a name and its exact label set,
+/// as Prometheus prints them).
+pub fn metric_value(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// A scored record's value (the payload after its 5-byte header, read with the shipped scored
+/// schema).
+pub fn scored_value(payload: &[u8]) -> Value {
+    static SCHEMA: std::sync::OnceLock<apache_avro::Schema> = std::sync::OnceLock::new();
+    let schema = SCHEMA
+        .get_or_init(|| kscore::schemas::parse(kscore::schemas::SCORED_PAYMENT_AVSC).unwrap());
+    let reader = apache_avro::reader::datum::GenericDatumReader::builder(schema)
+        .build()
+        .unwrap();
+    let mut body = &payload[5..];
+    let value = reader.read_value(&mut body).unwrap();
+    assert!(body.is_empty(), "bytes left over in a scored record");
+    value
+}
+
+/// The input (partition, offset) a scored record names in its `processing`.
+pub fn provenance(scored: &Value) -> (i64, i64) {
+    let processing = field(scored, "processing");
+    match (
+        field(processing, "source_partition"),
+        field(processing, "source_offset"),
+    ) {
+        (Value::Int(p), Value::Long(o)) => (i64::from(*p), *o),
+        other => panic!("not a provenance: {other:?}"),
+    }
+}
+
+/// The event ids of scored records; panics on one scored twice.
+pub fn scored_event_ids(records: &[Record]) -> std::collections::HashSet<uuid::Uuid> {
+    let mut ids = std::collections::HashSet::new();
+    for r in records {
+        let v = scored_value(&r.payload);
+        let p = kscore::tools::payments::Payment::from_value(field(&v, "event")).unwrap();
+        assert!(ids.insert(p.event_id), "{} scored twice", p.event_id);
+    }
+    ids
+}
+
+/// Produces `records` (key, value; either may be absent) to `topic` in order, with Java
+/// clients' partitioner and a 2 MB message limit (tests send records over librdkafka's default
+/// of 1,000,000 bytes), each acknowledged before the next.
+pub async fn produce<K: AsRef<[u8]>, V: AsRef<[u8]>>(
+    cluster: &ClusterArgs,
+    topic: &str,
+    records: impl IntoIterator<Item = (Option<K>, Option<V>)>,
+) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = cluster
+        .client_config()
+        .unwrap()
+        .set("message.max.bytes", "2000000")
+        .set("partitioner", "murmur2_random")
+        .create()
+        .unwrap();
+    for (key, value) in records {
+        let mut record = FutureRecord::<[u8], [u8]>::to(topic);
+        if let Some(k) = &key {
+            record = record.key(k.as_ref());
+        }
+        if let Some(v) = &value {
+            record = record.payload(v.as_ref());
+        }
+        producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|(e, _)| panic!("produce to {topic}: {e}"));
+    }
+}
+
+/// Produces payments to `topic`, keyed by card, encoded with `encoder`.
+pub async fn produce_payments(
+    cluster: &ClusterArgs,
+    topic: &str,
+    encoder: &kscore::sink::FramedEncoder,
+    payments: &[kscore::tools::payments::Payment],
+) {
+    let records: Vec<(Option<String>, Option<Vec<u8>>)> = payments
+        .iter()
+        .map(|p| {
+            (
+                Some(p.card_id.clone()),
+                Some(encoder.encode(p.to_value()).unwrap()),
+            )
+        })
+        .collect();
+    produce(cluster, topic, records).await;
 }
