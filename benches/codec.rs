@@ -7,21 +7,16 @@
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use kscore::sink::FramedEncoder;
 use kscore::source::Decoder;
-use kscore::tools::registry_standin::{Store, router};
+use kscore::tools::registry_standin::{Store, spawn_local};
 use kscore::tools::simulator::Simulator;
 use kscore::{schemas, wire};
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
 
 fn codec(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let url = rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
-        tokio::spawn(async move { axum::serve(listener, router(Store::in_memory())).await });
-        url
-    });
+    let (url, _registry) = rt
+        .block_on(spawn_local(Store::in_memory()))
+        .expect("registry");
     let sr = SrSettings::new_builder(url)
         .no_proxy()
         .build()

@@ -15,7 +15,7 @@ use kscore::sink::FramedEncoder;
 use kscore::sink::decision::Rules;
 use kscore::sink::record::{self, Provenance, ScoreValue, ScoredEncoder, ScoredRecord};
 use kscore::source::Decoder;
-use kscore::tools::registry_standin::{Store, router};
+use kscore::tools::registry_standin::{Store, spawn_local};
 use kscore::tools::simulator::{SimConfig, Simulator};
 use kscore::{schemas, topology};
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
@@ -59,14 +59,9 @@ fn update_in_cycles(
 fn fixture() -> Fixture {
     runtime::init(None).expect("ONNX Runtime: set ORT_DYLIB_PATH");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let url = rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
-        tokio::spawn(async move { axum::serve(listener, router(Store::in_memory())).await });
-        url
-    });
+    let (url, _registry) = rt
+        .block_on(spawn_local(Store::in_memory()))
+        .expect("registry");
     let sr = SrSettings::new_builder(url)
         .no_proxy()
         .build()

@@ -54,7 +54,7 @@ fn a_slow_model_over_a_large_backlog_keeps_memory_bounded_and_output_exact() {
             1_000_000
         });
     let dir = LogDir::new();
-    let run = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+    let run = common::run_id();
     let input = format!("pressure-in-{run}");
     let p = pipeline(dir.path(), &input, "pressure", &run);
     let started = Instant::now();

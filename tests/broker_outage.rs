@@ -11,12 +11,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use kscore::cluster::ClusterArgs;
-
-use common::harness::{
-    Instances, LogDir, assert_same_as_reference, finish, pipeline, simulate, stack,
-};
-use common::{free_port, http_get, wait_committed};
+use common::harness::{Scenario, simulate, stack};
+use common::{free_port, http_get};
 
 /// The HTTP status of `GET path`, or `None` while nothing answers.
 fn status(port: u16, path: &str) -> Option<u16> {
@@ -25,23 +21,18 @@ fn status(port: u16, path: &str) -> Option<u16> {
 
 #[test]
 fn a_broker_outage_longer_than_the_stall_threshold_keeps_the_instance_live_and_changes_no_output() {
-    let cluster = ClusterArgs::from_env();
+    let s = Scenario::new("outage");
     let events = 2_000;
-    let dir = LogDir::new();
-    let run = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
-    let input = format!("outage-in-{run}");
-    let under_test = pipeline(dir.path(), &input, "outage", &run);
-    let reference = pipeline(dir.path(), &input, "outageref", &run);
     let port = free_port();
 
-    let mut sim = simulate(&input, events, 0.0, 21, Some("2026-01-01T00:00:00Z"));
+    let mut sim = simulate(&s.input, events, 0.0, 21, Some("2026-01-01T00:00:00Z"));
     assert!(sim.wait().unwrap().success());
     // Scoring throttled to 200 rows/s: the first cycle's scores take seconds, so the instance
     // holds a cycle to publish when the broker has gone. A session timeout longer than the
     // outage keeps the partitions assigned meanwhile (with the harness's 6 s they are revoked
     // and the cycle discarded before it is published), so the cycle is published against the
     // missing broker: its calls time out, it is aborted, and the producer is re-created.
-    let mut instances = Instances::new(&under_test, dir.path());
+    let mut instances = s.instances();
     instances.start_with(
         "a",
         &[
@@ -71,7 +62,7 @@ fn a_broker_outage_longer_than_the_stall_threshold_keeps_the_instance_live_and_c
             Some(200),
             "not live {:?} into the outage; logs in {}",
             down.elapsed(),
-            dir.path().display()
+            s.dir.path().display()
         );
         if status(port, "/health/ready") == Some(503) {
             not_ready += 1;
@@ -85,26 +76,8 @@ fn a_broker_outage_longer_than_the_stall_threshold_keeps_the_instance_live_and_c
     stack("start-broker");
     eprintln!("[harness] broker back after {:?}", down.elapsed());
 
-    wait_committed(
-        &cluster,
-        &input,
-        &under_test.group,
-        Duration::from_secs(300),
-    );
+    s.wait_committed(Duration::from_secs(300));
     assert_eq!(status(port, "/health/ready"), Some(200));
-    finish(
-        &cluster,
-        &mut instances,
-        &input,
-        &under_test,
-        Duration::from_secs(300),
-    );
-    assert_same_as_reference(
-        &cluster,
-        &reference,
-        &under_test,
-        &input,
-        dir.path(),
-        events,
-    );
+    s.finish(&mut instances, Duration::from_secs(300));
+    s.assert_same_as_reference(events);
 }

@@ -10,35 +10,20 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use kscore::cluster::ClusterArgs;
-
-use common::harness::{
-    Instances, LogDir, assert_same_as_reference, finish, pipeline, simulate, stack,
-};
-use common::wait_committed;
+use common::harness::{Scenario, simulate, stack};
 
 #[test]
 fn a_broker_restarted_mid_run_changes_no_output() {
-    let cluster = ClusterArgs::from_env();
+    let s = Scenario::new("broker");
     let half = 8_000;
-    let dir = LogDir::new();
-    let run = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
-    let input = format!("broker-in-{run}");
-    let under_test = pipeline(dir.path(), &input, "broker", &run);
-    let reference = pipeline(dir.path(), &input, "brokerref", &run);
 
     // Two bursts of payments from the same cards, the second three hours of event time later:
     // its 24-hour windows reach back into the first burst, so they depend on restored state.
-    let mut first = simulate(&input, half, 0.0, 11, Some("2026-01-01T00:00:00Z"));
+    let mut first = simulate(&s.input, half, 0.0, 11, Some("2026-01-01T00:00:00Z"));
     assert!(first.wait().unwrap().success());
-    let mut instances = Instances::new(&under_test, dir.path());
+    let mut instances = s.instances();
     instances.start("a");
-    wait_committed(
-        &cluster,
-        &input,
-        &under_test.group,
-        Duration::from_secs(120),
-    );
+    s.wait_committed(Duration::from_secs(120));
 
     // The broker goes away and comes back under the running instance. Between bursts, and one
     // instance: the stand-in broker loses committed records when it is stopped while
@@ -52,27 +37,14 @@ fn a_broker_restarted_mid_run_changes_no_output() {
     // changelog the broker kept.
     instances.kill("a");
     instances.start("a");
-    let mut second = simulate(&input, half, 0.0, 12, Some("2026-01-01T03:00:00Z"));
+    let mut second = simulate(&s.input, half, 0.0, 12, Some("2026-01-01T03:00:00Z"));
     assert!(second.wait().unwrap().success());
-    let restores = finish(
-        &cluster,
-        &mut instances,
-        &input,
-        &under_test,
-        Duration::from_secs(300),
-    );
+    let restores = s.finish(&mut instances, Duration::from_secs(300));
     assert!(
         restores
             .iter()
             .any(|(records, keys)| *records > 0 && *keys > 0),
         "the restarted instance restored no state: {restores:?}"
     );
-    assert_same_as_reference(
-        &cluster,
-        &reference,
-        &under_test,
-        &input,
-        dir.path(),
-        2 * half,
-    );
+    s.assert_same_as_reference(2 * half);
 }

@@ -14,14 +14,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use kscore::cluster::ClusterArgs;
 use rand::{Rng, SeedableRng};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 
-use common::harness::{
-    Instances, LogDir, assert_same_as_reference, finish, pipeline, simulate, wait_input,
-};
-use common::wait_committed;
+use common::harness::{Scenario, simulate, wait_input};
 
 fn setting(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -30,27 +26,18 @@ fn setting(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-fn run_id() -> String {
-    uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
-}
-
 #[test]
 fn sigkilled_and_restarted_the_processor_publishes_exactly_what_an_uninterrupted_run_does() {
-    let cluster = ClusterArgs::from_env();
     let events = setting("KSCORE_CRASH_EVENTS", 6_000);
     let rate = setting("KSCORE_CRASH_RATE", 400);
     let kills = setting("KSCORE_CRASH_KILLS", 4);
     let seed = setting("KSCORE_CRASH_SEED", rand::rng().random());
     eprintln!("[harness] {events} events at {rate}/s, {kills} kills, seed {seed}");
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let dir = LogDir::new();
-    let run = run_id();
-    let input = format!("crash-in-{run}");
-    let under_test = pipeline(dir.path(), &input, "crash", &run);
-    let reference = pipeline(dir.path(), &input, "reference", &run);
+    let s = Scenario::new("crash");
 
-    let mut simulator = simulate(&input, events, rate as f64, 11, None);
-    let mut instances = Instances::new(&under_test, dir.path());
+    let mut simulator = simulate(&s.input, events, rate as f64, 11, None);
+    let mut instances = s.instances();
     instances.start("p");
     // Kills at random moments over the time the input takes to arrive, the last one after it.
     let span = events as f64 / rate as f64 + 3.0;
@@ -66,40 +53,22 @@ fn sigkilled_and_restarted_the_processor_publishes_exactly_what_an_uninterrupted
         instances.start("p");
     }
     wait_input(&mut simulator, &mut instances);
-    let restores = finish(
-        &cluster,
-        &mut instances,
-        &input,
-        &under_test,
-        Duration::from_secs(300),
-    );
+    let restores = s.finish(&mut instances, Duration::from_secs(300));
     assert!(
         restores.iter().filter(|(records, _)| *records > 0).count() >= 1,
         "no start restored any state, so the test showed nothing: {restores:?}"
     );
-    assert_same_as_reference(
-        &cluster,
-        &reference,
-        &under_test,
-        &input,
-        dir.path(),
-        events,
-    );
+    s.assert_same_as_reference(events);
 }
 
 #[test]
 fn instances_joining_and_leaving_the_group_publish_exactly_what_one_uninterrupted_run_does() {
-    let cluster = ClusterArgs::from_env();
     let events = setting("KSCORE_CRASH_EVENTS", 6_000);
     let rate = setting("KSCORE_CRASH_RATE", 400);
-    let dir = LogDir::new();
-    let run = run_id();
-    let input = format!("group-in-{run}");
-    let under_test = pipeline(dir.path(), &input, "group", &run);
-    let reference = pipeline(dir.path(), &input, "groupref", &run);
+    let s = Scenario::new("group");
 
-    let mut simulator = simulate(&input, events, rate as f64, 11, None);
-    let mut instances = Instances::new(&under_test, dir.path());
+    let mut simulator = simulate(&s.input, events, rate as f64, 11, None);
+    let mut instances = s.instances();
     let span = events as f64 / rate as f64;
     // (moment as a fraction of the input's span, action, instance)
     let script = [
@@ -125,25 +94,12 @@ fn instances_joining_and_leaving_the_group_publish_exactly_what_one_uninterrupte
         }
     }
     wait_input(&mut simulator, &mut instances);
-    let restores = finish(
-        &cluster,
-        &mut instances,
-        &input,
-        &under_test,
-        Duration::from_secs(300),
-    );
+    let restores = s.finish(&mut instances, Duration::from_secs(300));
     assert!(
         restores.iter().filter(|(records, _)| *records > 0).count() >= 2,
         "too few restores read state: {restores:?}"
     );
-    assert_same_as_reference(
-        &cluster,
-        &reference,
-        &under_test,
-        &input,
-        dir.path(),
-        events,
-    );
+    s.assert_same_as_reference(events);
 }
 
 /// An instance died inside a transaction that had already sent scored records and changelog
@@ -152,42 +108,36 @@ fn instances_joining_and_leaving_the_group_publish_exactly_what_one_uninterrupte
 /// transaction), and nothing of the dead transaction reaches the output or the restored state.
 #[test]
 fn an_open_transaction_left_by_a_dead_instance_is_aborted_by_its_restart() {
-    let cluster = ClusterArgs::from_env();
-    let dir = LogDir::new();
-    let run = run_id();
-    let input = format!("zombie-in-{run}");
-    let under_test = pipeline(dir.path(), &input, "zombie", &run);
-    let reference = pipeline(dir.path(), &input, "zombieref", &run);
+    let s = Scenario::new("zombie");
     let events = 800;
-    let mut simulator = simulate(&input, events, 10_000.0, 11, None);
+    let mut simulator = simulate(&s.input, events, 10_000.0, 11, None);
     assert!(simulator.wait().unwrap().success());
 
     // The instance processes this first part and stops; then a "dead" instance with its
     // transactional.id leaves an open transaction holding a forged scored record and a forged
     // partition record in every partition.
-    let mut instances = Instances::new(&under_test, dir.path());
+    let mut instances = s.instances();
     instances.start("z");
-    wait_committed(
-        &cluster,
-        &input,
-        &under_test.group,
-        Duration::from_secs(120),
-    );
+    s.wait_committed(Duration::from_secs(120));
     instances.stop("z");
 
-    let dead: ThreadedProducer<_> = cluster
+    let dead: ThreadedProducer<_> = s
+        .cluster
         .client_config()
         .unwrap()
-        .set("transactional.id", format!("kscore-{}-z", under_test.group))
+        .set(
+            "transactional.id",
+            format!("kscore-{}-z", s.under_test.group),
+        )
         .create()
         .unwrap();
     dead.init_transactions(Duration::from_secs(30)).unwrap();
     dead.begin_transaction().unwrap();
-    let changelog = format!("{}-features-changelog", under_test.group);
+    let changelog = format!("{}-features-changelog", s.under_test.group);
     let forged = [1u8; 64];
     for partition in 0..4 {
         dead.send(
-            BaseRecord::<[u8], [u8]>::to(&under_test.scored)
+            BaseRecord::<[u8], [u8]>::to(&s.under_test.scored)
                 .partition(partition)
                 .payload(&forged[..]),
         )
@@ -208,28 +158,15 @@ fn an_open_transaction_left_by_a_dead_instance_is_aborted_by_its_restart() {
 
     // More input arrives; the restarted instance aborts the dead transaction, restores the
     // committed state (not the forged records) and goes on.
-    let mut more = simulate(&input, 2 * events, 10_000.0, 11, None);
+    let mut more = simulate(&s.input, 2 * events, 10_000.0, 11, None);
     assert!(more.wait().unwrap().success());
     instances.start("z");
-    let restores = finish(
-        &cluster,
-        &mut instances,
-        &input,
-        &under_test,
-        Duration::from_secs(120),
-    );
+    let restores = s.finish(&mut instances, Duration::from_secs(120));
     assert!(
         restores
             .iter()
             .any(|(records, keys)| *records > 0 && *keys > 0),
         "the restart restored no state: {restores:?}"
     );
-    assert_same_as_reference(
-        &cluster,
-        &reference,
-        &under_test,
-        &input,
-        dir.path(),
-        3 * events,
-    );
+    s.assert_same_as_reference(3 * events);
 }

@@ -93,7 +93,7 @@ fn failing_cycles_back_off_turn_not_ready_and_leave_the_lag_visible() {
     let _turn = turn();
     let cluster = ClusterArgs::from_env();
     let dir = LogDir::new();
-    let run = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+    let run = common::run_id();
     let input = format!("failing-in-{run}");
     let p = pipeline(dir.path(), &input, "failing", &run);
     let events = 400;
@@ -471,7 +471,7 @@ fn a_closed_stdout_does_not_stop_the_processor() {
     let _turn = turn();
     let cluster = ClusterArgs::from_env();
     let dir = LogDir::new();
-    let run = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+    let run = common::run_id();
     let input = format!("pipe-in-{run}");
     let p = pipeline(dir.path(), &input, "pipe", &run);
     let mut sim = simulate(&input, 100, 0.0, 33, Some("2026-01-01T00:00:00Z"));

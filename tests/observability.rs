@@ -110,7 +110,7 @@ fn produce_garbage(cluster: &ClusterArgs, topic: &str) {
 async fn prometheus_scrapes_the_processor_and_every_panel_and_rule_evaluates() {
     let cluster = ClusterArgs::from_env();
     let dir = LogDir::new();
-    let run = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+    let run = common::run_id();
     let input = format!("obs-in-{run}");
     let p = pipeline(dir.path(), &input, "obs", &run);
 

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use apache_avro::types::Value;
-use kscore::tools::registry_standin::{Store, router};
+use kscore::tools::registry_standin::{Store, spawn_local};
 use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
 use schema_registry_converter::async_impl::schema_registry::{
     SrSettings, get_all_subjects, get_all_versions, get_schema_by_id,
@@ -26,17 +26,11 @@ const INCOMPATIBLE: &str =
 
 struct Server {
     url: String,
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
 async fn serve(store: Store) -> Server {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    let task = tokio::spawn(async move {
-        let _ = axum::serve(listener, router(store)).await;
-    });
+    let (url, task) = spawn_local(store).await.expect("registry");
     Server { url, task }
 }
 

@@ -1,5 +1,6 @@
-//! The changelog form of feature state: what `pipeline` writes to the compacted changelog topic
-//! in each transaction, and what `changelog::restore` reads back on partition assignment.
+//! The changelog form of feature state: what the pipeline's publish step writes to the
+//! compacted changelog topic in each transaction, and what [`crate::changelog::Restorer`]
+//! reads back on partition assignment.
 //!
 //! One record per key changed since the last commit (key: the feature key's UTF-8 bytes;
 //! value: the key's whole retained state, or a tombstone when it was evicted), and one

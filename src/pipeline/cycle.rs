@@ -4,19 +4,16 @@
 //! all. Nothing here publishes: see `publish` and `delivery`.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use apache_avro::types::Value;
+use rdkafka::consumer::Consumer;
 use rdkafka::message::{BorrowedMessage, Message};
 use tokio::runtime::Handle;
 
-use std::sync::atomic::Ordering;
-
-use rdkafka::consumer::Consumer;
-
 use super::backpressure::Pressure;
-use super::recovery::Poison;
 use super::restore::Restore;
 use super::{Gathered, Input, Processor, now_ms};
 use crate::batcher::{BatcherError, ModelBatcher, Refused, Scored};
@@ -59,6 +56,15 @@ pub(super) enum Outcome {
         /// How much of the input its dead letter carries.
         cut: Cut,
     },
+}
+
+/// A record the producer could not publish: on the next try it is dead-lettered, or its dead
+/// letter cut down (see `recovery`).
+#[derive(Debug, Clone)]
+pub(super) struct Poison {
+    pub(super) reason: Reason,
+    pub(super) error: String,
+    pub(super) cut: Cut,
 }
 
 /// The cycle in progress. Kept between cycles so its capacity is reused: growing its record

@@ -212,8 +212,9 @@ impl Delivery {
         }
     }
 
-    /// Commits the cycle's records (already sent) with its input offsets. `inject` aborts it
-    /// on purpose, `fault` fakes a commit failure (testing aids).
+    /// Commits the cycle's records (already sent) with its input offsets. `inject` aborts a
+    /// transaction on purpose, `fault` fakes a transaction's commit failure (testing aids;
+    /// at-least-once has no transaction and ignores both).
     pub(super) fn commit(
         &self,
         consumer: &Input,

@@ -292,8 +292,12 @@ impl Processor<'_> {
         };
         let producer = self.delivery.producer();
         self.delivery.begin()?;
-        let mut counts = publisher.send_records(producer, &cycle.records)?;
-        counts.changelog = publisher.send_changelog(producer, &cycle.next, &self.states)?;
+        let mut counts = publisher
+            .send_records(producer, &cycle.records)
+            .map_err(Failure::NotCommitted)?;
+        counts.changelog = publisher
+            .send_changelog(producer, &cycle.next, &self.states)
+            .map_err(Failure::NotCommitted)?;
         let mut offsets = TopicPartitionList::new();
         for (partition, next) in &cycle.next {
             offsets
@@ -304,14 +308,13 @@ impl Processor<'_> {
                 )
                 .map_err(Failure::NotCommitted)?;
         }
-        let exactly_once = matches!(self.delivery, Delivery::ExactlyOnce(_));
-        let inject = exactly_once
-            && (self.opts.abort_once_at == Some(self.cycles)
-                || self.opts.fail_cycles.as_ref().is_some_and(FailSwitch::on));
+        // Testing aids (applied only to transactions).
+        let inject = self.opts.abort_once_at == Some(self.cycles)
+            || self.opts.fail_cycles.as_ref().is_some_and(FailSwitch::on);
         let fault = self
             .opts
             .commit_fault
-            .filter(|(at, _)| exactly_once && *at == self.cycles)
+            .filter(|(at, _)| *at == self.cycles)
             .map(|(_, f)| f);
         self.delivery
             .commit(&self.consumer, &offsets, counts, inject, fault)

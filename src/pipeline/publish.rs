@@ -9,7 +9,6 @@ use std::collections::{BTreeMap, HashMap};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
 use super::cycle::{Outcome, Pending, ScoreSlots};
-use super::delivery::Failure;
 use super::now_ms;
 use crate::features::{FeatureSet, FeatureState};
 use crate::kafka::produce::{self, Out, OutputProducer, SendError};
@@ -94,29 +93,27 @@ impl Publisher<'_> {
         producer: &OutputProducer,
         next_offsets: &BTreeMap<i32, i64>,
         states: &HashMap<i32, FeatureState>,
-    ) -> Result<u64, Failure> {
+    ) -> Result<u64, KafkaError> {
         let mut n = 0;
         for (partition, next) in next_offsets {
             if let Some(state) = states.get(partition) {
-                n += state
-                    .changelog(self.set, *next, |key, value| {
-                        produce::send(
-                            producer,
-                            Out {
-                                topic: &self.outputs.changelog_topic,
-                                partition: Some(*partition),
-                                key: Some(key),
-                                value,
-                                headers: None,
-                                tag: TAG_CHANGELOG,
-                            },
-                        )
-                        .map_err(|e| match e {
-                            SendError::Failed(e) => e,
-                            SendError::Rejected(code) => KafkaError::MessageProduction(code),
-                        })
+                n += state.changelog(self.set, *next, |key, value| {
+                    produce::send(
+                        producer,
+                        Out {
+                            topic: &self.outputs.changelog_topic,
+                            partition: Some(*partition),
+                            key: Some(key),
+                            value,
+                            headers: None,
+                            tag: TAG_CHANGELOG,
+                        },
+                    )
+                    .map_err(|e| match e {
+                        SendError::Failed(e) => e,
+                        SendError::Rejected(code) => KafkaError::MessageProduction(code),
                     })
-                    .map_err(Failure::NotCommitted)? as u64;
+                })? as u64;
             }
         }
         Ok(n)
@@ -127,7 +124,7 @@ impl Publisher<'_> {
         &self,
         producer: &OutputProducer,
         pending: &[Pending],
-    ) -> Result<Counts, Failure> {
+    ) -> Result<Counts, KafkaError> {
         let mut counts = Counts {
             fired: vec![0; self.rules.len()],
             ..Counts::default()
@@ -171,7 +168,7 @@ impl Publisher<'_> {
         p: &Pending,
         i: usize,
         scratch: &mut Scratch,
-    ) -> Result<Option<(Reason, String, Cut)>, Failure> {
+    ) -> Result<Option<(Reason, String, Cut)>, KafkaError> {
         let Outcome::Scored {
             event,
             verbatim,
@@ -235,7 +232,7 @@ impl Publisher<'_> {
         buf: &[u8],
         alert_buf: &mut Vec<u8>,
         alert: bool,
-    ) -> Result<Option<(Reason, String, Cut)>, Failure> {
+    ) -> Result<Option<(Reason, String, Cut)>, KafkaError> {
         let out = self.outputs;
         let refused = |code: RDKafkaErrorCode, what: &str| {
             (
@@ -259,7 +256,7 @@ impl Publisher<'_> {
         match produce::send(producer, record(out.scored_topic.as_str(), buf, TAG_SCORED)) {
             Ok(()) => {}
             Err(SendError::Rejected(code)) => return Ok(Some(refused(code, "scored record"))),
-            Err(SendError::Failed(e)) => return Err(Failure::NotCommitted(e)),
+            Err(SendError::Failed(e)) => return Err(e),
         }
         if let Some(alerts) = out.alerts_topic.as_ref().filter(|_| alert) {
             let value: &Vec<u8> = if out.alerts_id == out.scored_id {
@@ -280,9 +277,9 @@ impl Publisher<'_> {
                 Ok(()) => {}
                 // Its scored record is already on its way: the cycle is redone without it.
                 Err(SendError::Rejected(code)) => {
-                    return Err(Failure::NotCommitted(KafkaError::MessageProduction(code)));
+                    return Err(KafkaError::MessageProduction(code));
                 }
-                Err(SendError::Failed(e)) => return Err(Failure::NotCommitted(e)),
+                Err(SendError::Failed(e)) => return Err(e),
             }
         }
         Ok(None)
@@ -297,7 +294,7 @@ impl Publisher<'_> {
         reason: Reason,
         error: &str,
         cut: Cut,
-    ) -> Result<(), Failure> {
+    ) -> Result<(), KafkaError> {
         let t = &self.loaded.topology;
         let letter = DeadLetter {
             reason,
@@ -334,10 +331,10 @@ impl Publisher<'_> {
                         cut = less;
                     }
                     None => {
-                        return Err(Failure::NotCommitted(KafkaError::MessageProduction(code)));
+                        return Err(KafkaError::MessageProduction(code));
                     }
                 },
-                Err(SendError::Failed(e)) => return Err(Failure::NotCommitted(e)),
+                Err(SendError::Failed(e)) => return Err(e),
             }
         }
     }

@@ -12,10 +12,9 @@ use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
-use super::cycle::{Outcome, Pending};
+use super::cycle::{Outcome, Pending, Poison};
 use super::publish::{TAG_ALERT, TAG_CHANGELOG, TAG_SCORED, reason_for};
 use crate::kafka::produce;
-use crate::reason::Reason;
 use crate::sink::dead_letter::Cut;
 use crate::telemetry::events::{CycleFailed, CyclesRecovered};
 
@@ -75,15 +74,6 @@ impl Failures {
         let doublings = self.consecutive.saturating_sub(1).min(16);
         (Self::FIRST_BACKOFF * 2u32.pow(doublings)).min(Self::MAX_BACKOFF)
     }
-}
-
-/// A record the producer could not publish: on the next try it is dead-lettered, or its dead
-/// letter cut down.
-#[derive(Debug, Clone)]
-pub(super) struct Poison {
-    pub(super) reason: Reason,
-    pub(super) error: String,
-    pub(super) cut: Cut,
 }
 
 /// What is known of the records the broker refused.

@@ -372,7 +372,6 @@ fn check_feature(
     problems: &mut Problems,
 ) -> Option<std::time::Duration> {
     let field = |name: &str| schema.map(|s| field_kind(s, name));
-    let scalar_of = |name: &str| schema.map(|s| scalar(s, name));
     let mut window = None;
     let a = f.aggregation;
     match (&f.field, a.needs_field()) {
@@ -403,8 +402,40 @@ fn check_feature(
         (Some(_), false) => problems.add(at("window"), "not used by this aggregation".into()),
         (None, false) => {}
     }
+    check_equals(f, at, schema, problems);
+    match (&f.other_field, a == config::Aggregation::Differs) {
+        (None, true) => problems.add(at("other_field"), "`differs` needs the second field".into()),
+        (Some(_), false) => problems.add(at("other_field"), "only used by `differs`".into()),
+        (Some(o), true) => {
+            if field(o) == Some(None) {
+                problems.add(at("other_field"), format!("the schema has no field `{o}`"));
+            }
+        }
+        (None, false) => {}
+    }
+    if f.default.is_some() && !a.has_default() {
+        problems.add(
+            at("default"),
+            "only used by `time_since_last` and `ratio_to_mean`".into(),
+        );
+    }
+    if f.default.is_some_and(|d| !d.is_finite()) {
+        problems.add(at("default"), "must be a finite number".into());
+    }
+    window
+}
+
+/// A feature's `equals`: there exactly for the `equals` aggregation, and a value the field can
+/// hold.
+fn check_equals(
+    f: &Feature,
+    at: &dyn Fn(&str) -> String,
+    schema: Option<&Schema>,
+    problems: &mut Problems,
+) {
+    let a = f.aggregation;
     if let (Some(value), Some(name), config::Aggregation::Equals) = (&f.equals, &f.field, a) {
-        match scalar_of(name).flatten() {
+        match schema.and_then(|s| scalar(s, name)) {
             Some(Schema::Int | Schema::Long | Schema::Float | Schema::Double)
                 if !value.trim().parse::<f64>().is_ok_and(f64::is_finite) =>
             {
@@ -438,26 +469,6 @@ fn check_feature(
             .into(),
         );
     }
-    match (&f.other_field, a == config::Aggregation::Differs) {
-        (None, true) => problems.add(at("other_field"), "`differs` needs the second field".into()),
-        (Some(_), false) => problems.add(at("other_field"), "only used by `differs`".into()),
-        (Some(o), true) => {
-            if field(o) == Some(None) {
-                problems.add(at("other_field"), format!("the schema has no field `{o}`"));
-            }
-        }
-        (None, false) => {}
-    }
-    if f.default.is_some() && !a.has_default() {
-        problems.add(
-            at("default"),
-            "only used by `time_since_last` and `ratio_to_mean`".into(),
-        );
-    }
-    if f.default.is_some_and(|d| !d.is_finite()) {
-        problems.add(at("default"), "must be a finite number".into());
-    }
-    window
 }
 
 /// The models: returns their resolved paths and every `<model>.<score>`.

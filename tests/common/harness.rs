@@ -454,6 +454,70 @@ pub fn reference_run(cluster: &ClusterArgs, p: &Pipeline, input: &str, dir: &Pat
     one.stop_all();
 }
 
+/// A crash-equivalence scenario: one input topic, the pipeline under test and an
+/// uninterrupted reference pipeline over the same input, their topologies and logs in one
+/// directory.
+pub struct Scenario {
+    pub cluster: ClusterArgs,
+    pub dir: LogDir,
+    pub input: String,
+    pub under_test: Pipeline,
+    pub reference: Pipeline,
+}
+
+impl Scenario {
+    /// Topics and groups named `<name>-…-<run>` (the reference's `<name>ref-…`).
+    pub fn new(name: &str) -> Self {
+        let run = super::run_id();
+        let dir = LogDir::new();
+        let input = format!("{name}-in-{run}");
+        let under_test = pipeline(dir.path(), &input, name, &run);
+        let reference = pipeline(dir.path(), &input, &format!("{name}ref"), &run);
+        Scenario {
+            cluster: ClusterArgs::from_env(),
+            dir,
+            input,
+            under_test,
+            reference,
+        }
+    }
+
+    /// Instances of the pipeline under test, logging to the scenario's directory.
+    pub fn instances(&self) -> Instances<'_> {
+        Instances::new(&self.under_test, self.dir.path())
+    }
+
+    /// Waits (up to `timeout`) for the pipeline under test to commit the whole input, then
+    /// stops its instances; their restores (records read, keys).
+    pub fn finish(&self, instances: &mut Instances<'_>, timeout: Duration) -> Vec<(u64, u64)> {
+        finish(
+            &self.cluster,
+            instances,
+            &self.input,
+            &self.under_test,
+            timeout,
+        )
+    }
+
+    /// Waits until the pipeline under test has committed what the input holds so far.
+    pub fn wait_committed(&self, timeout: Duration) {
+        wait_committed(&self.cluster, &self.input, &self.under_test.group, timeout);
+    }
+
+    /// The input holds `events` records and the pipeline under test published exactly what
+    /// the reference, run uninterrupted afterwards, publishes.
+    pub fn assert_same_as_reference(&self, events: u64) {
+        assert_same_as_reference(
+            &self.cluster,
+            &self.reference,
+            &self.under_test,
+            &self.input,
+            self.dir.path(),
+            events,
+        );
+    }
+}
+
 /// A temporary directory for topologies and logs, kept (and named) when the test fails or
 /// `KSCORE_KEEP_LOGS` is set.
 pub struct LogDir(Option<tempfile::TempDir>);

@@ -101,6 +101,11 @@ pub fn read(
     out
 }
 
+/// A fresh id for one test's topics and groups (12 hex digits).
+pub fn run_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
+}
+
 /// The shipped topology on topics and a group of its own: `<prefix>-in-<run>`, `<prefix>-scored-<run>`, ...
 pub fn fresh_topology(prefix: &str, run_id: &str) -> topology::Loaded {
     let mut loaded = topology::load(Path::new("topologies/fraud.toml")).expect("shipped topology");
@@ -113,63 +118,58 @@ pub fn fresh_topology(prefix: &str, run_id: &str) -> topology::Loaded {
     loaded
 }
 
-/// The group's committed offsets on `topic`, summed over its partitions.
-pub fn committed_total(cluster: &ClusterArgs, topic: &str, group: &str) -> i64 {
-    let consumer: BaseConsumer = cluster
+/// A consumer in `group` (for reading its committed offsets; it never subscribes).
+fn group_reader(cluster: &ClusterArgs, group: &str) -> BaseConsumer {
+    cluster
         .client_config()
         .unwrap()
         .set("group.id", group)
         .create()
-        .unwrap();
-    let Ok(metadata) = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) else {
-        return 0;
-    };
+        .unwrap()
+}
+
+/// The group's committed offset for each partition of `topic` (0 where none), or `None` when
+/// the broker does not answer.
+fn group_offsets(consumer: &BaseConsumer, topic: &str) -> Option<Vec<(i32, i64)>> {
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(5))
+        .ok()?;
     let mut tpl = rdkafka::TopicPartitionList::new();
     for p in metadata.topics()[0].partitions() {
         tpl.add_partition(topic, p.id());
     }
-    consumer
+    let committed = consumer
         .committed_offsets(tpl, Duration::from_secs(5))
-        .map(|c| {
-            c.elements()
-                .iter()
-                .map(|e| match e.offset() {
-                    rdkafka::Offset::Offset(o) => o,
-                    _ => 0,
-                })
-                .sum()
-        })
-        .unwrap_or(0)
+        .ok()?;
+    Some(
+        committed
+            .elements()
+            .iter()
+            .map(|e| match e.offset() {
+                rdkafka::Offset::Offset(o) => (e.partition(), o),
+                _ => (e.partition(), 0),
+            })
+            .collect(),
+    )
+}
+
+/// The group's committed offsets on `topic`, summed over its partitions.
+pub fn committed_total(cluster: &ClusterArgs, topic: &str, group: &str) -> i64 {
+    group_offsets(&group_reader(cluster, group), topic)
+        .map_or(0, |offsets| offsets.iter().map(|(_, o)| o).sum())
 }
 
 /// Waits until the group's committed offsets reach the end of every partition of `topic`.
 pub fn wait_committed(cluster: &ClusterArgs, topic: &str, group: &str, timeout: Duration) {
-    let consumer: BaseConsumer = cluster
-        .client_config()
-        .unwrap()
-        .set("group.id", group)
-        .create()
-        .unwrap();
+    let consumer = group_reader(cluster, group);
     let deadline = Instant::now() + timeout;
     loop {
-        let metadata = consumer
-            .fetch_metadata(Some(topic), Duration::from_secs(5))
-            .unwrap();
-        let partitions: Vec<i32> = metadata.topics()[0]
-            .partitions()
-            .iter()
-            .map(|p| p.id())
-            .collect();
-        let mut tpl = rdkafka::TopicPartitionList::new();
-        for p in &partitions {
-            tpl.add_partition(topic, *p);
-        }
-        let committed = consumer
-            .committed_offsets(tpl, Duration::from_secs(5))
-            .unwrap();
-        let done = partitions.iter().all(|p| {
-            let (_, high) = consumer.fetch_watermarks(topic, *p, Duration::from_secs(5)).unwrap();
-            matches!(committed.find_partition(topic, *p).map(|e| e.offset()), Some(rdkafka::Offset::Offset(o)) if o >= high)
+        let offsets = group_offsets(&consumer, topic).expect("committed offsets");
+        let done = offsets.iter().all(|(p, committed)| {
+            let (_, high) = consumer
+                .fetch_watermarks(topic, *p, Duration::from_secs(5))
+                .unwrap();
+            *committed >= high
         });
         if done {
             return;

@@ -6,25 +6,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, header};
+
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::error::ApiError;
+use super::error::{ApiError, json_headers};
 use super::store::{Compatibility, Store, VersionRef};
 
 type Shared = Arc<Mutex<Store>>;
-
-pub(crate) fn json_headers() -> HeaderMap {
-    let mut h = HeaderMap::new();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/vnd.schemaregistry.v1+json"),
-    );
-    h
-}
 
 fn ok(body: serde_json::Value) -> Response {
     (json_headers(), body.to_string()).into_response()

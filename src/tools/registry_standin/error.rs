@@ -1,6 +1,6 @@
 //! Confluent Schema Registry's error codes and JSON shape, so clients see the same failures.
 
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 /// A failed registry request, mapped to Confluent's `error_code` and HTTP status.
@@ -71,6 +71,16 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (code, status) = self.codes();
         let body = serde_json::json!({ "error_code": code, "message": self.to_string() });
-        (status, super::api::json_headers(), body.to_string()).into_response()
+        (status, json_headers(), body.to_string()).into_response()
     }
+}
+
+/// Confluent's content type, on every response (errors too).
+pub(crate) fn json_headers() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/vnd.schemaregistry.v1+json"),
+    );
+    h
 }

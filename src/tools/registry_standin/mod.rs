@@ -26,6 +26,16 @@ pub async fn serve(listener: tokio::net::TcpListener, store: Store) -> std::io::
     axum::serve(listener, router(store)).await
 }
 
+/// Serves `store` on a free port of 127.0.0.1 in a task of the current runtime (for benchmarks
+/// and tests): the registry's base URL, and the task.
+pub async fn spawn_local(
+    store: Store,
+) -> std::io::Result<(String, tokio::task::JoinHandle<std::io::Result<()>>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    Ok((url, tokio::spawn(serve(listener, store))))
+}
+
 /// Binds `addr`, opens the store in `data_dir` and serves until the process is stopped.
 pub async fn run(addr: SocketAddr, data_dir: &Path) -> anyhow::Result<()> {
     let store = Store::open(data_dir)
