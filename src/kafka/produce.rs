@@ -1,5 +1,6 @@
-//! Handing records to the output producer, and telling the errors of one record from the
-//! errors of the cycle.
+//! Handing records to a producer, waiting a bounded time while its queue is full
+//! ([`send_waiting`], which the simulator uses too), and, for the output producer, telling the
+//! errors of one record from the errors of the cycle.
 //!
 //! A record the producer refuses on its own account (larger than `message.max.bytes`, or than
 //! its topic's `max.message.bytes`) is [`SendError::Rejected`]: the caller dead-letters it (or
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{DeliveryResult, OwnedHeaders};
+use rdkafka::message::{DeliveryResult, OwnedHeaders, ToBytes};
 use rdkafka::producer::{BaseRecord, ProducerContext, ThreadedProducer};
 
 use crate::telemetry::health;
@@ -143,24 +144,40 @@ pub fn send_within(
     if let Some(h) = out.headers {
         record = record.headers(h);
     }
+    match send_waiting(producer, record, wait) {
+        Ok(()) => Ok(()),
+        Err(KafkaError::MessageProduction(code)) if is_record_error(code) => {
+            Err(SendError::Rejected(code))
+        }
+        Err(e) => Err(SendError::Failed(e)),
+    }
+}
+
+/// Hands `record` to any threaded producer, waiting (up to `wait`) while librdkafka's queue is
+/// full: after that the queue-full error, or the producer's own error at once.
+pub fn send_waiting<C, K, P>(
+    producer: &ThreadedProducer<C>,
+    mut record: BaseRecord<'_, K, P, C::DeliveryOpaque>,
+    wait: Duration,
+) -> Result<(), KafkaError>
+where
+    C: ProducerContext + 'static,
+    K: ToBytes + ?Sized,
+    P: ToBytes + ?Sized,
+{
     let deadline = Instant::now() + wait;
     loop {
         match producer.send(record) {
             Ok(()) => return Ok(()),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+            Err((e @ KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                 if Instant::now() >= deadline {
-                    return Err(SendError::Failed(KafkaError::MessageProduction(
-                        RDKafkaErrorCode::QueueFull,
-                    )));
+                    return Err(e);
                 }
                 record = r;
                 health::beat();
                 std::thread::sleep(Duration::from_millis(1));
             }
-            Err((KafkaError::MessageProduction(code), _)) if is_record_error(code) => {
-                return Err(SendError::Rejected(code));
-            }
-            Err((e, _)) => return Err(SendError::Failed(e)),
+            Err((e, _)) => return Err(e),
         }
     }
 }

@@ -12,17 +12,20 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientContext;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::DeliveryResult;
 use rdkafka::producer::{BaseRecord, ProducerContext, ThreadedProducer};
 
 pub use model::{Label, Pattern, SimConfig, Simulator};
 
 use crate::cluster::ClusterArgs;
-use crate::kafka::deliver;
+use crate::kafka::{deliver, produce};
 use crate::schemas;
 use crate::sink::FramedEncoder;
 use crate::telemetry::metrics as names;
+
+/// How long an event may wait for room in the producer's queue before the simulator gives up
+/// (the broker has taken nothing for that long).
+const QUEUE_WAIT: Duration = Duration::from_secs(60);
 
 /// Options of `kscore simulate`.
 ///
@@ -348,19 +351,11 @@ fn produce(
         // old event time as the record timestamp would make time-based retention delete a
         // replayed history at once.
         encoder.encode_into(payment.to_value(), &mut buf)?;
-        let mut record = BaseRecord::to(&args.topic)
+        let record = BaseRecord::to(&args.topic)
             .key(payment.card_id.as_bytes())
             .payload(&buf);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                    record = r;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err((e, _)) => return Err(anyhow::anyhow!("producing to {}: {e}", args.topic)),
-            }
-        }
+        produce::send_waiting(producer, record, QUEUE_WAIT)
+            .map_err(|e| anyhow::anyhow!("producing to {}: {e}", args.topic))?;
         produced += 1;
         if label.pattern.is_some() {
             fraud += 1;
