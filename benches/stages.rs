@@ -251,7 +251,7 @@ fn stages(c: &mut Criterion) {
         schema_id: 1,
         processed_at: 0,
     };
-    let fast = ScoredEncoder::new(f.scored.schema_id(), &f.loaded.schema).expect("encoder");
+    let fast = ScoredEncoder::new(f.scored.schema_id(), &f.loaded.schema, &names).expect("encoder");
     g.bench_function("scored_encode", |b| {
         let mut out = Vec::with_capacity(2048);
         let mut fired = Vec::new();
@@ -261,7 +261,6 @@ fn stages(c: &mut Criterion) {
                 out.clear();
                 let record = ScoredRecord {
                     event: record::Event::Verbatim(&frame[5..]),
-                    feature_names: &names,
                     features: r,
                     scores: &fixed,
                     decision,
@@ -318,8 +317,7 @@ fn stages(c: &mut Criterion) {
                             } else {
                                 record::Event::Value(&event.value)
                             },
-                            feature_names: &names,
-                            features: r,
+                                    features: r,
                             scores: &values,
                             decision,
                             rules_fired: &rules_fired,

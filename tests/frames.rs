@@ -159,7 +159,7 @@ fn random_and_mutated_frames_never_panic_and_every_refusal_has_a_reason() {
         .expect("known writers");
     let set = FeatureSet::new(&loaded.topology, &loaded.schema);
     let names = set.names();
-    let encoder = ScoredEncoder::new(3, &payment).unwrap();
+    let encoder = ScoredEncoder::new(3, &payment, &names).unwrap();
     let scores = vec![ScoreValue {
         model: "m".into(),
         version: "v".into(),
@@ -209,7 +209,6 @@ fn random_and_mutated_frames_never_panic_and_every_refusal_has_a_reason() {
             };
             let record = ScoredRecord {
                 event,
-                feature_names: &names,
                 features: &features,
                 scores: &scores,
                 decision: Decision::Allow,

@@ -46,7 +46,7 @@ fn decoders_and_encoders_free_their_schemas() {
             [(1, payment.clone()), (2, evolved.clone())],
         )
         .unwrap();
-        let e = ScoredEncoder::new(3, &payment).unwrap();
+        let e = ScoredEncoder::new(3, &payment, &["amount", "count_1h"]).unwrap();
         drop((d, e));
     };
     make();

@@ -183,7 +183,6 @@ struct Processor<'a> {
     consumer: Input,
     decoder: Decoder,
     set: FeatureSet,
-    feature_names: Vec<String>,
     restorer: Restorer,
     batchers: Vec<ModelBatcher>,
     results: Receiver<Scored>,
@@ -280,11 +279,9 @@ impl Processor<'_> {
     /// Publishes the cycle and commits it with its input offsets.
     fn publish(&mut self, cycle: &Cycle) -> Result<Counts, Failure> {
         self.cycles += 1;
-        let names: Vec<&str> = self.feature_names.iter().map(String::as_str).collect();
         let publisher = Publisher {
             outputs: &self.outputs,
             loaded: self.loaded,
-            feature_names: &names,
             scores: &self.scores,
             rules: &self.rules,
             instance: &self.opts.instance_id,

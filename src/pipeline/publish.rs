@@ -78,7 +78,6 @@ struct Scratch {
 pub(super) struct Publisher<'a> {
     pub(super) outputs: &'a Outputs,
     pub(super) loaded: &'a Loaded,
-    pub(super) feature_names: &'a [&'a str],
     pub(super) scores: &'a ScoreSlots,
     pub(super) rules: &'a Rules,
     pub(super) instance: &'a str,
@@ -199,7 +198,6 @@ impl Publisher<'_> {
                 Some(bytes) => Event::Verbatim(bytes),
                 None => Event::Value(event),
             },
-            feature_names: self.feature_names,
             features,
             scores: &scratch.values,
             decision,

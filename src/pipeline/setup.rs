@@ -59,13 +59,13 @@ impl<'a> Processor<'a> {
         health::pipeline_started();
         crate::scorer::runtime::init(None)?;
         let set = FeatureSet::new(t, &loaded.schema);
-        let feature_names: Vec<String> = set.names().into_iter().map(String::from).collect();
+        let feature_names = set.names();
         let model_columns = model_columns(loaded, &feature_names)?;
         let Some(topics) = Topics::ensure(cluster, loaded, &rt, &stop)? else {
             return Ok(None);
         };
         let sr = cluster.registry()?;
-        let outputs = outputs(&sr, loaded, &rt, topics.changelog.clone())?;
+        let outputs = outputs(&sr, loaded, &feature_names, &rt, topics.changelog.clone())?;
 
         let models = Models::start(loaded, opts)?;
         register_series(&t.input.topic, &models.rule_labels);
@@ -80,7 +80,6 @@ impl<'a> Processor<'a> {
             decoder: Decoder::new(sr, loaded.schema.clone()),
             restorer: Restorer::new(cluster, &topics.changelog)?,
             set,
-            feature_names,
             batchers: models.batchers,
             results: models.results,
             model_columns,
@@ -231,6 +230,7 @@ impl Topics {
 fn outputs(
     sr: &schema_registry_converter::async_impl::schema_registry::SrSettings,
     loaded: &Loaded,
+    feature_names: &[&str],
     rt: &Handle,
     changelog_topic: String,
 ) -> anyhow::Result<Outputs> {
@@ -250,7 +250,7 @@ fn outputs(
         None => scored_id,
     };
     Ok(Outputs {
-        scored: ScoredEncoder::new(scored_id, &loaded.schema)?,
+        scored: ScoredEncoder::new(scored_id, &loaded.schema, feature_names)?,
         scored_id,
         alerts_id,
         scored_topic: t.output.scored_topic.clone(),
@@ -261,7 +261,7 @@ fn outputs(
 }
 
 /// Where each model's input columns come from among the features.
-fn model_columns(loaded: &Loaded, feature_names: &[String]) -> anyhow::Result<Vec<Vec<usize>>> {
+fn model_columns(loaded: &Loaded, feature_names: &[&str]) -> anyhow::Result<Vec<Vec<usize>>> {
     loaded
         .topology
         .models

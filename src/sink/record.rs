@@ -1,8 +1,9 @@
 //! The scored record, described once. [`FIELDS`] (and the nested [`SCORE_FIELDS`] and
-//! [`PROCESSING`], whose fields also say how each value is read) say what it holds, in order,
+//! [`PROCESSING`], whose fields also say which value each holds) say what it holds, in order,
 //! with each field's type and documentation; the record's Avro schema ([`schema`]) and its
-//! encoder ([`ScoredEncoder`]) both walk them, so they cannot disagree. `schemas/scored_payment.avsc` is what [`schema`] gives for
-//! payments (a test keeps the shipped file current).
+//! encoder ([`ScoredEncoder`]) both walk them, so they cannot disagree.
+//! `schemas/scored_payment.avsc` is what [`schema`] gives for payments (a test keeps the
+//! shipped file current).
 //!
 //! The encoder writes Avro binary directly: building an `apache_avro` `Value` for every scored
 //! event (a map of features, a record per score) and encoding it through the generic writer
@@ -99,24 +100,37 @@ pub struct Column<G: 'static> {
     pub get: G,
 }
 
-/// How a `scores` entry's field is read from its [`ScoreValue`].
+/// Which value of a [`ScoreValue`] a `scores` entry's field holds (which gives its Avro type).
+#[derive(Debug, Clone, Copy)]
 pub enum ScoreGet {
-    /// An Avro `string`.
-    Str(fn(&ScoreValue) -> &str),
-    /// An Avro `double`.
-    Double(fn(&ScoreValue) -> f64),
+    /// The model's name, a `string`.
+    Model,
+    /// The model's version, a `string`.
+    Version,
+    /// The score's name, a `string`.
+    Score,
+    /// The score, a `double`.
+    Value,
 }
 
-/// How a `processing` field is read from the record's [`Provenance`].
+/// Which value of the record's [`Provenance`] a `processing` field holds (which gives its Avro
+/// type).
+#[derive(Debug, Clone, Copy)]
 pub enum ProcessingGet {
-    /// An Avro `string`.
-    Str(for<'a, 'b> fn(&'a Provenance<'b>) -> &'a str),
-    /// An Avro `int`.
-    Int(fn(&Provenance<'_>) -> i32),
-    /// An Avro `long`.
-    Long(fn(&Provenance<'_>) -> i64),
-    /// An Avro `long` with logical type `timestamp-millis`.
-    Millis(fn(&Provenance<'_>) -> i64),
+    /// The processor instance, a `string`.
+    Processor,
+    /// The topology's name, a `string`.
+    Topology,
+    /// The input topic, a `string`.
+    Topic,
+    /// The input partition, an `int`.
+    Partition,
+    /// The input offset, a `long`.
+    Offset,
+    /// The writer schema's id, an `int`.
+    SchemaId,
+    /// When it was processed, a `long` with logical type `timestamp-millis`.
+    ProcessedAt,
 }
 
 /// The fields of each `scores` entry (a `ModelScore` record), in order.
@@ -124,22 +138,22 @@ pub const SCORE_FIELDS: &[Column<ScoreGet>] = &[
     Column {
         name: "model",
         doc: Some("Model name from the topology."),
-        get: ScoreGet::Str(|s| &s.model),
+        get: ScoreGet::Model,
     },
     Column {
         name: "version",
         doc: Some("Model version (its `version` metadata, else a digest of the file)."),
-        get: ScoreGet::Str(|s| &s.version),
+        get: ScoreGet::Version,
     },
     Column {
         name: "score",
         doc: Some("Score name from the topology."),
-        get: ScoreGet::Str(|s| &s.score),
+        get: ScoreGet::Score,
     },
     Column {
         name: "value",
         doc: Some("The score."),
-        get: ScoreGet::Double(|s| s.value),
+        get: ScoreGet::Value,
     },
 ];
 
@@ -148,53 +162,57 @@ pub const PROCESSING: &[Column<ProcessingGet>] = &[
     Column {
         name: "processor",
         doc: Some("Instance id of the processor that scored the event."),
-        get: ProcessingGet::Str(|p| p.processor),
+        get: ProcessingGet::Processor,
     },
     Column {
         name: "topology",
         doc: Some("Name of the topology."),
-        get: ProcessingGet::Str(|p| p.topology),
+        get: ProcessingGet::Topology,
     },
     Column {
         name: "source_topic",
         doc: None,
-        get: ProcessingGet::Str(|p| p.topic),
+        get: ProcessingGet::Topic,
     },
     Column {
         name: "source_partition",
         doc: None,
-        get: ProcessingGet::Int(|p| p.partition),
+        get: ProcessingGet::Partition,
     },
     Column {
         name: "source_offset",
         doc: None,
-        get: ProcessingGet::Long(|p| p.offset),
+        get: ProcessingGet::Offset,
     },
     Column {
         name: "writer_schema_id",
         doc: Some("Registry id of the schema the input was written with."),
-        get: ProcessingGet::Int(|p| p.schema_id as i32),
+        get: ProcessingGet::SchemaId,
     },
     Column {
         name: "processed_at",
         doc: Some(
             "Wall-clock time of scoring. Not a function of the input: leave it out when comparing runs.",
         ),
-        get: ProcessingGet::Millis(|p| p.processed_at),
+        get: ProcessingGet::ProcessedAt,
     },
 ];
 
 impl ScoreGet {
     fn avro(&self) -> Json {
         match self {
-            ScoreGet::Str(_) => json!("string"),
-            ScoreGet::Double(_) => json!("double"),
+            ScoreGet::Model | ScoreGet::Version | ScoreGet::Score => json!("string"),
+            ScoreGet::Value => json!("double"),
         }
     }
-    fn write(&self, out: &mut Vec<u8>, s: &ScoreValue) {
+
+    #[inline]
+    fn write(self, out: &mut Vec<u8>, s: &ScoreValue) {
         match self {
-            ScoreGet::Str(get) => string(out, get(s)),
-            ScoreGet::Double(get) => out.extend_from_slice(&get(s).to_le_bytes()),
+            ScoreGet::Model => string(out, &s.model),
+            ScoreGet::Version => string(out, &s.version),
+            ScoreGet::Score => string(out, &s.score),
+            ScoreGet::Value => out.extend_from_slice(&s.value.to_le_bytes()),
         }
     }
 }
@@ -202,17 +220,26 @@ impl ScoreGet {
 impl ProcessingGet {
     fn avro(&self) -> Json {
         match self {
-            ProcessingGet::Str(_) => json!("string"),
-            ProcessingGet::Int(_) => json!("int"),
-            ProcessingGet::Long(_) => json!("long"),
-            ProcessingGet::Millis(_) => json!({"type": "long", "logicalType": "timestamp-millis"}),
+            ProcessingGet::Processor | ProcessingGet::Topology | ProcessingGet::Topic => {
+                json!("string")
+            }
+            ProcessingGet::Partition | ProcessingGet::SchemaId => json!("int"),
+            ProcessingGet::Offset => json!("long"),
+            ProcessingGet::ProcessedAt => json!({"type": "long", "logicalType": "timestamp-millis"}),
         }
     }
-    fn write(&self, out: &mut Vec<u8>, p: &Provenance<'_>) {
+
+    #[inline]
+    fn write(self, out: &mut Vec<u8>, p: &Provenance<'_>) {
         match self {
-            ProcessingGet::Str(get) => string(out, get(p)),
-            ProcessingGet::Int(get) => long(out, i64::from(get(p))),
-            ProcessingGet::Long(get) | ProcessingGet::Millis(get) => long(out, get(p)),
+            ProcessingGet::Processor => string(out, p.processor),
+            ProcessingGet::Topology => string(out, p.topology),
+            ProcessingGet::Topic => string(out, p.topic),
+            ProcessingGet::Partition => long(out, i64::from(p.partition)),
+            ProcessingGet::Offset => long(out, p.offset),
+            // An Avro int holding the id's 32 bits.
+            ProcessingGet::SchemaId => long(out, i64::from(p.schema_id as i32)),
+            ProcessingGet::ProcessedAt => long(out, p.processed_at),
         }
     }
 }
@@ -275,9 +302,7 @@ pub enum Event<'a> {
 pub struct ScoredRecord<'a> {
     /// The input event.
     pub event: Event<'a>,
-    /// Feature names, in the topology's order...
-    pub feature_names: &'a [&'a str],
-    /// ... and their values.
+    /// The feature values, one for each of the encoder's feature names, in their order.
     pub features: &'a [f64],
     /// The scores.
     pub scores: &'a [ScoreValue],
@@ -336,17 +361,32 @@ pub struct ScoredEncoder {
     id: u32,
     /// For events that are not copied: the input's reader schema.
     event: SchemaWriter,
+    /// Each feature's name as an Avro string (its length, then its bytes), the keys of the
+    /// `features` map: the same in every record, so written once.
+    feature_keys: Vec<Vec<u8>>,
 }
 
 impl ScoredEncoder {
     /// `id`: the registry id of the scored schema; `reader`: the input's reader schema (the
-    /// `event` field's type).
-    pub fn new(id: u32, reader: &Schema) -> Result<Self, EncodeError> {
+    /// `event` field's type); `feature_names`: the topology's features, in order.
+    pub fn new(id: u32, reader: &Schema, feature_names: &[&str]) -> Result<Self, EncodeError> {
         let event = SchemaWriter::of(reader.clone()).map_err(|e| EncodeError::Value {
             id,
             reason: e.to_string(),
         })?;
-        Ok(ScoredEncoder { id, event })
+        let feature_keys = feature_names
+            .iter()
+            .map(|name| {
+                let mut key = Vec::with_capacity(name.len() + 2);
+                string(&mut key, name);
+                key
+            })
+            .collect();
+        Ok(ScoredEncoder {
+            id,
+            event,
+            feature_keys,
+        })
     }
 
     /// Appends one framed scored record to `out` (nothing on error).
@@ -362,6 +402,7 @@ impl ScoredEncoder {
         Ok(())
     }
 
+    #[inline]
     fn field(
         &self,
         out: &mut Vec<u8>,
@@ -381,12 +422,24 @@ impl ScoredEncoder {
                 }
             },
             // A map<double>, one block.
-            Kind::Features => block(out, r.features.len(), |out| {
-                for (name, x) in r.feature_names.iter().zip(r.features) {
-                    string(out, name);
-                    out.extend_from_slice(&x.to_le_bytes());
+            Kind::Features => {
+                if r.features.len() != self.feature_keys.len() {
+                    return Err(EncodeError::Value {
+                        id: self.id,
+                        reason: format!(
+                            "{} feature values for {} features",
+                            r.features.len(),
+                            self.feature_keys.len()
+                        ),
+                    });
                 }
-            }),
+                block(out, r.features.len(), |out| {
+                    for (key, x) in self.feature_keys.iter().zip(r.features) {
+                        out.extend_from_slice(key);
+                        out.extend_from_slice(&x.to_le_bytes());
+                    }
+                })
+            }
             // An array of SCORE_FIELDS records.
             Kind::Scores => block(out, r.scores.len(), |out| {
                 for s in r.scores {
@@ -484,12 +537,11 @@ mod tests {
     #[test]
     fn encoded_records_read_back_with_the_schema() {
         let scored = schemas::parse(schemas::SCORED_PAYMENT_AVSC).expect("scored schema");
-        let payment = schemas::payment().expect("payment schema");
-        let enc = ScoredEncoder::new(7, payment).expect("encoder");
+        let payment_schema = schemas::payment().expect("payment schema");
         let reader = GenericDatumReader::builder(&scored)
             .build()
             .expect("reader");
-        let event_writer = GenericDatumWriter::builder(payment)
+        let event_writer = GenericDatumWriter::builder(payment_schema)
             .build()
             .expect("writer");
         let names = ["amount", "count_1h", "ratio"];
@@ -541,10 +593,10 @@ mod tests {
                 processed_at: 1_767_225_600_123,
             };
             let names = &names[..features.len()];
+            let enc = ScoredEncoder::new(7, payment_schema, names).expect("encoder");
             for event in [Event::Verbatim(&datum), Event::Value(&value)] {
                 let record = ScoredRecord {
                     event,
-                    feature_names: names,
                     features,
                     scores: s,
                     decision,
