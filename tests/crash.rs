@@ -44,9 +44,13 @@ fn sigkilled_and_restarted_the_processor_publishes_exactly_what_an_uninterrupted
     let mut moments: Vec<f64> = (0..kills).map(|_| rng.random_range(1.0..span)).collect();
     moments.sort_by(f64::total_cmp);
     let started = Instant::now();
-    for at in moments {
+    for (i, at) in moments.into_iter().enumerate() {
         let wait = Duration::from_secs_f64(at).saturating_sub(started.elapsed());
         std::thread::sleep(wait);
+        if i == 0 {
+            // However early the moments fall, a restart must find committed state to restore.
+            s.wait_some_committed(Duration::from_secs(60));
+        }
         instances.check_alive();
         instances.kill("p");
         std::thread::sleep(Duration::from_millis(rng.random_range(0..1_000)));

@@ -11,7 +11,7 @@ use apache_avro::types::Value;
 use kscore::cluster::ClusterArgs;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
-use super::{read, wait_committed};
+use super::{committed_total, read, wait_committed};
 
 /// One pipeline's topics and group, and its topology file.
 pub struct Pipeline {
@@ -502,6 +502,19 @@ impl Scenario {
     /// Waits until the pipeline under test has committed what the input holds so far.
     pub fn wait_committed(&self, timeout: Duration) {
         wait_committed(&self.cluster, &self.input, &self.under_test.group, timeout);
+    }
+
+    /// Waits until the pipeline under test has committed something, so a later start has
+    /// state to restore.
+    pub fn wait_some_committed(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while committed_total(&self.cluster, &self.input, &self.under_test.group) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the pipeline under test committed nothing in {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// The input holds `events` records and the pipeline under test published exactly what
