@@ -317,7 +317,7 @@ fn stages(c: &mut Criterion) {
                             } else {
                                 record::Event::Value(&event.value)
                             },
-                                    features: r,
+                            features: r,
                             scores: &values,
                             decision,
                             rules_fired: &rules_fired,

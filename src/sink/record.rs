@@ -225,7 +225,9 @@ impl ProcessingGet {
             }
             ProcessingGet::Partition | ProcessingGet::SchemaId => json!("int"),
             ProcessingGet::Offset => json!("long"),
-            ProcessingGet::ProcessedAt => json!({"type": "long", "logicalType": "timestamp-millis"}),
+            ProcessingGet::ProcessedAt => {
+                json!({"type": "long", "logicalType": "timestamp-millis"})
+            }
         }
     }
 
