@@ -247,7 +247,11 @@ fn decode_key(value: &[u8], fingerprint: u64, set: &FeatureSet) -> Result<KeySta
         });
     }
     r.end()?;
-    Ok(KeyState { events, newest })
+    Ok(KeyState {
+        events,
+        newest,
+        running: Default::default(),
+    })
 }
 
 struct Reader<'a> {

@@ -27,12 +27,23 @@
 //! times saturates; event times outside the topology's range never reach the state (see
 //! [`EventTimeRange`]).
 //!
+//! Window aggregates are kept incrementally, so an event costs the same however long its
+//! key's history: each window of a key is a suffix of its events, with running aggregates
+//! that take an event when it enters and give it back when it leaves (exact sums for
+//! count/sum/mean/std/ratio, monotonic queues for min/max, counted values for distinct counts
+//! and `is_new`; see [`window`]). A late event (older than its key's newest) is computed from
+//! its window's events directly, and then taken into the running aggregates. Both ways give
+//! the same bits: a sum is exact until it is rounded once ([`exact`]), so every feature is a
+//! function of the events in its window, not of the order they came and went in.
+//!
 //! The same code computes features online (`pipeline`) and offline (`kscore features`), so
 //! training and serving cannot drift.
 
 pub mod codec;
+pub mod exact;
 pub mod extract;
 pub mod offline;
+mod window;
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -198,6 +209,8 @@ struct Spec {
     equals_cat: Option<u64>,
     /// The value where the aggregation is undefined (no earlier event, a mean of 0).
     default: f64,
+    /// Where a windowed feature's running aggregates are.
+    slots: window::Slots,
 }
 
 /// The compiled feature definitions of a topology, shared by every partition's state.
@@ -207,6 +220,8 @@ pub struct FeatureSet {
     /// The distinct window lengths (ms) of the specs: each window's start is found once per
     /// event, not once per feature.
     windows: Vec<i64>,
+    /// The running aggregates each key keeps per window.
+    plan: window::Plan,
     /// (field name, position in the reader record) for numeric and categorical inputs.
     num_fields: Vec<(String, usize)>,
     cat_fields: Vec<(String, usize)>,
@@ -282,13 +297,21 @@ impl FeatureSet {
                 equals_num: f.equals.as_deref().and_then(|e| e.parse().ok()),
                 equals_cat: f.equals.as_deref().map(extract::hash_str),
                 default: f.default.unwrap_or(a.default_value()),
+                slots: window::Slots::default(),
             });
+        }
+        let mut plan = window::Plan::new(&windows);
+        for spec in &mut specs {
+            if spec.aggregation.windowed() {
+                spec.slots = plan.add(spec.aggregation, spec.window, spec.source);
+            }
         }
         let key = &topology.input.key_field;
         let time = &topology.input.event_time_field;
         FeatureSet {
             specs,
             windows,
+            plan,
             num_fields,
             cat_fields,
             key_field: (key.clone(), position(schema, key)),
@@ -379,11 +402,20 @@ struct Stored {
     cats: Box<[u64]>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default)]
 struct KeyState {
     /// Sorted by (time, seq).
     events: VecDeque<Stored>,
     newest: i64,
+    /// The windows' running aggregates, derived from `events`.
+    running: window::Running,
+}
+
+/// Equal when they hold the same events (the running aggregates are derived from them).
+impl PartialEq for KeyState {
+    fn eq(&self, other: &Self) -> bool {
+        self.events == other.events && self.newest == other.newest
+    }
 }
 
 /// How to take a key back to the last checkpoint. Events added since carry a `seq` at or above
@@ -531,6 +563,7 @@ impl FeatureState {
                 state.events.insert(i, e);
             }
             state.newest = undo.newest;
+            state.running.mark_stale();
         }
         (self.seq, self.clock, self.since_sweep) = self.at_checkpoint;
     }
@@ -576,21 +609,38 @@ impl FeatureState {
             Some(s) => s,
             None => fresh.insert(KeyState::default()),
         };
-        // Insert after every event with time <= t: ties keep arrival order.
-        let pos = state.events.partition_point(|e| e.time <= t);
-        state.events.insert(
-            pos,
-            Stored {
-                time: t,
-                seq,
-                nums: nums.into(),
-                cats: cats.into(),
-            },
-        );
-        let out = match compute(set, &state.events, pos) {
+        let plan = set.plan();
+        state.running.refresh(plan, &state.events);
+        let stored = Stored {
+            time: t,
+            seq,
+            nums: nums.into(),
+            cats: cats.into(),
+        };
+        // An event at or after the key's newest is appended and computed from the running
+        // aggregates; a late one is placed after every event with time <= t (ties keep arrival
+        // order) and computed from its window's events.
+        let in_order = state.events.back().is_none_or(|b| b.time <= t);
+        let (pos, computed) = if in_order {
+            state.events.push_back(stored);
+            state.running.append(plan, &state.events);
+            (state.events.len() - 1, newest_features(set, state))
+        } else {
+            let pos = state.events.partition_point(|e| e.time <= t);
+            state.events.insert(pos, stored);
+            let computed = compute(set, &state.events, pos);
+            if computed.is_ok() {
+                state.running.insert(plan, &state.events, pos, state.newest);
+            }
+            (pos, computed)
+        };
+        let out = match computed {
             Ok(out) => out,
             Err(e) => {
                 state.events.remove(pos);
+                if in_order {
+                    state.running.mark_stale();
+                }
                 if first_change {
                     self.undo.remove(&key);
                 }
@@ -607,9 +657,11 @@ impl FeatureState {
         let horizon = state.newest.saturating_sub(set.max_window_ms);
         let mut trimmed = Vec::new();
         while state.events.front().is_some_and(|e| e.time <= horizon) && state.events.len() > 1 {
+            state.running.pop_front(plan, &state.events[0]);
             trimmed.extend(state.events.pop_front());
         }
         while state.events.len() > set.limits.max_events_per_key {
+            state.running.pop_front(plan, &state.events[0]);
             trimmed.extend(state.events.pop_front());
         }
         if !trimmed.is_empty()
@@ -657,6 +709,7 @@ impl FeatureState {
     }
 }
 
+/// The features of the event at `pos`, from the events of its windows.
 fn compute(
     set: &FeatureSet,
     events: &VecDeque<Stored>,
@@ -685,7 +738,34 @@ fn compute(
             | Aggregation::Equals
             | Aggregation::Differs
             | Aggregation::TimeSinceLast => own(spec, &at, set.idle_ms),
-            _ => windowed(spec, &at),
+            _ => window::from_scratch(spec, &at),
+        };
+        if !x.is_finite() {
+            return Err(FeatureError::NotFinite(spec.name.clone()));
+        }
+        out.push(x);
+    }
+    Ok(out)
+}
+
+/// The features of the key's newest event, just appended: windowed ones from the running
+/// aggregates, O(1) each however many events the key holds.
+fn newest_features(set: &FeatureSet, state: &mut KeyState) -> Result<Vec<f64>, FeatureError> {
+    let KeyState {
+        events, running, ..
+    } = state;
+    let pos = events.len() - 1;
+    let mut out = Vec::with_capacity(set.specs.len());
+    for spec in &set.specs {
+        let x = if spec.aggregation.windowed() {
+            running.feature(spec, events)
+        } else {
+            let at = At {
+                events,
+                start: pos,
+                pos,
+            };
+            own(spec, &at, set.idle_ms)
         };
         if !x.is_finite() {
             return Err(FeatureError::NotFinite(spec.name.clone()));
@@ -761,45 +841,6 @@ fn own(spec: &Spec, at: &At<'_>, idle_ms: i64) -> f64 {
     }
 }
 
-/// A feature over the event's window.
-#[inline]
-fn windowed(spec: &Spec, at: &At<'_>) -> f64 {
-    let num = |e: &Stored| spec.num(e);
-    let cat = |e: &Stored| spec.cat(e);
-    match spec.aggregation {
-        Aggregation::Count => at.window().count() as f64,
-        Aggregation::Sum => at.window().map(num).sum(),
-        Aggregation::Mean => mean(at.window().map(num)),
-        Aggregation::Std => {
-            let (s, n) = sum_count(at.window().map(num));
-            let m = s / n as f64;
-            (at.window().map(|e| (num(e) - m).powi(2)).sum::<f64>() / n as f64).sqrt()
-        }
-        Aggregation::Min => at.window().map(num).fold(f64::INFINITY, f64::min),
-        Aggregation::Max => at.window().map(num).fold(f64::NEG_INFINITY, f64::max),
-        Aggregation::DistinctCount => distinct(at.window().map(cat), at.pos + 1 - at.start),
-        Aggregation::IsNew => {
-            let current = at.current();
-            let v = cat(current);
-            let seen = at
-                .window()
-                .take_while(|e| !std::ptr::eq(*e, current))
-                .any(|e| cat(e) == v);
-            f64::from(u8::from(!seen))
-        }
-        // RatioToMean
-        _ => {
-            let m = mean(at.window().map(num));
-            // A mean of 0 (a card's first payment is a $0 verification): undefined.
-            if m == 0.0 {
-                spec.default
-            } else {
-                num(at.current()) / m
-            }
-        }
-    }
-}
-
 /// How many distinct values `values` (`n` of them) holds.
 #[inline]
 fn distinct(values: impl Iterator<Item = u64>, n: usize) -> f64 {
@@ -832,15 +873,6 @@ const SMALL_WINDOW: usize = 16;
 thread_local! {
     /// Scratch space for distinct counts, one per thread.
     static DISTINCT: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
-}
-
-fn sum_count(xs: impl Iterator<Item = f64>) -> (f64, usize) {
-    xs.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1))
-}
-
-fn mean(xs: impl Iterator<Item = f64>) -> f64 {
-    let (s, n) = sum_count(xs);
-    s / n as f64
 }
 
 #[cfg(test)]

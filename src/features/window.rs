@@ -1,0 +1,464 @@
+//! Running window aggregates of one key, so that an event costs O(1) amortised per feature
+//! however many events its key holds.
+//!
+//! A key's events are sorted by event time, and each of its windows (one per distinct window
+//! length) is a suffix of them: the events with time after `newest - length`. When an event
+//! newer than the key's newest arrives it is appended, each window's front moves past the
+//! events that fell out of it (giving them back to the aggregates), and the event enters
+//! every window. Per (window, field) a key keeps what its features need:
+//! - an exact sum, and an exact sum of squares for `std` ([`ExactSum`]);
+//! - a monotonic queue for `min` and `max` (values stored negated for `max`): the window's
+//!   later values that are smaller than everything after them, so the minimum is the front;
+//! - counted values for `distinct_count` and `is_new`.
+//!
+//! A late event is computed from its own window directly ([`from_scratch`]) and then enters
+//! the windows whose span it falls in (a monotonic queue is rebuilt, since the event lands in
+//! the middle). The aggregates are a cache of the events: a restored or rolled-back key is
+//! marked stale and rebuilt from its events before its next use.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+
+use super::exact::ExactSum;
+use super::{At, FeatureSet, Source, Spec, Stored};
+use crate::topology::config::Aggregation;
+
+/// The running aggregates a feature set keeps per window, compiled once.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Plan {
+    windows: Vec<WindowPlan>,
+    sums: usize,
+    squares: usize,
+    mins: usize,
+    counts: usize,
+}
+
+/// One window's aggregates: `(slot, field)` pairs, the slot indexing the key's flat list of
+/// that kind of aggregate.
+#[derive(Debug, Clone, Default)]
+struct WindowPlan {
+    length_ms: i64,
+    /// Whether any feature reads this window.
+    used: bool,
+    sums: Vec<(usize, usize)>,
+    squares: Vec<(usize, usize)>,
+    /// Minima of a field (`(field, false)`) or maxima (`(field, true)`, stored negated).
+    mins: Vec<(usize, (usize, bool))>,
+    counts: Vec<(usize, usize)>,
+}
+
+/// Where a feature's aggregates are in a key's [`Running`].
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(super) struct Slots {
+    /// Sum, minimum/maximum or counted values, by the aggregation.
+    pub(super) main: usize,
+    /// The sum of squares, for `std`.
+    pub(super) squares: usize,
+}
+
+fn intern<T: PartialEq>(list: &mut Vec<(usize, T)>, next: &mut usize, item: T) -> usize {
+    if let Some((slot, _)) = list.iter().find(|(_, x)| *x == item) {
+        return *slot;
+    }
+    list.push((*next, item));
+    *next += 1;
+    *next - 1
+}
+
+impl Plan {
+    /// A plan for windows of these lengths (ms).
+    pub(super) fn new(lengths: &[i64]) -> Self {
+        Plan {
+            windows: lengths
+                .iter()
+                .map(|&length_ms| WindowPlan {
+                    length_ms,
+                    ..WindowPlan::default()
+                })
+                .collect(),
+            ..Plan::default()
+        }
+    }
+
+    /// Registers what a windowed feature over `window` reads; returns where it is kept.
+    pub(super) fn add(&mut self, aggregation: Aggregation, window: usize, source: Source) -> Slots {
+        let w = &mut self.windows[window];
+        w.used = true;
+        let mut slots = Slots::default();
+        let field = match source {
+            Source::Num(i) | Source::Cat(i) => i,
+            Source::None => return slots,
+        };
+        match aggregation {
+            Aggregation::Sum | Aggregation::Mean | Aggregation::RatioToMean => {
+                slots.main = intern(&mut w.sums, &mut self.sums, field);
+            }
+            Aggregation::Std => {
+                slots.main = intern(&mut w.sums, &mut self.sums, field);
+                slots.squares = intern(&mut w.squares, &mut self.squares, field);
+            }
+            Aggregation::Min | Aggregation::Max => {
+                let negate = aggregation == Aggregation::Max;
+                slots.main = intern(&mut w.mins, &mut self.mins, (field, negate));
+            }
+            Aggregation::DistinctCount | Aggregation::IsNew => {
+                slots.main = intern(&mut w.counts, &mut self.counts, field);
+            }
+            _ => {}
+        }
+        slots
+    }
+}
+
+/// A key's running aggregates; see the module documentation. The default is stale.
+#[derive(Debug, Clone)]
+pub(super) struct Running {
+    /// Per window, the index of its first event.
+    starts: Vec<usize>,
+    sums: Vec<ExactSum>,
+    squares: Vec<ExactSum>,
+    mins: Vec<Monotonic>,
+    counts: Vec<Counted>,
+    /// Out of step with the key's events: rebuilt before the next use.
+    stale: bool,
+}
+
+/// The smallest values of a window's suffixes, in window order: `(seq, value)`.
+#[derive(Debug, Clone, Default)]
+struct Monotonic(VecDeque<(u64, f64)>);
+
+impl Monotonic {
+    #[inline]
+    fn push(&mut self, seq: u64, x: f64) {
+        while self.0.back().is_some_and(|&(_, b)| b >= x) {
+            self.0.pop_back();
+        }
+        self.0.push_back((seq, x));
+    }
+
+    /// The window's first event, `seq`, leaves it.
+    #[inline]
+    fn leave(&mut self, seq: u64) {
+        if self.0.front().is_some_and(|&(s, _)| s == seq) {
+            self.0.pop_front();
+        }
+    }
+
+    fn min(&self) -> f64 {
+        self.0.front().map_or(f64::INFINITY, |&(_, x)| x)
+    }
+}
+
+/// How many times each value occurs in a window.
+type Counted = HashMap<u64, u32, BuildHasherDefault<Mix>>;
+
+/// Categories are already XXH3 hashes: a multiply spreads them over a table's buckets.
+#[derive(Default)]
+struct Mix(u64);
+
+impl Hasher for Mix {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, x: u64) {
+        self.0 = (x ^ (x >> 32)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+/// `x * x` exactly, as two floats (the product and its rounding error), where it is finite and
+/// not tiny.
+#[inline]
+fn square(x: f64) -> (f64, f64) {
+    let p = x * x;
+    (p, x.mul_add(x, -p))
+}
+
+impl Default for Running {
+    /// Aggregates to be rebuilt from the events before their next use.
+    fn default() -> Self {
+        Running {
+            starts: Vec::new(),
+            sums: Vec::new(),
+            squares: Vec::new(),
+            mins: Vec::new(),
+            counts: Vec::new(),
+            stale: true,
+        }
+    }
+}
+
+impl Running {
+    /// Empty aggregates for `plan`.
+    pub(super) fn new(plan: &Plan) -> Self {
+        Running {
+            starts: vec![0; plan.windows.len()],
+            sums: vec![ExactSum::default(); plan.sums],
+            squares: vec![ExactSum::default(); plan.squares],
+            mins: vec![Monotonic::default(); plan.mins],
+            counts: vec![Counted::default(); plan.counts],
+            stale: false,
+        }
+    }
+
+    pub(super) fn mark_stale(&mut self) {
+        self.stale = true;
+    }
+
+    /// Rebuilds the aggregates from the key's events if they are stale.
+    pub(super) fn refresh(&mut self, plan: &Plan, events: &VecDeque<Stored>) {
+        if !self.stale {
+            return;
+        }
+        *self = Running::new(plan);
+        let Some(newest) = events.back().map(|e| e.time) else {
+            return;
+        };
+        for (w, window) in plan.windows.iter().enumerate() {
+            if !window.used {
+                continue;
+            }
+            let from = newest.saturating_sub(window.length_ms);
+            // The newest event is always in its own windows (a zero-length one holds only it).
+            let start = events
+                .partition_point(|e| e.time <= from)
+                .min(events.len() - 1);
+            self.starts[w] = start;
+            for e in events.range(start..) {
+                self.enter(window, e);
+            }
+        }
+    }
+
+    #[inline]
+    fn enter(&mut self, window: &WindowPlan, e: &Stored) {
+        for &(slot, field) in &window.sums {
+            self.sums[slot].add(e.nums[field]);
+        }
+        for &(slot, field) in &window.squares {
+            let (p, r) = square(e.nums[field]);
+            self.squares[slot].add(p);
+            self.squares[slot].add(r);
+        }
+        for &(slot, (field, negate)) in &window.mins {
+            let x = e.nums[field];
+            self.mins[slot].push(e.seq, if negate { -x } else { x });
+        }
+        for &(slot, field) in &window.counts {
+            *self.counts[slot].entry(e.cats[field]).or_insert(0) += 1;
+        }
+    }
+
+    #[inline]
+    fn leave(&mut self, window: &WindowPlan, e: &Stored) {
+        for &(slot, field) in &window.sums {
+            self.sums[slot].sub(e.nums[field]);
+        }
+        for &(slot, field) in &window.squares {
+            let (p, r) = square(e.nums[field]);
+            self.squares[slot].sub(p);
+            self.squares[slot].sub(r);
+        }
+        for &(slot, _) in &window.mins {
+            self.mins[slot].leave(e.seq);
+        }
+        for &(slot, field) in &window.counts {
+            let v = e.cats[field];
+            if let Some(n) = self.counts[slot].get_mut(&v) {
+                *n -= 1;
+                if *n == 0 {
+                    self.counts[slot].remove(&v);
+                }
+            }
+        }
+    }
+
+    /// The key's newest event was just appended (its time at or after every other's): the
+    /// windows move to end at it, and it enters them.
+    pub(super) fn append(&mut self, plan: &Plan, events: &VecDeque<Stored>) {
+        let last = events.len() - 1;
+        let newest = &events[last];
+        for (w, window) in plan.windows.iter().enumerate() {
+            if !window.used {
+                continue;
+            }
+            let from = newest.time.saturating_sub(window.length_ms);
+            let mut start = self.starts[w];
+            while start < last && events[start].time <= from {
+                self.leave(window, &events[start]);
+                start += 1;
+            }
+            self.starts[w] = start;
+            self.enter(window, newest);
+        }
+    }
+
+    /// A late event was inserted at `pos` (its key's newest time, `newest`, unchanged): it
+    /// enters the windows whose span it falls in.
+    pub(super) fn insert(
+        &mut self,
+        plan: &Plan,
+        events: &VecDeque<Stored>,
+        pos: usize,
+        newest: i64,
+    ) {
+        let e = &events[pos];
+        for (w, window) in plan.windows.iter().enumerate() {
+            if !window.used {
+                continue;
+            }
+            if e.time <= newest.saturating_sub(window.length_ms) {
+                // Before the window: it sorts before the window's first event.
+                self.starts[w] += 1;
+                continue;
+            }
+            for &(slot, field) in &window.sums {
+                self.sums[slot].add(e.nums[field]);
+            }
+            for &(slot, field) in &window.squares {
+                let (p, r) = square(e.nums[field]);
+                self.squares[slot].add(p);
+                self.squares[slot].add(r);
+            }
+            for &(slot, field) in &window.counts {
+                *self.counts[slot].entry(e.cats[field]).or_insert(0) += 1;
+            }
+            // In the middle of the window: its queues are rebuilt.
+            for &(slot, (field, negate)) in &window.mins {
+                let queue = &mut self.mins[slot];
+                queue.0.clear();
+                for e in events.range(self.starts[w]..) {
+                    let x = e.nums[field];
+                    queue.push(e.seq, if negate { -x } else { x });
+                }
+            }
+        }
+    }
+
+    /// The key's first event is about to be dropped (trimmed).
+    pub(super) fn pop_front(&mut self, plan: &Plan, first: &Stored) {
+        for (w, window) in plan.windows.iter().enumerate() {
+            if !window.used {
+                continue;
+            }
+            if self.starts[w] == 0 {
+                self.leave(window, first);
+            } else {
+                self.starts[w] -= 1;
+            }
+        }
+    }
+
+    /// A windowed feature of the key's newest event, from the running aggregates.
+    #[inline]
+    pub(super) fn feature(&mut self, spec: &Spec, events: &VecDeque<Stored>) -> f64 {
+        let n = (events.len() - self.starts[spec.window]) as f64;
+        let slots = spec.slots;
+        let current = &events[events.len() - 1];
+        match spec.aggregation {
+            Aggregation::Count => n,
+            Aggregation::Sum => self.sums[slots.main].value(),
+            Aggregation::Mean => self.sums[slots.main].value() / n,
+            Aggregation::Std => spread(
+                self.sums[slots.main].value(),
+                self.squares[slots.squares].value(),
+                n,
+            ),
+            Aggregation::Min => self.mins[slots.main].min(),
+            Aggregation::Max => -self.mins[slots.main].min(),
+            Aggregation::DistinctCount => self.counts[slots.main].len() as f64,
+            Aggregation::IsNew => {
+                // The event itself is counted: it is new when it is the only one.
+                let seen = self.counts[slots.main]
+                    .get(&spec.cat(current))
+                    .is_some_and(|&c| c > 1);
+                f64::from(u8::from(!seen))
+            }
+            _ => ratio(
+                spec.num(current),
+                self.sums[slots.main].value() / n,
+                spec.default,
+            ),
+        }
+    }
+}
+
+/// Population standard deviation from the exact sum and sum of squares of `n` values (each
+/// rounded once): `sqrt(E[x²] - E[x]²)`, and 0 where that difference is within the rounding
+/// of `E[x²]` (so a window of equal values has a spread of exactly 0).
+#[inline]
+pub(super) fn spread(sum: f64, squares: f64, n: f64) -> f64 {
+    let mean = sum / n;
+    let second = squares / n;
+    let variance = second - mean * mean;
+    if variance <= second * (8.0 * f64::EPSILON) {
+        // Not finite stays not finite (an overflowed square).
+        if variance.is_finite() { 0.0 } else { variance }
+    } else {
+        variance.sqrt()
+    }
+}
+
+/// The event's value over the window's mean; `default` where the mean is 0.
+#[inline]
+pub(super) fn ratio(x: f64, mean: f64, default: f64) -> f64 {
+    // A mean of 0 (a card's first payment is a $0 verification): undefined.
+    if mean == 0.0 { default } else { x / mean }
+}
+
+/// A windowed feature of the event at `at.pos`, computed from the events of its window
+/// (`at.start..=at.pos`): what the running aggregates give, for a late event.
+pub(super) fn from_scratch(spec: &Spec, at: &At<'_>) -> f64 {
+    let num = |e: &Stored| spec.num(e);
+    let n = (at.pos + 1 - at.start) as f64;
+    let sum = || {
+        let mut s = ExactSum::default();
+        at.window().for_each(|e| s.add(num(e)));
+        s.value()
+    };
+    match spec.aggregation {
+        Aggregation::Count => n,
+        Aggregation::Sum => sum(),
+        Aggregation::Mean => sum() / n,
+        Aggregation::Std => {
+            let mut squares = ExactSum::default();
+            for e in at.window() {
+                let (p, r) = square(num(e));
+                squares.add(p);
+                squares.add(r);
+            }
+            spread(sum(), squares.value(), n)
+        }
+        Aggregation::Min => at.window().map(num).fold(f64::INFINITY, min_later),
+        Aggregation::Max => -at.window().map(|e| -num(e)).fold(f64::INFINITY, min_later),
+        Aggregation::DistinctCount => {
+            super::distinct(at.window().map(|e| spec.cat(e)), at.pos + 1 - at.start)
+        }
+        Aggregation::IsNew => {
+            let v = spec.cat(at.current());
+            let seen = at
+                .window()
+                .take(at.pos - at.start)
+                .any(|e| spec.cat(e) == v);
+            f64::from(u8::from(!seen))
+        }
+        _ => ratio(num(at.current()), sum() / n, spec.default),
+    }
+}
+
+/// The smaller, the later one where they are equal (as the monotonic queue keeps): so `-0.0`
+/// and `0.0` come out the same either way.
+#[inline]
+fn min_later(a: f64, b: f64) -> f64 {
+    if b <= a { b } else { a }
+}
+
+impl FeatureSet {
+    pub(super) fn plan(&self) -> &Plan {
+        &self.plan
+    }
+}
