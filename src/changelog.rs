@@ -143,7 +143,11 @@ impl Restorer {
         let consumer: BaseConsumer<RestoreContext> =
             self.config.create_with_context(RestoreContext)?;
         let mut tpl = TopicPartitionList::new();
-        for p in partitions {
+        // Each once: librdkafka refuses an assignment that lists a partition twice.
+        let mut partitions = partitions.to_vec();
+        partitions.sort_unstable();
+        partitions.dedup();
+        for p in &partitions {
             tpl.add_partition_offset(&self.topic, *p, Offset::Beginning)?;
         }
         consumer.assign(&tpl)?;

@@ -93,11 +93,18 @@ impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {
+                let revoked = partitions_of(tpl);
                 Rebalanced {
                     kind: "revoke",
-                    partitions: &partitions_of(tpl),
+                    partitions: &revoked,
                 }
                 .emit();
+                // A partition assigned and revoked before the loop took it for restoring is
+                // no longer this instance's to restore.
+                if let Ok(mut a) = self.assigned.lock() {
+                    forget_revoked(&mut a, &revoked);
+                    health::awaiting_restore(a.len());
+                }
                 // Their new owner reports their lag from now on; a gauge left at its last value
                 // here would count it twice in a sum over instances.
                 for e in tpl.elements() {
@@ -127,7 +134,7 @@ impl ConsumerContext for GroupContext {
                 tracing::warn!("pausing assigned partitions: {e}");
             }
             if let Ok(mut a) = self.assigned.lock() {
-                a.extend(partitions);
+                await_restore(&mut a, &partitions);
                 health::awaiting_restore(a.len());
             }
             health::assigned();
@@ -137,4 +144,39 @@ impl ConsumerContext for GroupContext {
 
 fn partitions_of(tpl: &TopicPartitionList) -> Vec<i32> {
     tpl.elements().iter().map(|e| e.partition()).collect()
+}
+
+/// Adds newly assigned partitions to those awaiting restore, each once: two assignments before
+/// the loop takes them (assigned, revoked, assigned again) must not list a partition twice.
+fn await_restore(pending: &mut Vec<i32>, assigned: &[i32]) {
+    for p in assigned {
+        if !pending.contains(p) {
+            pending.push(*p);
+        }
+    }
+}
+
+fn forget_revoked(pending: &mut Vec<i32>, revoked: &[i32]) {
+    pending.retain(|p| !revoked.contains(p));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Seen in a rebalance test: [0, 1, 2, 3] restored, revoked; [0, 1] assigned, revoked before
+    /// the loop took it; [0, 1, 2, 3] assigned. The restore was asked for partitions 0 and 1
+    /// twice, which librdkafka refuses ("Duplicate ... in input list"), and retried for ever.
+    #[test]
+    fn partitions_awaiting_restore_are_listed_once_and_only_while_assigned() {
+        let mut pending = Vec::new();
+        await_restore(&mut pending, &[0, 1]);
+        forget_revoked(&mut pending, &[0, 1]);
+        await_restore(&mut pending, &[0, 1, 2, 3]);
+        assert_eq!(pending, vec![0, 1, 2, 3]);
+        await_restore(&mut pending, &[2, 3, 4]);
+        assert_eq!(pending, vec![0, 1, 2, 3, 4]);
+        forget_revoked(&mut pending, &[1, 4]);
+        assert_eq!(pending, vec![0, 2, 3]);
+    }
 }
