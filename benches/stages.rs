@@ -35,6 +35,17 @@ struct Fixture {
     scored: FramedEncoder,
     frames: Vec<Vec<u8>>,
     values: Vec<Value>,
+    long: LongHistory,
+}
+
+/// Keys with a long history, as cards have after weeks in production: 1,000 cards, each seen
+/// every 2.5 minutes of event time; after 100,000 events a key holds ~100 events of its 7-day
+/// windows when the measured 20,000 arrive (and ~120 by their end).
+struct LongHistory {
+    /// The state after the first 100,000 events.
+    warm: FeatureState,
+    values: Vec<Value>,
+    frames: Vec<Vec<u8>>,
 }
 
 /// Events per partition between two commits, as the pipeline checkpoints feature state: about
@@ -100,6 +111,32 @@ fn fixture() -> Fixture {
     rt.block_on(decoder.decode(Some(&frames[0])))
         .expect("warm the schema cache");
     let set = FeatureSet::new(&loaded.topology, &loaded.schema);
+    let long = {
+        let mut events = Simulator::new(SimConfig {
+            cards: 1_000,
+            events_per_sec: 6.7,
+            ..SimConfig::default()
+        })
+        .expect("sim")
+        .take(100_000 + N)
+        .map(|(p, _)| p.to_value());
+        let mut warm = FeatureState::default();
+        for v in events.by_ref().take(100_000) {
+            warm.update(&set, set.extract(&v, None).expect("extract"))
+                .expect("features");
+        }
+        warm.checkpoint();
+        let values: Vec<Value> = events.collect();
+        let frames = values
+            .iter()
+            .map(|v| payment.encode(v.clone()).expect("encode"))
+            .collect();
+        LongHistory {
+            warm,
+            values,
+            frames,
+        }
+    };
     Fixture {
         rt,
         loaded,
@@ -108,6 +145,7 @@ fn fixture() -> Fixture {
         scored,
         frames,
         values,
+        long,
     }
 }
 
@@ -179,27 +217,15 @@ fn stages(c: &mut Criterion) {
             BatchSize::LargeInput,
         )
     });
-    // Keys with a long history, as a card has after weeks in production: 2,000 cards, each seen
-    // every 5 minutes, so a key holds ~50 events when the measured 20,000 arrive.
-    let (warm, rest) = {
-        let mut events = Simulator::new(SimConfig {
-            cards: 2_000,
-            events_per_sec: 6.7,
-            ..SimConfig::default()
-        })
-        .expect("sim")
-        .take(100_000 + N)
-        .map(|(p, _)| f.set.extract(&p.to_value(), None).expect("extract"));
-        let mut warm = FeatureState::default();
-        for e in events.by_ref().take(100_000) {
-            warm.update(&f.set, e).expect("features");
-        }
-        warm.checkpoint();
-        (warm, events.collect::<Vec<_>>())
-    };
+    let rest: Vec<Event> = f
+        .long
+        .values
+        .iter()
+        .map(|v| f.set.extract(v, None).expect("extract"))
+        .collect();
     g.bench_function("features_long_history", |b| {
         b.iter_batched(
-            || (warm.clone(), rest.clone()),
+            || (f.long.warm.clone(), rest.clone()),
             |(state, events)| update_in_cycles(&f.set, state, events),
             BatchSize::LargeInput,
         )
@@ -270,6 +296,65 @@ fn stages(c: &mut Criterion) {
                 fast.encode_into(&mut out, &record).expect("encode");
             }
         })
+    });
+    // Decode → features → scored record, with the changelog of each cycle encoded at its
+    // checkpoint: the in-process path without the model calls (their scores fixed).
+    let path_no_models = |state: &mut FeatureState, frames: &[Vec<u8>], out: &mut Vec<u8>| {
+        let mut fired = Vec::new();
+        let mut changelog = Vec::with_capacity(1 << 16);
+        for (i, fr) in frames.iter().enumerate() {
+            let d = f.rt.block_on(f.decoder.decode(Some(fr))).expect("decode");
+            let e = f.set.extract(&d.value, None).expect("extract");
+            let r = state.update(&f.set, e).expect("features");
+            let (decision, rules_fired) = decide(&fixed, &mut fired);
+            let record = ScoredRecord {
+                event: if d.verbatim {
+                    record::Event::Verbatim(&fr[5..])
+                } else {
+                    record::Event::Value(&d.value)
+                },
+                features: &r,
+                scores: &fixed,
+                decision,
+                rules_fired: &rules_fired,
+                processing: prov.clone(),
+            };
+            out.clear();
+            fast.encode_into(out, &record).expect("encode");
+            if i % CYCLE == CYCLE - 1 {
+                changelog.clear();
+                state
+                    .changelog(&f.set, i as i64, |k, v| {
+                        changelog.extend_from_slice(k);
+                        changelog.extend_from_slice(v.unwrap_or_default());
+                        Ok::<_, ()>(())
+                    })
+                    .expect("changelog");
+                state.checkpoint();
+            }
+        }
+    };
+    g.bench_function("path_no_models", |b| {
+        let mut out = Vec::with_capacity(2048);
+        b.iter_batched(
+            FeatureState::default,
+            |mut state| {
+                path_no_models(&mut state, &f.frames, &mut out);
+                state
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    g.bench_function("path_no_models_long_history", |b| {
+        let mut out = Vec::with_capacity(2048);
+        b.iter_batched(
+            || f.long.warm.clone(),
+            |mut state| {
+                path_no_models(&mut state, &f.long.frames, &mut out);
+                state
+            },
+            BatchSize::LargeInput,
+        )
     });
     // The whole in-process path, one core: what a processor instance does per event apart
     // from Kafka itself.

@@ -6,6 +6,8 @@ Run it through scripts/bench.sh, which starts a stack of its own and builds the 
 For each of the two it measures, as separate processes:
   * throughput: N simulated events produced beforehand, then the time from the first commit to
     the commit of the last event; CPU seconds (user + system) and peak RSS of the process;
+    for the processor, also the feature-state changelog bytes it wrote per event, and the
+    restore a restart then does of the state it committed (records, bytes, seconds);
   * latency: the same process fed at half the processor's maximum rate (paced simulator, event
     time = wall clock) for a while; p50/p99/max of event time (for the passthrough, the record
     timestamp, set when the simulator sends) to commit, from the process's own histogram
@@ -86,7 +88,7 @@ def topology(directory, input_topic, name):
     return path
 
 
-def start(kind, directory, input_topic, name, port):
+def start(kind, directory, input_topic, name, port, log_name=None, env=None):
     listen = ["--metrics-listen", f"127.0.0.1:{port}"]
     if kind == "processor":
         cmd = [KSCORE, *listen, "run", "--topology", topology(directory, input_topic, name),
@@ -94,8 +96,28 @@ def start(kind, directory, input_topic, name, port):
     else:
         cmd = [KSCORE, *listen, "passthrough", "--input", input_topic,
                "--output", f"{name}-out", "--group", f"{name}-group"]
-    logfile = open(os.path.join(directory, f"{name}.log"), "w")
-    return subprocess.Popen(cmd, stdout=logfile, stderr=logfile)
+    logfile = open(os.path.join(directory, f"{log_name or name}.log"), "w")
+    return subprocess.Popen(cmd, stdout=logfile, stderr=logfile, env=env)
+
+
+def restore(directory, input_topic, name, port):
+    """Starts the processor again on the state a throughput run left and reads its restore
+    (records, bytes and seconds, from its log)."""
+    env = dict(os.environ, RUST_LOG="warn,kscore::telemetry::events=info,kscore::pipeline=info")
+    proc = start("processor", directory, input_topic, name, port, f"{name}-restart", env)
+    path = os.path.join(directory, f"{name}-restart.log")
+    deadline = time.time() + 600
+    found = None
+    while time.time() < deadline and found is None and proc.poll() is None:
+        time.sleep(0.2)
+        for line in open(path, errors="replace"):
+            if "feature state restored" in line:
+                found = {k: float(v) for k, v in re.findall(r"(records|bytes|keys|seconds)=([0-9.]+)", line)}
+    stop(proc)
+    if found is None:
+        sys.exit(f"the restart did not restore; see {path}")
+    log(f"processor restore: {json.dumps(found)}")
+    return found
 
 
 def scrape(port):
@@ -189,7 +211,8 @@ def throughput(kind, directory, events, port):
         time.sleep(0.1)
         if proc.poll() is not None:
             sys.exit(f"{kind} exited early; see {directory}")
-        n = consumed(scrape(port))
+        metrics = scrape(port)
+        n = consumed(metrics)
         if n > 0 and first is None:
             first = (time.time(), n, cpu_seconds(proc.pid), broker_cpu_seconds())
         if n >= events:
@@ -199,6 +222,7 @@ def throughput(kind, directory, events, port):
     else:
         sys.exit(f"{kind} did not finish")
     stop(proc)
+    restored = restore(directory, topic, f"{kind}-{run}", port) if kind == "processor" else None
     t0, n0, cpu0, broker0 = first
     seconds = end[0] - t0
     result = {
@@ -208,6 +232,10 @@ def throughput(kind, directory, events, port):
         "cpu_s_per_1M_events": (end[1] - cpu0) / (events - n0) * 1e6,
         "peak_rss_mib": end[2],
         "broker_cpu_s_per_1M_events": (end[3] - broker0) / (events - n0) * 1e6,
+        # Feature-state changelog bytes (keys and values) written per input event.
+        "changelog_bytes_per_event": metrics.get("kscore_changelog_bytes_total", 0.0) / events,
+        # A restart's restore of the state this run committed.
+        "restore": restored,
     }
     log(f"{kind} throughput: {json.dumps(result)}")
     return result
@@ -282,18 +310,23 @@ def main():
     p, b = results["processor"], results["passthrough"]
     print()
     print(f"{'':14}{'events/s':>10}{'CPU s/1M ev':>13}{'broker s/1M':>13}{'peak RSS MiB':>14}"
-          f"{'rate/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'p99 all':>9}{'max ≤ ms':>9}{'broker CPU':>12}")
+          f"{'rate/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'p99 all':>9}{'max ≤ ms':>9}{'broker CPU':>12}"
+          f"{'changelog B/ev':>16}")
     for name, r in [("passthrough", b), ("processor", p)]:
         t, l = r["throughput"], r["latency"]
         print(f"{name:14}{t['events_per_s']:>10.0f}{t['cpu_s_per_1M_events']:>13.1f}"
               f"{t['broker_cpu_s_per_1M_events']:>13.1f}"
               f"{t['peak_rss_mib']:>14.0f}{l['rate']:>9}{l['p50_ms']:>8.0f}{l['p99_ms']:>8.0f}"
               f"{l['p99_ms_with_warmup']:>9.0f}"
-              f"{l['max_ms_at_most']:>9.0f}{l['broker_cpu_share']:>11.0%}")
+              f"{l['max_ms_at_most']:>9.0f}{l['broker_cpu_share']:>11.0%}"
+              f"{t['changelog_bytes_per_event']:>16.1f}")
     ratio = p["throughput"]["events_per_s"] / b["throughput"]["events_per_s"]
     print(f"(p50/p99 after {WARMUP_S} s of paced input; 'p99 all' includes those seconds)")
     print(f"\nprocessor / passthrough throughput: {ratio:.2f} "
           f"({args.events} events, exactly-once, commit interval 100 ms, 4 partitions)")
+    r = p["throughput"]["restore"]
+    print(f"processor restart: restored {r['keys']:.0f} keys from {r['records']:.0f} changelog "
+          f"records ({r['bytes'] / 1e6:.1f} MB) in {r['seconds']:.2f} s")
     results["ratio"] = ratio
     if args.json:
         with open(args.json, "w") as f:
