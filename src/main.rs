@@ -205,8 +205,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             kscore::scorer::runtime::init(None).map_err(|e| {
                 anyhow::anyhow!("{}: cannot check the models: {e}", topology.display())
             })?;
-            let mut problems = kscore::features::check(&loaded);
-            problems.extend(kscore::scorer::check_models(&loaded));
+            let problems = kscore::scorer::check_models(&loaded);
             if !problems.is_empty() {
                 return Err(kscore::topology::TopologyError::Invalid {
                     file: topology.clone(),

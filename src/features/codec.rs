@@ -2,31 +2,38 @@
 //! compacted changelog topic in each transaction, and what [`crate::changelog::Restorer`]
 //! reads back on partition assignment.
 //!
-//! One record per key changed since the last commit (key: the feature key's UTF-8 bytes;
-//! value: the key's whole retained state, or a tombstone when it was evicted), and one
-//! partition record (key [`PARTITION_KEY`], never valid UTF-8 so it cannot collide with a
-//! feature key) with the next input offset the state belongs to and the partition's counters.
-//! Restored state is equal, field for field, to the state that was committed, so a restarted
-//! processor computes the same features the uninterrupted one would have.
+//! **One record per retained event**, so what a commit writes does not grow with a key's
+//! history: the events the cycle added (key: the feature key's UTF-8 bytes, `0xFF`, the event's
+//! sequence number as 8 big-endian bytes; value: its time and the values the features read) and
+//! a tombstone for each event it dropped (trimmed out of the longest window or over the cap, or
+//! evicted with its idle key). Compaction keeps one record per live event, so the topic stays
+//! bounded by the live state; a restore gathers each key's events and sorts them by (time,
+//! sequence), which is the order they had. One partition record per commit (key
+//! [`PARTITION_KEY`]) carries the next input offset the state belongs to and the partition's
+//! counters. Restored state is equal, field for field, to the state that was committed, so a
+//! restarted processor computes the same features the uninterrupted one would have.
 //!
 //! Values start with a format version and a fingerprint of the feature set's inputs; state
 //! written by a topology that reads different fields, or by another version of the format, is
-//! refused key by key instead of misread. Numbers are little-endian; floats keep their exact
-//! bits; categories are their XXH3-64 hashes ([`super::extract::hash_str`]).
+//! refused record by record instead of misread. Numbers are little-endian; floats keep their
+//! exact bits; categories are their XXH3-64 hashes ([`super::extract::hash_str`]).
 //!
-//! Version 2 (this one): categories hashed with XXH3-64, and the partition record carries the
-//! eviction clock. Version 1 hashed categories with std's `DefaultHasher`, whose output Rust
-//! does not promise to keep; its records are refused.
+//! Version 3 (this one): one record per event. Version 2 wrote each changed key's whole state
+//! under the key itself, and version 1 hashed categories with std's `DefaultHasher`; their
+//! records are refused (the keys they held start afresh).
+
+use std::collections::VecDeque;
 
 use super::{CLOCK_BASE, EvictionClock, FeatureSet, FeatureState, KeyState, Stored};
 
 /// Changelog key of a partition's own record. `0xFF` never occurs in UTF-8.
 pub const PARTITION_KEY: &[u8] = b"\xFFpartition";
 
-const VERSION: u8 = 2;
+const VERSION: u8 = 3;
 
-/// Bytes of a key record before its events: version, fingerprint, newest time, event count.
-pub const KEY_HEADER_BYTES: usize = 1 + 8 + 8 + 4;
+/// Separates the feature key from the event's sequence number in an event record's key.
+/// `0xFF` never occurs in UTF-8.
+const SEPARATOR: u8 = 0xFF;
 
 /// Why a changelog record cannot be restored.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -47,8 +54,8 @@ pub enum CodecError {
         /// Of this topology.
         expected: u64,
     },
-    /// The key is not UTF-8 (and not the partition record).
-    #[error("changelog key is not UTF-8")]
+    /// The key is not a feature key's UTF-8, `0xFF` and 8 bytes (nor the partition record).
+    #[error("changelog key is not an event key (UTF-8 feature key, 0xFF, 8-byte sequence)")]
     Key,
 }
 
@@ -85,9 +92,10 @@ impl FeatureSet {
 }
 
 impl FeatureState {
-    /// Calls `emit(key, value)` for every key changed since the last checkpoint (value `None`:
-    /// the key is gone, a tombstone), then once for the partition record with `next_offset`.
-    /// Returns how many records were emitted.
+    /// Calls `emit(key, value)` for every change since the last checkpoint: a record for each
+    /// event added and still held, a tombstone (value `None`) for each event held then and
+    /// gone since; then once for the partition record with `next_offset`. Returns how many
+    /// records were emitted.
     pub fn changelog<E>(
         &self,
         set: &FeatureSet,
@@ -95,18 +103,32 @@ impl FeatureState {
         mut emit: impl FnMut(&[u8], Option<&[u8]>) -> Result<(), E>,
     ) -> Result<usize, E> {
         let fingerprint = set.fingerprint();
-        let mut buf = Vec::with_capacity(256);
+        let mut record_key = Vec::with_capacity(64);
+        let mut buf = Vec::with_capacity(128);
         let mut n = 0;
-        for key in self.undo.keys() {
-            match self.keys.get(key) {
-                Some(state) => {
-                    buf.clear();
-                    encode_key(&mut buf, fingerprint, state);
-                    emit(key.as_bytes(), Some(&buf))?;
-                }
-                None => emit(key.as_bytes(), None)?,
+        for (key, undo) in &self.undo {
+            for gone in &undo.removed {
+                event_key(&mut record_key, key, gone.seq);
+                emit(&record_key, None)?;
+                n += 1;
             }
-            n += 1;
+            let Some(state) = self.keys.get(key) else {
+                continue;
+            };
+            for &(time, seq) in &undo.added {
+                // Added and gone again within the cycle: never written, nothing to take back.
+                let Ok(i) = state
+                    .events
+                    .binary_search_by(|e| (e.time, e.seq).cmp(&(time, seq)))
+                else {
+                    continue;
+                };
+                event_key(&mut record_key, key, seq);
+                buf.clear();
+                encode_event(&mut buf, fingerprint, &state.events[i]);
+                emit(&record_key, Some(&buf))?;
+                n += 1;
+            }
         }
         buf.clear();
         header(&mut buf, fingerprint);
@@ -141,23 +163,67 @@ impl FeatureState {
             self.committed_next = Some(next_offset);
             return Ok(Some(PartitionMark { next_offset }));
         }
-        let key = std::str::from_utf8(key).map_err(|_| CodecError::Key)?;
+        let (feature_key, seq) = split_event_key(key, value)?;
         match value {
             None => {
-                self.keys.remove(key);
+                if let Some(events) = self.restoring.get_mut(feature_key) {
+                    events.remove(&seq);
+                }
             }
             Some(value) => {
-                let state = decode_key(value, fingerprint, set)?;
-                self.keys.insert(key.to_string(), state);
+                let event = decode_event(value, fingerprint, seq, set)?;
+                self.restoring
+                    .entry(feature_key.to_string())
+                    .or_default()
+                    .insert(seq, event);
             }
         }
         Ok(None)
     }
 
-    /// Ends a restore: the state is what was committed.
+    /// Ends a restore: each key's events in their order, and the state is what was committed.
     pub fn restored(&mut self) {
+        for (key, events) in self.restoring.drain() {
+            if events.is_empty() {
+                continue;
+            }
+            let mut events: Vec<Stored> = events.into_values().collect();
+            events.sort_unstable_by_key(|e| (e.time, e.seq));
+            let newest = events.last().map_or(0, |e| e.time);
+            self.keys.insert(
+                key,
+                KeyState {
+                    events: VecDeque::from(events),
+                    newest,
+                    running: Default::default(),
+                },
+            );
+        }
         self.checkpoint();
     }
+}
+
+/// An event record's key: the feature key, [`SEPARATOR`], the sequence number (big-endian, so
+/// a key's records sort by it).
+fn event_key(out: &mut Vec<u8>, key: &str, seq: u64) {
+    out.clear();
+    out.extend_from_slice(key.as_bytes());
+    out.push(SEPARATOR);
+    out.extend_from_slice(&seq.to_be_bytes());
+}
+
+/// The feature key and sequence number of an event record's key. A key without the separator
+/// is a record of version 2 (a whole key's state): refused as such.
+fn split_event_key<'k>(key: &'k [u8], value: Option<&[u8]>) -> Result<(&'k str, u64), CodecError> {
+    let Some(at) = key.iter().position(|&b| b == SEPARATOR) else {
+        return Err(match value.and_then(|v| v.first()) {
+            Some(&version) if version != VERSION => CodecError::Version(version),
+            _ => CodecError::Key,
+        });
+    };
+    let feature_key = std::str::from_utf8(&key[..at]).map_err(|_| CodecError::Key)?;
+    let seq = <[u8; 8]>::try_from(&key[at + 1..]).map_err(|_| CodecError::Key)?;
+    Ok((feature_key, u64::from_be_bytes(seq)))
 }
 
 fn header(buf: &mut Vec<u8>, fingerprint: u64) {
@@ -203,54 +269,37 @@ fn decode_clock(r: &mut Reader<'_>) -> Result<EvictionClock, CodecError> {
     Ok(clock)
 }
 
-fn encode_key(buf: &mut Vec<u8>, fingerprint: u64, state: &KeyState) {
+fn encode_event(buf: &mut Vec<u8>, fingerprint: u64, e: &Stored) {
     header(buf, fingerprint);
-    buf.extend_from_slice(&state.newest.to_le_bytes());
-    buf.extend_from_slice(&(state.events.len() as u32).to_le_bytes());
-    for e in &state.events {
-        buf.extend_from_slice(&e.time.to_le_bytes());
-        buf.extend_from_slice(&e.seq.to_le_bytes());
-        for x in &e.nums {
-            buf.extend_from_slice(&x.to_bits().to_le_bytes());
-        }
-        for c in &e.cats {
-            buf.extend_from_slice(&c.to_le_bytes());
-        }
+    buf.extend_from_slice(&e.time.to_le_bytes());
+    for x in &e.nums {
+        buf.extend_from_slice(&x.to_bits().to_le_bytes());
+    }
+    for c in &e.cats {
+        buf.extend_from_slice(&c.to_le_bytes());
     }
 }
 
-fn decode_key(value: &[u8], fingerprint: u64, set: &FeatureSet) -> Result<KeyState, CodecError> {
+fn decode_event(
+    value: &[u8],
+    fingerprint: u64,
+    seq: u64,
+    set: &FeatureSet,
+) -> Result<Stored, CodecError> {
     let mut r = Reader::new(value, fingerprint)?;
-    let newest = r.i64()?;
-    let n = r.u32()? as usize;
-    let (nn, nc) = (set.num_fields.len(), set.cat_fields.len());
-    // Each event takes 16 + 8 * (nn + nc) bytes: refuse a count the value cannot hold before
-    // allocating for it.
-    if r.rest.len() != n * (16 + 8 * (nn + nc)) {
-        return Err(CodecError::Malformed("event count"));
-    }
-    let mut events = std::collections::VecDeque::with_capacity(n);
-    for _ in 0..n {
-        let time = r.i64()?;
-        let seq = r.u64()?;
-        let nums = (0..nn)
-            .map(|_| r.u64().map(f64::from_bits))
-            .collect::<Result<Box<[f64]>, _>>()?;
-        let cats = (0..nc)
-            .map(|_| r.u64())
-            .collect::<Result<Box<[u64]>, _>>()?;
-        events.push_back(Stored {
-            time,
-            seq,
-            nums,
-            cats,
-        });
-    }
+    let time = r.i64()?;
+    let nums = (0..set.num_fields.len())
+        .map(|_| r.u64().map(f64::from_bits))
+        .collect::<Result<Box<[f64]>, _>>()?;
+    let cats = (0..set.cat_fields.len())
+        .map(|_| r.u64())
+        .collect::<Result<Box<[u64]>, _>>()?;
     r.end()?;
-    Ok(KeyState {
-        events,
-        newest,
-        running: Default::default(),
+    Ok(Stored {
+        time,
+        seq,
+        nums,
+        cats,
     })
 }
 
@@ -282,10 +331,6 @@ impl<'a> Reader<'a> {
             .ok_or(CodecError::Malformed("ends early"))?;
         self.rest = rest;
         Ok(*head)
-    }
-
-    fn u32(&mut self) -> Result<u32, CodecError> {
-        self.take().map(u32::from_le_bytes)
     }
 
     fn u64(&mut self) -> Result<u64, CodecError> {

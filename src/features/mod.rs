@@ -165,30 +165,6 @@ pub fn millis(d: std::time::Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// The largest record the producer sends by default (librdkafka's `message.max.bytes`): a key's
-/// whole state is one changelog record.
-pub const MAX_RECORD_BYTES: usize = 1_000_000;
-
-/// The problems of a validated topology's feature state, by field path: a full key must fit in
-/// one changelog record. (`kscore validate` and `kscore run` check this beside the topology's
-/// own validation.)
-pub fn check(loaded: &crate::topology::Loaded) -> Vec<crate::topology::Problem> {
-    let set = FeatureSet::new(&loaded.topology, &loaded.schema);
-    let events = loaded.topology.state.max_events_per_key;
-    let bytes = set.key_state_bytes(events);
-    if bytes <= MAX_RECORD_BYTES {
-        return Vec::new();
-    }
-    vec![crate::topology::Problem {
-        path: "state.max_events_per_key".into(),
-        message: format!(
-            "{events} events of this topology's inputs make a key's changelog record of {bytes} \
-             bytes, over the {MAX_RECORD_BYTES} bytes of a Kafka record; at most {}",
-            set.max_events_in(MAX_RECORD_BYTES)
-        ),
-    }]
-}
-
 /// Where a feature reads its value.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Source {
@@ -335,20 +311,6 @@ impl FeatureSet {
         self.time_range
     }
 
-    /// The size of a key's changelog record holding `events` events (see [`codec`]).
-    pub fn key_state_bytes(&self, events: usize) -> usize {
-        codec::KEY_HEADER_BYTES.saturating_add(events.saturating_mul(self.event_bytes()))
-    }
-
-    /// The most events whose key record fits in `bytes`.
-    pub fn max_events_in(&self, bytes: usize) -> usize {
-        bytes.saturating_sub(codec::KEY_HEADER_BYTES) / self.event_bytes()
-    }
-
-    fn event_bytes(&self) -> usize {
-        16 + 8 * (self.num_fields.len() + self.cat_fields.len())
-    }
-
     /// Feature names, in output order.
     pub fn names(&self) -> Vec<&str> {
         self.specs.iter().map(|s| s.name.as_str()).collect()
@@ -430,6 +392,8 @@ struct Undo {
     newest: i64,
     /// Its events removed since, oldest first.
     removed: Vec<Stored>,
+    /// (time, seq) of the events added since (some may be gone again), for the changelog.
+    added: Vec<(i64, u64)>,
 }
 
 /// A robust, never decreasing estimate of a partition's event time, which drives eviction: the
@@ -521,6 +485,8 @@ pub struct FeatureState {
     at_checkpoint: (u64, EvictionClock, u64),
     /// The next input offset of the last commit this state belongs to (`None`: none yet).
     committed_next: Option<i64>,
+    /// During a restore, each key's events read so far, by seq.
+    restoring: HashMap<String, HashMap<u64, Stored>>,
 }
 
 /// Events a partition's state takes between two sweeps for idle keys.
@@ -600,6 +566,7 @@ impl FeatureState {
                 existed: at_checkpoint.is_some(),
                 newest: at_checkpoint.map_or(0, |s| s.newest),
                 removed: Vec::new(),
+                added: Vec::new(),
             };
             self.undo.insert(key.clone(), undo);
         }
@@ -648,6 +615,9 @@ impl FeatureState {
             }
         };
         self.seq += 1;
+        if let Some(undo) = self.undo.get_mut(&key) {
+            undo.added.push((t, seq));
+        }
         state.newest = if state.events.len() == 1 {
             t
         } else {
@@ -698,6 +668,7 @@ impl FeatureState {
                     existed: true,
                     newest: k.newest,
                     removed: Vec::new(),
+                    added: Vec::new(),
                 });
                 let events = std::mem::take(&mut k.events);
                 entry

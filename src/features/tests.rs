@@ -490,7 +490,7 @@ fn a_malformed_or_foreign_changelog_value_is_an_error_not_a_panic() {
     longer.push(0);
     assert_eq!(
         fresh.restore_record(&set, key, Some(&longer)),
-        Err(CodecError::Malformed("event count"))
+        Err(CodecError::Malformed("bytes left over"))
     );
     let mut version = value.clone();
     version[0] = 9;
@@ -817,8 +817,9 @@ fn the_eviction_clock_is_not_moved_by_outliers() {
     assert_eq!(clock.now(), Some(t0 + 112));
 }
 
-/// State written by the first changelog format (categories hashed with std's `DefaultHasher`)
-/// is refused key by key, not misread.
+/// State written by earlier changelog formats (version 1: categories hashed with std's
+/// `DefaultHasher`; version 2: a key's whole state under the key itself) is refused record by
+/// record, not misread.
 #[test]
 fn changelog_records_of_the_previous_format_are_refused() {
     let set = feature_set(TOPOLOGY);
@@ -831,41 +832,82 @@ fn changelog_records_of_the_previous_format_are_refused() {
     let mut fresh = FeatureState::default();
     for (key, value) in changelog_of(&state, &set, 10) {
         let mut value = value.expect("a value");
-        assert_eq!(value[0], 2, "format version");
-        value[0] = 1;
-        assert_eq!(
-            fresh.restore_record(&set, &key, Some(&value)),
-            Err(CodecError::Version(1))
-        );
+        assert_eq!(value[0], 3, "format version");
+        for old in [1, 2] {
+            value[0] = old;
+            assert_eq!(
+                fresh.restore_record(&set, &key, Some(&value)),
+                Err(CodecError::Version(old))
+            );
+        }
+        // Version 2's key records were named by the feature key alone.
+        if let Some(at) = key.iter().position(|&b| b == 0xFF).filter(|&at| at > 0) {
+            assert_eq!(
+                fresh.restore_record(&set, &key[..at], Some(&value)),
+                Err(CodecError::Version(2))
+            );
+        }
     }
+    fresh.restored();
     assert_eq!(fresh, FeatureState::default());
 }
 
-/// A key's whole state is one changelog record: a cap too high for the topology's inputs is a
-/// problem at validation, with the most that fits.
+/// What a commit writes to the changelog does not grow with the key's history: one record per
+/// event added, one tombstone per event dropped, one partition record.
 #[test]
-fn a_key_state_too_large_for_one_record_is_a_problem() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(
-        dir.path().join("payment.avsc"),
-        crate::schemas::PAYMENT_AVSC,
-    )
-    .expect("schema");
-    let load = |cap: &str| {
-        let file = dir.path().join("t.toml");
-        std::fs::write(&file, TOPOLOGY.replace("max_events_per_key = 10000", cap))
-            .expect("topology");
-        topology::load(&file).expect("valid topology")
-    };
-    assert_eq!(check(&load("max_events_per_key = 10000")), vec![]);
-    let problems = check(&load("max_events_per_key = 100000"));
-    assert_eq!(
-        problems.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        vec![
-            "state.max_events_per_key: 100000 events of this topology's inputs make a key's \
-             changelog record of 5600021 bytes, over the 1000000 bytes of a Kafka record; at \
-             most 17856"
-        ]
+fn changelog_bytes_per_event_do_not_grow_with_history() {
+    let set =
+        feature_set(&TOPOLOGY.replace("max_events_per_key = 10000", "max_events_per_key = 3000"));
+    let mut state = FeatureState::default();
+    let t0 = 1_767_225_600_000;
+    // One card, an event a second: its retained history grows to the cap (3,000), then the
+    // cap trims one event per event.
+    let base = Simulator::new(SimConfig::default())
+        .expect("sim")
+        .next()
+        .expect("event")
+        .0;
+    let mut per_commit = Vec::new();
+    for i in 0..6_000i64 {
+        let mut p = base.clone();
+        p.event_time = t0 + i * 1_000;
+        state
+            .update(&set, set.extract(&p.to_value(), None).expect("extract"))
+            .expect("features");
+        if i % 10 == 9 {
+            let (mut records, mut bytes, mut tombstones) = (0, 0, 0);
+            state
+                .changelog(&set, i, |k, v| {
+                    records += 1;
+                    // The partition record's size varies a little with its eviction clock.
+                    if k != PARTITION_KEY {
+                        bytes += k.len() + v.map_or(0, <[u8]>::len);
+                    }
+                    tombstones += usize::from(v.is_none());
+                    Ok::<_, ()>(())
+                })
+                .expect("emit");
+            state.commit(i);
+            per_commit.push((records, bytes, tombstones));
+        }
+    }
+    let held = state.keys.values().map(|k| k.events.len()).sum::<usize>();
+    assert_eq!(held, 3_000);
+    // 10 event records and the partition record; once the cap is reached, 10 tombstones too.
+    let (growing, capped) = (per_commit[5], per_commit[590]);
+    // An event record is its key (the card, 0xFF, 8 bytes) and a value of version, fingerprint,
+    // time and the five inputs (one numeric, four categorical): 9 + 8 + 8 × 5 bytes. A
+    // tombstone is its key alone.
+    let key = base.card_id.len() + 9;
+    assert_eq!(growing, (11, 10 * (key + 57), 0));
+    assert_eq!(capped, (21, 10 * (key + 57) + 10 * key, 10));
+    assert!(
+        per_commit[..300].iter().all(|c| *c == growing),
+        "{per_commit:?}"
+    );
+    assert!(
+        per_commit[300..].iter().all(|c| *c == capped),
+        "{per_commit:?}"
     );
 }
 

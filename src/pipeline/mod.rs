@@ -292,7 +292,7 @@ impl Processor<'_> {
         let mut counts = publisher
             .send_records(producer, &cycle.records)
             .map_err(Failure::NotCommitted)?;
-        counts.changelog = publisher
+        (counts.changelog, counts.changelog_bytes) = publisher
             .send_changelog(producer, &cycle.next, &self.states)
             .map_err(Failure::NotCommitted)?;
         let mut offsets = TopicPartitionList::new();
@@ -354,6 +354,7 @@ impl Processor<'_> {
                 })
                 .collect(),
             changelog_records: counts.changelog,
+            changelog_bytes: counts.changelog_bytes,
             took: started.elapsed(),
             state_keys: self.states.values().map(FeatureState::keys).sum(),
         }

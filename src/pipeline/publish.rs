@@ -35,6 +35,7 @@ pub(super) struct Outputs {
 #[derive(Debug, Default)]
 pub(super) struct Counts {
     pub(super) changelog: u64,
+    pub(super) changelog_bytes: u64,
     pub(super) scored: u64,
     pub(super) alerts: u64,
     /// Alerts by rule index.
@@ -86,17 +87,19 @@ pub(super) struct Publisher<'a> {
 
 impl Publisher<'_> {
     /// The state each partition's records left, for restoring it after a crash or rebalance:
-    /// the keys the cycle changed and a partition record with `next` offset, per partition read.
+    /// the events the cycle added and dropped and a partition record with `next` offset, per
+    /// partition read. Returns the records and bytes written.
     pub(super) fn send_changelog(
         &self,
         producer: &OutputProducer,
         next_offsets: &BTreeMap<i32, i64>,
         states: &HashMap<i32, FeatureState>,
-    ) -> Result<u64, KafkaError> {
-        let mut n = 0;
+    ) -> Result<(u64, u64), KafkaError> {
+        let (mut n, mut bytes) = (0, 0);
         for (partition, next) in next_offsets {
             if let Some(state) = states.get(partition) {
                 n += state.changelog(self.set, *next, |key, value| {
+                    bytes += (key.len() + value.map_or(0, <[u8]>::len)) as u64;
                     produce::send(
                         producer,
                         Out {
@@ -115,7 +118,7 @@ impl Publisher<'_> {
                 })? as u64;
             }
         }
-        Ok(n)
+        Ok((n, bytes))
     }
 
     /// The cycle's scored records, alerts and dead letters, in input order.

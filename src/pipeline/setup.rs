@@ -34,8 +34,8 @@ use crate::source::Decoder;
 use crate::telemetry::events::{ModelLoaded, ProcessorRunning};
 use crate::telemetry::health;
 use crate::telemetry::metrics as names;
+use crate::topology::Loaded;
 use crate::topology::config::Guarantee;
-use crate::topology::{Loaded, TopologyError};
 use strum::IntoEnumIterator;
 
 impl<'a> Processor<'a> {
@@ -48,14 +48,6 @@ impl<'a> Processor<'a> {
         stop: Arc<AtomicBool>,
     ) -> anyhow::Result<Option<Self>> {
         let t = &loaded.topology;
-        let problems = crate::features::check(loaded);
-        if !problems.is_empty() {
-            return Err(TopologyError::Invalid {
-                file: loaded.file.clone(),
-                problems,
-            }
-            .into());
-        }
         health::pipeline_started();
         crate::scorer::runtime::init(None)?;
         let set = FeatureSet::new(t, &loaded.schema);

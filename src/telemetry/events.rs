@@ -60,6 +60,8 @@ pub struct CycleCommitted<'a> {
     pub alerts: Vec<(&'a str, &'a str, &'a str, u64)>,
     /// Changelog records written.
     pub changelog_records: u64,
+    /// Their bytes, keys and values.
+    pub changelog_bytes: u64,
     /// How long publishing and committing took.
     pub took: Duration,
     /// Keys held over all partitions afterwards.
@@ -81,6 +83,7 @@ impl CycleCommitted<'_> {
         metrics::counter!(names::COMMITS).increment(1);
         metrics::histogram!(names::COMMIT_SECONDS).record(self.took.as_secs_f64());
         metrics::counter!(names::CHANGELOG_RECORDS).increment(self.changelog_records);
+        metrics::counter!(names::CHANGELOG_BYTES).increment(self.changelog_bytes);
         metrics::gauge!(names::STATE_KEYS).set(self.state_keys as f64);
         metrics::counter!(names::CONSUMED, "topic" => topic.clone()).increment(self.consumed);
         metrics::counter!(names::SCORED, "topic" => topic.clone()).increment(self.scored);

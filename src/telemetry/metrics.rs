@@ -77,8 +77,10 @@ pub const FAILED_CYCLES: &str = "kscore_failed_cycles";
 pub const CONSUMER_LAG: &str = "kscore_consumer_lag";
 /// Keys held in feature state.
 pub const STATE_KEYS: &str = "kscore_feature_state_keys";
-/// Changelog records written (changed keys and partition records).
+/// Changelog records written (events added, tombstones of events dropped, partition records).
 pub const CHANGELOG_RECORDS: &str = "kscore_changelog_records_total";
+/// Bytes of changelog records written, keys and values.
+pub const CHANGELOG_BYTES: &str = "kscore_changelog_bytes_total";
 /// Seconds a restore of newly assigned partitions took.
 pub const STATE_RESTORE_SECONDS: &str = "kscore_state_restore_seconds";
 /// Changelog records read by restores.
@@ -191,7 +193,8 @@ pub const CATALOGUE: &[Metric] = &[
     metric(BACKPRESSURE_PAUSES, Counter, &[], "Times the input was paused because the models were behind."),
     // Feature state.
     metric(STATE_KEYS, Gauge, &[], "Keys held in feature state."),
-    metric(CHANGELOG_RECORDS, Counter, &[], "Changelog records written (changed keys and partition records)."),
+    metric(CHANGELOG_RECORDS, Counter, &[], "Changelog records written (one per event added, a tombstone per event dropped, one partition record per partition and commit)."),
+    metric(CHANGELOG_BYTES, Counter, &[], "Bytes of changelog records written, keys and values: per event, independent of how much history its key holds."),
     histogram(STATE_RESTORE_SECONDS, &[], SECONDS, "Seconds a restore of newly assigned partitions took."),
     metric(STATE_RESTORE_RECORDS, Counter, &[], "Changelog records read by restores."),
     metric(STATE_RESTORE_BYTES, Counter, &[], "Changelog bytes (keys and values) read by restores."),

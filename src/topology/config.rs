@@ -91,8 +91,8 @@ impl Input {
 pub struct StateLimits {
     /// Most events kept per key. When a key has more inside its longest window, the oldest
     /// (by event time) are dropped: a window then sees at most this many earlier events plus
-    /// the event being scored. A full key's state must fit in one 1 MB changelog record
-    /// (validation says how many events that allows for the topology's inputs).
+    /// the event being scored. (Each event is its own changelog record, so the cap is bounded
+    /// by memory only.)
     #[serde(default = "StateLimits::default_max_events")]
     pub max_events_per_key: usize,
     /// A key with no event for this long in event time is evicted: every 10,000 events of a
