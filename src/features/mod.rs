@@ -489,6 +489,10 @@ pub struct FeatureState {
     restoring: HashMap<String, HashMap<u64, Stored>>,
 }
 
+/// Keys with fewer events compute their window features from the events themselves; from
+/// this many on they keep running aggregates (the same bits either way).
+const RUNNING_FROM: usize = 16;
+
 /// Events a partition's state takes between two sweeps for idle keys.
 pub const SWEEP_EVERY: u64 = 10_000;
 
@@ -577,7 +581,12 @@ impl FeatureState {
             None => fresh.insert(KeyState::default()),
         };
         let plan = set.plan();
-        state.running.refresh(plan, &state.events);
+        // A key with few events is computed from them (as cheap, and nothing to keep); from
+        // `RUNNING_FROM` events on it keeps running aggregates.
+        if state.events.len() >= RUNNING_FROM {
+            state.running.refresh(plan, &state.events);
+        }
+        let running = !state.running.is_stale();
         let stored = Stored {
             time: t,
             seq,
@@ -588,7 +597,7 @@ impl FeatureState {
         // aggregates; a late one is placed after every event with time <= t (ties keep arrival
         // order) and computed from its window's events.
         let in_order = state.events.back().is_none_or(|b| b.time <= t);
-        let (pos, computed) = if in_order {
+        let (pos, computed) = if in_order && running {
             state.events.push_back(stored);
             state.running.append(plan, &state.events);
             (state.events.len() - 1, newest_features(set, state))
@@ -605,7 +614,7 @@ impl FeatureState {
             Ok(out) => out,
             Err(e) => {
                 state.events.remove(pos);
-                if in_order {
+                if in_order && running {
                     state.running.mark_stale();
                 }
                 if first_change {

@@ -209,6 +209,11 @@ impl Running {
         self.stale = true;
     }
 
+    /// Whether the aggregates are out of step with the events (not kept, or to be rebuilt).
+    pub(super) fn is_stale(&self) -> bool {
+        self.stale
+    }
+
     /// Rebuilds the aggregates from the key's events if they are stale.
     pub(super) fn refresh(&mut self, plan: &Plan, events: &VecDeque<Stored>) {
         if !self.stale {
@@ -280,6 +285,9 @@ impl Running {
     /// The key's newest event was just appended (its time at or after every other's): the
     /// windows move to end at it, and it enters them.
     pub(super) fn append(&mut self, plan: &Plan, events: &VecDeque<Stored>) {
+        if self.stale {
+            return;
+        }
         let last = events.len() - 1;
         let newest = &events[last];
         for (w, window) in plan.windows.iter().enumerate() {
@@ -306,6 +314,9 @@ impl Running {
         pos: usize,
         newest: i64,
     ) {
+        if self.stale {
+            return;
+        }
         let e = &events[pos];
         for (w, window) in plan.windows.iter().enumerate() {
             if !window.used {
@@ -341,6 +352,9 @@ impl Running {
 
     /// The key's first event is about to be dropped (trimmed).
     pub(super) fn pop_front(&mut self, plan: &Plan, first: &Stored) {
+        if self.stale {
+            return;
+        }
         for (w, window) in plan.windows.iter().enumerate() {
             if !window.used {
                 continue;
@@ -410,28 +424,49 @@ pub(super) fn ratio(x: f64, mean: f64, default: f64) -> f64 {
     if mean == 0.0 { default } else { x / mean }
 }
 
+thread_local! {
+    /// Sums for [`from_scratch`], reused so a sum allocates nothing after the first.
+    static SCRATCH: std::cell::RefCell<(ExactSum, ExactSum)> = std::cell::RefCell::default();
+}
+
 /// A windowed feature of the event at `at.pos`, computed from the events of its window
-/// (`at.start..=at.pos`): what the running aggregates give, for a late event.
+/// (`at.start..=at.pos`): what the running aggregates give, for a late event or a key with
+/// few events.
 pub(super) fn from_scratch(spec: &Spec, at: &At<'_>) -> f64 {
+    SCRATCH.with(|scratch| {
+        let (sum, squares) = &mut *scratch.borrow_mut();
+        sum.clear();
+        squares.clear();
+        scratch_feature(spec, at, sum, squares)
+    })
+}
+
+fn scratch_feature(spec: &Spec, at: &At<'_>, s: &mut ExactSum, squares: &mut ExactSum) -> f64 {
     let num = |e: &Stored| spec.num(e);
     let n = (at.pos + 1 - at.start) as f64;
-    let sum = || {
-        let mut s = ExactSum::default();
-        at.window().for_each(|e| s.add(num(e)));
-        s.value()
-    };
+    let mut sum = || exact_sum(at.window().map(num), s);
     match spec.aggregation {
         Aggregation::Count => n,
         Aggregation::Sum => sum(),
         Aggregation::Mean => sum() / n,
         Aggregation::Std => {
-            let mut squares = ExactSum::default();
-            for e in at.window() {
-                let (p, r) = square(num(e));
-                squares.add(p);
-                squares.add(r);
-            }
-            spread(sum(), squares.value(), n)
+            // Squares of integers below 2^26 are exact integers below 2^52.
+            let small = at
+                .window()
+                .all(|e| num(e).fract() == 0.0 && num(e).abs() < 67_108_864.0);
+            let plain = at.window().map(|e| num(e) * num(e));
+            let sq = match plain_integer_sum(plain).filter(|_| small) {
+                Some(x) => x,
+                None => {
+                    for e in at.window() {
+                        let (p, r) = square(num(e));
+                        squares.add(p);
+                        squares.add(r);
+                    }
+                    squares.value()
+                }
+            };
+            spread(sum(), sq, n)
         }
         Aggregation::Min => at.window().map(num).fold(f64::INFINITY, min_later),
         Aggregation::Max => -at.window().map(|e| -num(e)).fold(f64::INFINITY, min_later),
@@ -448,6 +483,33 @@ pub(super) fn from_scratch(spec: &Spec, at: &At<'_>) -> f64 {
         }
         _ => ratio(num(at.current()), sum() / n, spec.default),
     }
+}
+
+/// The exact sum of `xs` rounded once, as [`ExactSum`] gives it: by plain addition where that
+/// is exact, else with `scratch`.
+fn exact_sum(xs: impl Iterator<Item = f64> + Clone, scratch: &mut ExactSum) -> f64 {
+    if let Some(s) = plain_integer_sum(xs.clone()) {
+        return s;
+    }
+    xs.for_each(|x| scratch.add(x));
+    scratch.value()
+}
+
+/// The sum of `xs` by plain addition when every value and every partial sum is an integer
+/// below 2^53 in magnitude (then every addition is exact: amounts in minor units), else
+/// `None`. A zero sum is `+0.0`, as [`ExactSum`] gives it.
+#[inline]
+fn plain_integer_sum(xs: impl Iterator<Item = f64>) -> Option<f64> {
+    const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53
+    let mut s = 0.0f64;
+    for x in xs {
+        s += x;
+        // A rounded partial sum below 2^53 means the true one was at most 2^53: exact.
+        if x.fract() != 0.0 || s.abs() >= EXACT {
+            return None;
+        }
+    }
+    Some(if s == 0.0 { 0.0 } else { s })
 }
 
 /// The smaller, the later one where they are equal (as the monotonic queue keeps): so `-0.0`
