@@ -22,7 +22,7 @@
 //! under the key itself, and version 1 hashed categories with std's `DefaultHasher`; their
 //! records are refused (the keys they held start afresh).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use super::{CLOCK_BASE, EvictionClock, FeatureSet, FeatureState, KeyState, Stored};
 
@@ -172,10 +172,16 @@ impl FeatureState {
             }
             Some(value) => {
                 let event = decode_event(value, fingerprint, seq, set)?;
-                self.restoring
-                    .entry(feature_key.to_string())
-                    .or_default()
-                    .insert(seq, event);
+                // Looked up first: a key has many records, its name is copied once.
+                match self.restoring.get_mut(feature_key) {
+                    Some(events) => {
+                        events.insert(seq, event);
+                    }
+                    None => {
+                        self.restoring
+                            .insert(feature_key.to_string(), HashMap::from([(seq, event)]));
+                    }
+                }
             }
         }
         Ok(None)
