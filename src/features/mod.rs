@@ -373,6 +373,59 @@ struct KeyState {
     running: window::Running,
 }
 
+impl KeyState {
+    /// Places `e` among the key's events and returns its features; on error the key is as it
+    /// was. An event at or after the key's newest is appended and computed from the running
+    /// aggregates; a late one (or one of a key with few events) is placed after every event
+    /// with time <= its own (ties keep arrival order) and computed from its windows' events.
+    fn place(&mut self, set: &FeatureSet, e: Stored) -> Result<Vec<f64>, FeatureError> {
+        let plan = set.plan();
+        // A key with few events is computed from them (as cheap, and nothing to keep); from
+        // `RUNNING_FROM` events on it keeps running aggregates.
+        if self.events.len() >= RUNNING_FROM {
+            self.running.refresh(plan, &self.events);
+        }
+        let t = e.time;
+        let appended = !self.running.is_stale() && self.events.back().is_none_or(|b| b.time <= t);
+        let out = if appended {
+            self.events.push_back(e);
+            self.running.append(plan, &self.events);
+            newest_features(set, self).inspect_err(|_| {
+                self.events.pop_back();
+                self.running.mark_stale();
+            })?
+        } else {
+            let pos = self.events.partition_point(|x| x.time <= t);
+            self.events.insert(pos, e);
+            let out = compute(set, &self.events, pos).inspect_err(|_| {
+                self.events.remove(pos);
+            })?;
+            self.running.insert(plan, &self.events, pos, self.newest);
+            out
+        };
+        self.newest = if self.events.len() == 1 {
+            t
+        } else {
+            self.newest.max(t)
+        };
+        Ok(out)
+    }
+
+    /// Drops what no window will see again: the events outside the longest window of the
+    /// newest, and the oldest over the cap (always keeping the newest). Returns them.
+    fn trim(&mut self, set: &FeatureSet) -> Vec<Stored> {
+        let horizon = self.newest.saturating_sub(set.max_window_ms);
+        let mut trimmed = Vec::new();
+        while (self.events.len() > 1 && self.events.front().is_some_and(|e| e.time <= horizon))
+            || self.events.len() > set.limits.max_events_per_key
+        {
+            self.running.pop_front(set.plan(), &self.events[0]);
+            trimmed.extend(self.events.pop_front());
+        }
+        trimmed
+    }
+}
+
 /// Equal when they hold the same events (the running aggregates are derived from them).
 impl PartialEq for KeyState {
     fn eq(&self, other: &Self) -> bool {
@@ -563,92 +616,35 @@ impl FeatureState {
             nums,
             cats,
         } = event;
-        let first_change = !self.undo.contains_key(&key);
-        if first_change {
-            let at_checkpoint = self.keys.get(&key);
-            let undo = Undo {
-                existed: at_checkpoint.is_some(),
-                newest: at_checkpoint.map_or(0, |s| s.newest),
-                removed: Vec::new(),
-                added: Vec::new(),
-            };
-            self.undo.insert(key.clone(), undo);
-        }
-        let checkpoint_seq = self.at_checkpoint.0;
         let mut fresh = None;
-        let state = match self.keys.get_mut(&key) {
-            Some(s) => s,
-            None => fresh.insert(KeyState::default()),
+        let (state, existed) = match self.keys.get_mut(&key) {
+            Some(s) => (s, true),
+            None => (fresh.insert(KeyState::default()), false),
         };
-        let plan = set.plan();
-        // A key with few events is computed from them (as cheap, and nothing to keep); from
-        // `RUNNING_FROM` events on it keeps running aggregates.
-        if state.events.len() >= RUNNING_FROM {
-            state.running.refresh(plan, &state.events);
-        }
-        let running = !state.running.is_stale();
+        let newest_before = state.newest;
         let stored = Stored {
             time: t,
             seq,
             nums: nums.into(),
             cats: cats.into(),
         };
-        // An event at or after the key's newest is appended and computed from the running
-        // aggregates; a late one is placed after every event with time <= t (ties keep arrival
-        // order) and computed from its window's events.
-        let in_order = state.events.back().is_none_or(|b| b.time <= t);
-        let (pos, computed) = if in_order && running {
-            state.events.push_back(stored);
-            state.running.append(plan, &state.events);
-            (state.events.len() - 1, newest_features(set, state))
-        } else {
-            let pos = state.events.partition_point(|e| e.time <= t);
-            state.events.insert(pos, stored);
-            let computed = compute(set, &state.events, pos);
-            if computed.is_ok() {
-                state.running.insert(plan, &state.events, pos, state.newest);
-            }
-            (pos, computed)
-        };
-        let out = match computed {
-            Ok(out) => out,
-            Err(e) => {
-                state.events.remove(pos);
-                if in_order && running {
-                    state.running.mark_stale();
-                }
-                if first_change {
-                    self.undo.remove(&key);
-                }
-                return Err(e);
-            }
-        };
+        let out = state.place(set, stored)?;
         self.seq += 1;
-        if let Some(undo) = self.undo.get_mut(&key) {
-            undo.added.push((t, seq));
-        }
-        state.newest = if state.events.len() == 1 {
-            t
-        } else {
-            state.newest.max(t)
+        let trimmed = state.trim(set);
+        // The undo log: how to take the key back to the checkpoint, and what to changelog.
+        let checkpoint_seq = self.at_checkpoint.0;
+        let undo = match self.undo.get_mut(&key) {
+            Some(undo) => undo,
+            None => self.undo.entry(key.clone()).or_insert(Undo {
+                existed,
+                newest: newest_before,
+                removed: Vec::new(),
+                added: Vec::new(),
+            }),
         };
-        // Trim: outside the longest window of the newest event, and over the cap.
-        let horizon = state.newest.saturating_sub(set.max_window_ms);
-        let mut trimmed = Vec::new();
-        while state.events.front().is_some_and(|e| e.time <= horizon) && state.events.len() > 1 {
-            state.running.pop_front(plan, &state.events[0]);
-            trimmed.extend(state.events.pop_front());
-        }
-        while state.events.len() > set.limits.max_events_per_key {
-            state.running.pop_front(plan, &state.events[0]);
-            trimmed.extend(state.events.pop_front());
-        }
-        if !trimmed.is_empty()
-            && let Some(undo) = self.undo.get_mut(&key)
-        {
-            undo.removed
-                .extend(trimmed.into_iter().filter(|e| e.seq < checkpoint_seq));
-        }
+        undo.added.push((t, seq));
+        undo.removed
+            .extend(trimmed.into_iter().filter(|e| e.seq < checkpoint_seq));
         if let Some(s) = fresh {
             self.keys.insert(key, s);
         }

@@ -13,7 +13,8 @@
 //!
 //! A late event is computed from its own window directly ([`from_scratch`]) and then enters
 //! the windows whose span it falls in (a monotonic queue is rebuilt, since the event lands in
-//! the middle). The aggregates are a cache of the events: a restored or rolled-back key is
+//! the middle). A key with fewer than 16 events keeps no aggregates: its events are computed
+//! the same way. The aggregates are a cache of the events: a restored or rolled-back key is
 //! marked stale and rebuilt from its events before its next use.
 
 use std::collections::{HashMap, VecDeque};
@@ -178,6 +179,20 @@ fn square(x: f64) -> (f64, f64) {
     (p, x.mul_add(x, -p))
 }
 
+/// Adds `x * x` to `sum`, exactly.
+#[inline]
+fn add_square(sum: &mut ExactSum, x: f64) {
+    let (p, r) = square(x);
+    sum.add(p);
+    sum.add(r);
+}
+
+/// What a monotonic queue holds for `x`: maxima are kept as minima of the negated values.
+#[inline]
+fn queued(x: f64, negate: bool) -> f64 {
+    if negate { -x } else { x }
+}
+
 impl Default for Running {
     /// Aggregates to be rebuilt from the events before their next use.
     fn default() -> Self {
@@ -239,19 +254,23 @@ impl Running {
         }
     }
 
+    /// `e` enters the window, at its end.
     #[inline]
     fn enter(&mut self, window: &WindowPlan, e: &Stored) {
+        self.count_in(window, e);
+        for &(slot, (field, negate)) in &window.mins {
+            self.mins[slot].push(e.seq, queued(e.nums[field], negate));
+        }
+    }
+
+    /// `e` enters the window's sums and counted values (its queues are the caller's).
+    #[inline]
+    fn count_in(&mut self, window: &WindowPlan, e: &Stored) {
         for &(slot, field) in &window.sums {
             self.sums[slot].add(e.nums[field]);
         }
         for &(slot, field) in &window.squares {
-            let (p, r) = square(e.nums[field]);
-            self.squares[slot].add(p);
-            self.squares[slot].add(r);
-        }
-        for &(slot, (field, negate)) in &window.mins {
-            let x = e.nums[field];
-            self.mins[slot].push(e.seq, if negate { -x } else { x });
+            add_square(&mut self.squares[slot], e.nums[field]);
         }
         for &(slot, field) in &window.counts {
             *self.counts[slot].entry(e.cats[field]).or_insert(0) += 1;
@@ -327,24 +346,13 @@ impl Running {
                 self.starts[w] += 1;
                 continue;
             }
-            for &(slot, field) in &window.sums {
-                self.sums[slot].add(e.nums[field]);
-            }
-            for &(slot, field) in &window.squares {
-                let (p, r) = square(e.nums[field]);
-                self.squares[slot].add(p);
-                self.squares[slot].add(r);
-            }
-            for &(slot, field) in &window.counts {
-                *self.counts[slot].entry(e.cats[field]).or_insert(0) += 1;
-            }
+            self.count_in(window, e);
             // In the middle of the window: its queues are rebuilt.
             for &(slot, (field, negate)) in &window.mins {
                 let queue = &mut self.mins[slot];
                 queue.0.clear();
                 for e in events.range(self.starts[w]..) {
-                    let x = e.nums[field];
-                    queue.push(e.seq, if negate { -x } else { x });
+                    queue.push(e.seq, queued(e.nums[field], negate));
                 }
             }
         }
@@ -458,11 +466,7 @@ fn scratch_feature(spec: &Spec, at: &At<'_>, s: &mut ExactSum, squares: &mut Exa
             let sq = match plain_integer_sum(plain).filter(|_| small) {
                 Some(x) => x,
                 None => {
-                    for e in at.window() {
-                        let (p, r) = square(num(e));
-                        squares.add(p);
-                        squares.add(r);
-                    }
+                    at.window().for_each(|e| add_square(squares, num(e)));
                     squares.value()
                 }
             };
