@@ -204,6 +204,16 @@ fn stages(c: &mut Criterion) {
             })
         })
     });
+    // The generic decode (a value per record), as records of another writer schema get.
+    g.bench_function("decode_value", |b| {
+        b.iter(|| {
+            f.rt.block_on(async {
+                for fr in &f.frames {
+                    f.decoder.decode_value(Some(fr)).await.expect("decode");
+                }
+            })
+        })
+    });
     g.bench_function("features", |b| {
         b.iter_batched(
             FeatureState::default,
@@ -304,14 +314,18 @@ fn stages(c: &mut Criterion) {
         let mut changelog = Vec::with_capacity(1 << 16);
         for (i, fr) in frames.iter().enumerate() {
             let d = f.rt.block_on(f.decoder.decode(Some(fr))).expect("decode");
-            let e = f.set.extract(&d.value, None).expect("extract");
+            let e = f.set.extract(&d.record, None).expect("extract");
             let r = state.update(&f.set, e).expect("features");
             let (decision, rules_fired) = decide(&fixed, &mut fired);
+            let value = if d.verbatim {
+                None
+            } else {
+                d.record.into_value()
+            };
             let record = ScoredRecord {
-                event: if d.verbatim {
-                    record::Event::Verbatim(&fr[5..])
-                } else {
-                    record::Event::Value(&d.value)
+                event: match &value {
+                    None => record::Event::Verbatim(&fr[5..]),
+                    Some(v) => record::Event::Value(v),
                 },
                 features: &r,
                 scores: &fixed,
@@ -373,11 +387,16 @@ fn stages(c: &mut Criterion) {
                     let mut feats = Vec::with_capacity(batch);
                     for fr in frames {
                         let d = f.rt.block_on(f.decoder.decode(Some(fr))).expect("decode");
-                        let e = f.set.extract(&d.value, None).expect("extract");
+                        let e = f.set.extract(&d.record, None).expect("extract");
                         feats.push(state.update(&f.set, e).expect("features"));
                         // The pipeline keeps each record's value (for its dead letter, and as
                         // the scored record's event bytes).
-                        events.push((d, fr.to_vec()));
+                        let value = if d.verbatim {
+                            None
+                        } else {
+                            d.record.into_value()
+                        };
+                        events.push((value, fr.to_vec()));
                     }
                     let mut scores: Vec<Vec<Vec<f64>>> = Vec::new();
                     for (session, cols) in sessions.iter_mut().zip(&columns) {
@@ -397,10 +416,9 @@ fn stages(c: &mut Criterion) {
                             .collect();
                         let (decision, rules_fired) = decide(&values, &mut fired);
                         let record = ScoredRecord {
-                            event: if event.verbatim {
-                                record::Event::Verbatim(&value[5..])
-                            } else {
-                                record::Event::Value(&event.value)
+                            event: match &event {
+                                None => record::Event::Verbatim(&value[5..]),
+                                Some(v) => record::Event::Value(v),
                             },
                             features: r,
                             scores: &values,

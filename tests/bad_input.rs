@@ -84,7 +84,7 @@ async fn read_topic(cluster: &ClusterArgs, topic: &str, expected: usize) -> Vec<
 async fn features_by_event(decoder: &Decoder, scored: &[Record]) -> HashMap<uuid::Uuid, Value> {
     let mut out = HashMap::new();
     for r in scored {
-        let v = decoder.decode(r.value.as_deref()).await.unwrap().value;
+        let v = decoder.decode_value(r.value.as_deref()).await.unwrap().1;
         let p = Payment::from_value(field(&v, "event")).unwrap();
         let previous = out.insert(p.event_id, field(&v, "features").clone());
         assert!(previous.is_none(), "{} scored twice", p.event_id);

@@ -1,7 +1,9 @@
 //! A property test over the processor's in-process path: `KSCORE_FRAMES` (default 1,000,000)
 //! random and mutated frames (valid payments with bytes flipped, cut short or extended, and
 //! random bytes behind a valid header or none) through frame check → decode → features →
-//! encode. No frame may panic, and every refusal must carry one of the dead-letter reasons.
+//! encode. No frame may panic, every refusal must carry one of the dead-letter reasons, and the
+//! in-place reader (for frames of the reader schema) must accept, refuse and read exactly what
+//! the generic apache-avro decoder does.
 //!
 //! The seed is printed first; `KSCORE_FRAMES_SEED=<seed>` replays a run.
 
@@ -18,7 +20,7 @@ use kscore::features::{FeatureSet, FeatureState};
 use kscore::reason::Reason;
 use kscore::schemas;
 use kscore::sink::record::{Event, Provenance, ScoreValue, ScoredEncoder, ScoredRecord};
-use kscore::source::Decoder;
+use kscore::source::{Decoder, Record};
 use kscore::tools::simulator::{SimConfig, Simulator};
 use kscore::topology::config::Decision;
 use rand::{Rng, RngCore, SeedableRng};
@@ -176,16 +178,42 @@ fn random_and_mutated_frames_never_panic_and_every_refusal_has_a_reason() {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut state = FeatureState::default();
     let mut outcomes: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let mut kinds: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut out = Vec::with_capacity(2048);
     let produced_at = 1_767_225_600_000 + 365 * 86_400_000;
     for n in 0..frames {
         let frame = mutate(&mut rng, &seeds);
         let outcome = catch_unwind(AssertUnwindSafe(|| -> &'static str {
-            let decoded = match decoder.decode_known(frame.as_deref()) {
-                Ok(d) => d,
-                Err(e) => return e.reason().label(),
+            // The record read in place (writer = reader) must be what the generic decoder
+            // makes of it: accepted or refused alike, with the same features' inputs.
+            let generic = decoder.decode_value_known(frame.as_deref());
+            let decoded = decoder.decode_known(frame.as_deref());
+            let (decoded, value) = match (decoded, generic) {
+                (Ok(d), Ok((_, v))) => (d, v),
+                (Err(a), Err(b)) => {
+                    assert_eq!(a.reason(), b.reason(), "frame {n}: {a} / {b}");
+                    return a.reason().label();
+                }
+                (a, b) => panic!(
+                    "frame {n}: the decoders disagree: {:?} / {:?}",
+                    a.map(|_| "read"),
+                    b.map(|_| "decoded")
+                ),
             };
-            let event = match set.extract(&decoded.value, Some(produced_at)) {
+            let direct = matches!(decoded.record, Record::Direct(_));
+            *kinds
+                .entry(if direct { "direct" } else { "value" })
+                .or_default() += 1;
+            let extracted = set.extract(&decoded.record, Some(produced_at));
+            let from_value = set.extract(&value, Some(produced_at));
+            match (&extracted, &from_value) {
+                (Ok(a), Ok(b)) => assert_eq!(a, b, "frame {n}: extracted inputs differ"),
+                (Err(a), Err(b)) => {
+                    assert_eq!(a.to_string(), b.to_string(), "frame {n}: errors differ")
+                }
+                (a, b) => panic!("frame {n}: extraction disagrees: {a:?} / {b:?}"),
+            }
+            let event = match extracted {
                 Ok(e) => e,
                 Err(e) => return e.reason().label(),
             };
@@ -195,7 +223,7 @@ fn random_and_mutated_frames_never_panic_and_every_refusal_has_a_reason() {
             };
             let event = match (&frame, decoded.verbatim) {
                 (Some(f), true) => Event::Verbatim(&f[5..]),
-                _ => Event::Value(&decoded.value),
+                _ => Event::Value(&value),
             };
             out.clear();
             let prov = Provenance {
@@ -229,7 +257,7 @@ fn random_and_mutated_frames_never_panic_and_every_refusal_has_a_reason() {
                     let apache_avro::types::Value::Record(fields) = back else {
                         panic!("frame {n}: not a record")
                     };
-                    assert_eq!(fields[0].1, decoded.value, "frame {n}: event differs");
+                    assert_eq!(fields[0].1, value, "frame {n}: event differs");
                     "scored"
                 }
                 Err(_) => "unencodable",
@@ -251,7 +279,17 @@ fn random_and_mutated_frames_never_panic_and_every_refusal_has_a_reason() {
             state.checkpoint();
         }
     }
-    eprintln!("outcomes: {outcomes:?}");
+    eprintln!("outcomes: {outcomes:?}; decoded as {kinds:?}");
+    // Both readers were exercised: the in-place one for the reader schema's writer, the generic
+    // one for the evolved writer.
+    assert!(
+        kinds.get("direct").copied().unwrap_or(0) > frames as u64 / 20,
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.get("value").copied().unwrap_or(0) > frames as u64 / 20,
+        "{kinds:?}"
+    );
     // The mutations reach every stage: plenty scored, and refusals of several kinds.
     assert!(
         outcomes.get("scored").copied().unwrap_or(0) > frames as u64 / 20,

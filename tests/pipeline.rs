@@ -298,10 +298,10 @@ async fn scenario(guarantee: Guarantee, abort_once_at: Option<u64>) {
     let mut by_id: HashMap<uuid::Uuid, Value> = HashMap::new();
     for r in &scored {
         let v = decoder
-            .decode(Some(&r.payload))
+            .decode_value(Some(&r.payload))
             .await
             .expect("scored record decodes")
-            .value;
+            .1;
         let p = Payment::from_value(field(&v, "event")).expect("embedded payment");
         assert_eq!(r.key.as_deref(), Some(p.card_id.as_bytes()));
         assert_eq!(
@@ -410,7 +410,7 @@ async fn scenario(guarantee: Guarantee, abort_once_at: Option<u64>) {
     // Alerts: exactly the events where a rule fired.
     let mut alert_ids = HashSet::new();
     for r in &alerts {
-        let v = decoder.decode(Some(&r.payload)).await.unwrap().value;
+        let v = decoder.decode_value(Some(&r.payload)).await.unwrap().1;
         assert!(
             alert_ids.insert(Payment::from_value(field(&v, "event")).unwrap().event_id),
             "alert twice"
@@ -629,7 +629,7 @@ async fn a_fenced_producer_is_rebuilt_and_output_stays_exactly_once() {
     let decoder = Decoder::new(sr, scored_schema);
     let mut ids = HashSet::new();
     for r in &scored {
-        let v = decoder.decode(Some(&r.payload)).await.unwrap().value;
+        let v = decoder.decode_value(Some(&r.payload)).await.unwrap().1;
         assert!(
             ids.insert(Payment::from_value(field(&v, "event")).unwrap().event_id),
             "scored twice"

@@ -99,8 +99,11 @@ async fn simulated_events_round_trip_through_broker_and_registry() {
     let mut received: HashMap<uuid::Uuid, Payment> = HashMap::new();
     let mut by_partition: BTreeMap<i32, Vec<(i64, Payment)>> = BTreeMap::new();
     for (partition, offset, key, payload) in &records {
-        let decoded = decoder.decode(payload.as_deref()).await.expect("decodes");
-        let payment = Payment::from_value(&decoded.value).expect("is a payment");
+        let (_, value) = decoder
+            .decode_value(payload.as_deref())
+            .await
+            .expect("decodes");
+        let payment = Payment::from_value(&value).expect("is a payment");
         assert_eq!(
             key.as_deref(),
             Some(payment.card_id.as_bytes()),
@@ -318,12 +321,12 @@ async fn records_written_with_an_evolved_schema_resolve_to_the_reader_schema() {
         .expect("encodes with v2");
 
     let decoder = Decoder::new(sr, schemas::payment().expect("schema").clone());
-    let decoded = decoder
-        .decode(Some(&framed))
+    let (schema_id, value) = decoder
+        .decode_value(Some(&framed))
         .await
         .expect("resolves to the reader schema");
-    assert_eq!(decoded.schema_id, v2.schema_id());
-    assert_eq!(Payment::from_value(&decoded.value), Ok(p));
+    assert_eq!(schema_id, v2.schema_id());
+    assert_eq!(Payment::from_value(&value), Ok(p));
     // And the older writer still decodes too.
     let old = v1
         .encode(

@@ -40,49 +40,149 @@ pub enum ExtractError {
 /// Kafka record); no entity id is longer.
 pub const MAX_KEY_BYTES: usize = 4_096;
 
-fn unwrap_union(v: &Value) -> &Value {
-    match v {
-        Value::Union(_, inner) => inner,
-        other => other,
+/// A top-level field's value as the features see it, borrowed from wherever the record lives: a
+/// generic Avro value, or a datum read in place ([`crate::source::Direct`]). A union is seen as
+/// its branch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Scalar<'a> {
+    /// Null (an optional field left empty).
+    Null,
+    /// A boolean.
+    Boolean(bool),
+    /// An `int`.
+    Int(i32),
+    /// A `long`.
+    Long(i64),
+    /// A `float`.
+    Float(f32),
+    /// A `double`.
+    Double(f64),
+    /// A `string`.
+    Str(&'a str),
+    /// An enum's symbol.
+    Enum(&'a str),
+    /// A `uuid`.
+    Uuid(uuid::Uuid),
+    /// A `timestamp-millis`.
+    TimestampMillis(i64),
+    /// A `timestamp-micros`.
+    TimestampMicros(i64),
+    /// Any other type, by its name (for error messages): no feature reads it.
+    Other(&'static str),
+}
+
+impl<'a> Scalar<'a> {
+    /// How the features see an Avro value.
+    pub fn of(v: &'a Value) -> Self {
+        let v = match v {
+            Value::Union(_, inner) => inner,
+            other => other,
+        };
+        match v {
+            Value::Null => Scalar::Null,
+            Value::Boolean(b) => Scalar::Boolean(*b),
+            Value::Int(i) => Scalar::Int(*i),
+            Value::Long(l) => Scalar::Long(*l),
+            Value::Float(f) => Scalar::Float(*f),
+            Value::Double(d) => Scalar::Double(*d),
+            Value::String(s) => Scalar::Str(s),
+            Value::Enum(_, s) => Scalar::Enum(s),
+            Value::Uuid(u) => Scalar::Uuid(*u),
+            Value::TimestampMillis(t) => Scalar::TimestampMillis(*t),
+            Value::TimestampMicros(t) => Scalar::TimestampMicros(*t),
+            other => Scalar::Other(type_name(other)),
+        }
+    }
+
+    /// The type's name, for error messages (the value itself may be large or sensitive).
+    fn type_name(&self) -> &'static str {
+        match self {
+            Scalar::Null => "null",
+            Scalar::Boolean(_) => "boolean",
+            Scalar::Int(_) => "int",
+            Scalar::Long(_) => "long",
+            Scalar::Float(_) => "float",
+            Scalar::Double(_) => "double",
+            Scalar::Str(_) => "string",
+            Scalar::Enum(_) => "enum",
+            Scalar::Uuid(_) => "uuid",
+            Scalar::TimestampMillis(_) => "timestamp-millis",
+            Scalar::TimestampMicros(_) => "timestamp-micros",
+            Scalar::Other(name) => name,
+        }
     }
 }
 
-fn field<'v>(
-    fields: &'v [(String, Value)],
+/// A record whose top-level fields are looked up by their position in the reader schema and
+/// their name.
+pub trait Fields {
+    /// Whether the value is a record at all.
+    fn is_record(&self) -> bool {
+        true
+    }
+
+    /// The field at `index` if it is named `name`, else the field named `name`; `None` when the
+    /// record has no such field.
+    fn get(&self, index: usize, name: &str) -> Option<Scalar<'_>>;
+}
+
+impl Fields for [(String, Value)] {
+    fn get(&self, index: usize, name: &str) -> Option<Scalar<'_>> {
+        // Records resolved to the reader schema have its fields in its order; check the name
+        // anyway.
+        match self.get(index) {
+            Some((n, v)) if n == name => Some(Scalar::of(v)),
+            _ => self
+                .iter()
+                .find_map(|(n, v)| (n == name).then(|| Scalar::of(v))),
+        }
+    }
+}
+
+impl Fields for Value {
+    fn is_record(&self) -> bool {
+        matches!(self, Value::Record(_))
+    }
+
+    fn get(&self, index: usize, name: &str) -> Option<Scalar<'_>> {
+        match self {
+            Value::Record(fields) => Fields::get(fields.as_slice(), index, name),
+            _ => None,
+        }
+    }
+}
+
+/// A present, non-null field.
+fn field<'r, R: Fields + ?Sized>(
+    fields: &'r R,
     index: usize,
     name: &str,
-) -> Result<&'v Value, ExtractError> {
-    // Records resolved to the reader schema have its fields in its order; check the name anyway.
-    let v = match fields.get(index) {
-        Some((n, v)) if n == name => v,
-        _ => fields
-            .iter()
-            .find_map(|(n, v)| (n == name).then_some(v))
-            .ok_or_else(|| ExtractError::Missing(name.to_string()))?,
-    };
-    match unwrap_union(v) {
-        Value::Null => Err(ExtractError::Missing(name.to_string())),
-        v => Ok(v),
+) -> Result<Scalar<'r>, ExtractError> {
+    match fields.get(index, name) {
+        None | Some(Scalar::Null) => Err(ExtractError::Missing(name.to_string())),
+        Some(v) => Ok(v),
     }
 }
 
-fn has_field(fields: &[(String, Value)], index: usize, name: &str) -> bool {
-    matches!(fields.get(index), Some((n, _)) if n == name) || fields.iter().any(|(n, _)| n == name)
+fn wrong(name: &str, found: Scalar<'_>) -> ExtractError {
+    ExtractError::WrongType {
+        field: name.to_string(),
+        found: found.type_name().to_string(),
+    }
 }
 
 /// A field value as a number.
-pub fn numeric(fields: &[(String, Value)], index: usize, name: &str) -> Result<f64, ExtractError> {
+pub fn numeric<R: Fields + ?Sized>(
+    fields: &R,
+    index: usize,
+    name: &str,
+) -> Result<f64, ExtractError> {
     let x = match field(fields, index, name)? {
-        Value::Int(i) => f64::from(*i),
-        Value::Long(l) | Value::TimestampMillis(l) => *l as f64,
-        Value::Float(f) => f64::from(*f),
-        Value::Double(d) => *d,
-        other => {
-            return Err(ExtractError::WrongType {
-                field: name.to_string(),
-                found: type_name(other).to_string(),
-            });
-        }
+        Scalar::Int(i) => f64::from(i),
+        Scalar::Long(l) | Scalar::TimestampMillis(l) => l as f64,
+        Scalar::Float(f) => f64::from(f),
+        Scalar::Double(d) => d,
+        other => return Err(wrong(name, other)),
     };
     if x.is_finite() {
         Ok(x)
@@ -102,46 +202,34 @@ pub fn hash_str(s: &str) -> u64 {
 const NULL_CATEGORY: &str = "\u{0}null";
 
 /// A field value as a category: a stable hash of its text form. Null is a category of its own.
-pub fn categorical(
-    fields: &[(String, Value)],
+pub fn categorical<R: Fields + ?Sized>(
+    fields: &R,
     index: usize,
     name: &str,
 ) -> Result<u64, ExtractError> {
-    let v = match field(fields, index, name) {
-        Err(ExtractError::Missing(_)) if has_field(fields, index, name) => {
-            return Ok(hash_str(NULL_CATEGORY));
-        }
-        other => other?,
-    };
-    Ok(match v {
-        Value::String(s) => hash_str(s),
-        Value::Enum(_, s) => hash_str(s),
-        Value::Uuid(u) => hash_str(&u.to_string()),
-        Value::Boolean(b) => hash_str(if *b { "true" } else { "false" }),
-        Value::Int(i) => hash_str(&i.to_string()),
-        Value::Long(l) => hash_str(&l.to_string()),
-        other => {
-            return Err(ExtractError::WrongType {
-                field: name.to_string(),
-                found: type_name(other).to_string(),
-            });
-        }
+    Ok(match fields.get(index, name) {
+        None => return Err(ExtractError::Missing(name.to_string())),
+        Some(Scalar::Null) => hash_str(NULL_CATEGORY),
+        Some(Scalar::Str(s) | Scalar::Enum(s)) => hash_str(s),
+        Some(Scalar::Uuid(u)) => hash_str(&u.to_string()),
+        Some(Scalar::Boolean(b)) => hash_str(if b { "true" } else { "false" }),
+        Some(Scalar::Int(i)) => hash_str(&i.to_string()),
+        Some(Scalar::Long(l)) => hash_str(&l.to_string()),
+        Some(other) => return Err(wrong(name, other)),
     })
 }
 
 /// A field value as text (for the record key). An empty string is refused (as a key it would
 /// pool every such record into one history), and so is one over [`MAX_KEY_BYTES`].
-pub fn text(fields: &[(String, Value)], index: usize, name: &str) -> Result<String, ExtractError> {
+pub fn text<R: Fields + ?Sized>(
+    fields: &R,
+    index: usize,
+    name: &str,
+) -> Result<String, ExtractError> {
     let text = match field(fields, index, name)? {
-        Value::String(s) => s.clone(),
-        Value::Enum(_, s) => s.clone(),
-        Value::Uuid(u) => u.to_string(),
-        other => {
-            return Err(ExtractError::WrongType {
-                field: name.to_string(),
-                found: type_name(other).to_string(),
-            });
-        }
+        Scalar::Str(s) | Scalar::Enum(s) => s.to_string(),
+        Scalar::Uuid(u) => u.to_string(),
+        other => return Err(wrong(name, other)),
     };
     if text.is_empty() {
         return Err(ExtractError::Empty(name.to_string()));
@@ -182,14 +270,15 @@ fn type_name(v: &Value) -> &'static str {
 }
 
 /// Event time in ms.
-pub fn time_ms(fields: &[(String, Value)], index: usize, name: &str) -> Result<i64, ExtractError> {
+pub fn time_ms<R: Fields + ?Sized>(
+    fields: &R,
+    index: usize,
+    name: &str,
+) -> Result<i64, ExtractError> {
     match field(fields, index, name)? {
-        Value::TimestampMillis(t) | Value::Long(t) => Ok(*t),
-        Value::TimestampMicros(t) => Ok(t.div_euclid(1000)),
-        other => Err(ExtractError::WrongType {
-            field: name.to_string(),
-            found: type_name(other).to_string(),
-        }),
+        Scalar::TimestampMillis(t) | Scalar::Long(t) => Ok(t),
+        Scalar::TimestampMicros(t) => Ok(t.div_euclid(1000)),
+        other => Err(wrong(name, other)),
     }
 }
 

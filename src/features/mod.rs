@@ -50,7 +50,6 @@ use std::collections::{HashMap, VecDeque};
 
 use apache_avro::Schema;
 use apache_avro::schema::RecordSchema;
-use apache_avro::types::Value;
 
 pub use codec::{CodecError, PARTITION_KEY, PartitionMark};
 pub use extract::ExtractError;
@@ -319,8 +318,14 @@ impl FeatureSet {
     /// Reads key, event time and feature inputs from a record, and checks the event time
     /// against the topology's range ([`EventTimeRange::check`]; `produced_at`: the Kafka
     /// record's timestamp, `None` offline).
-    pub fn extract(&self, value: &Value, produced_at: Option<i64>) -> Result<Event, FeatureError> {
-        let fields = extract::record(value)?;
+    pub fn extract<R: extract::Fields + ?Sized>(
+        &self,
+        fields: &R,
+        produced_at: Option<i64>,
+    ) -> Result<Event, FeatureError> {
+        if !fields.is_record() {
+            return Err(extract::ExtractError::NotARecord.into());
+        }
         let key = extract::text(fields, self.key_field.1, &self.key_field.0)
             .map_err(FeatureError::Key)?;
         let time = extract::time_ms(fields, self.time_field.1, &self.time_field.0)

@@ -40,10 +40,9 @@ pub(super) struct Pending {
 /// A record's fate so far.
 pub(super) enum Outcome {
     Scored {
-        event: Value,
-        /// Whether the input datum was written with the reader schema (and is copied into the
-        /// output as it is).
-        verbatim: bool,
+        /// The event resolved to the reader schema, to be encoded; `None` where the input datum
+        /// was written with the reader schema and is copied into the output as it is.
+        event: Option<Value>,
         schema_id: u32,
         event_time: i64,
         features: Vec<f64>,
@@ -300,15 +299,18 @@ pub(super) fn take(
     let produced_at = msg.timestamp().to_millis().unwrap_or_else(now_ms);
     let outcome = match decoded {
         Err(e) => dead(e.reason(), e.to_string()),
-        Ok(d) => match set.extract(&d.value, Some(produced_at)) {
+        Ok(d) => match set.extract(&d.record, Some(produced_at)) {
             Err(e) => dead(e.reason(), e.to_string()),
             Ok(ev) => {
                 let event_time = ev.time;
                 match state.update(set, ev) {
                     Err(e) => dead(e.reason(), e.to_string()),
                     Ok(features) => Outcome::Scored {
-                        event: d.value,
-                        verbatim: d.verbatim,
+                        event: if d.verbatim {
+                            None
+                        } else {
+                            d.record.into_value()
+                        },
                         schema_id: d.schema_id,
                         event_time,
                         features,

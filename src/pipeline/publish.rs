@@ -173,7 +173,6 @@ impl Publisher<'_> {
     ) -> Result<Option<(Reason, String, Cut)>, KafkaError> {
         let Outcome::Scored {
             event,
-            verbatim,
             schema_id,
             features,
             scores,
@@ -196,11 +195,17 @@ impl Publisher<'_> {
             .value
             .as_deref()
             .and_then(|v| v.get(crate::wire::HEADER_LEN..));
+        let event = match (event, datum) {
+            (Some(value), _) => Event::Value(value),
+            (None, Some(bytes)) => Event::Verbatim(bytes),
+            // A record read in place always has its payload.
+            (None, None) => {
+                let error = "the record has neither a value nor a datum to copy".to_string();
+                return Ok(Some((Reason::Unencodable, error, Cut::Whole)));
+            }
+        };
         let record = ScoredRecord {
-            event: match datum.filter(|_| *verbatim) {
-                Some(bytes) => Event::Verbatim(bytes),
-                None => Event::Value(event),
-            },
+            event,
             features,
             scores: &scratch.values,
             decision,

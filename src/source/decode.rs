@@ -17,20 +17,57 @@ use apache_avro::types::Value;
 use schema_registry_converter::async_impl::avro::AvroDecoder;
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
 
+use super::direct::{Direct, Program};
+use crate::features::extract::{Fields, Scalar};
 use crate::reason::Reason;
 use crate::wire::{self, FrameError};
 
 /// A decoded record.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Decoded {
+#[derive(Debug)]
+pub struct Decoded<'a> {
     /// The writer schema's registry id.
     pub schema_id: u32,
-    /// The record, resolved to the reader schema.
-    pub value: Value,
+    /// The record.
+    pub record: Record<'a>,
     /// Whether the datum (the payload after its 5-byte header) was written with the reader
-    /// schema itself, so it already is the reader schema's encoding of `value` and can be
+    /// schema itself, so it already is the reader schema's encoding of the record and can be
     /// copied instead of encoded.
     pub verbatim: bool,
+}
+
+/// A record, as read.
+#[derive(Debug)]
+pub enum Record<'a> {
+    /// Written with the reader schema, and read in place.
+    Direct(Direct<'a>),
+    /// Decoded into a generic value, resolved to the reader schema.
+    Value(Value),
+}
+
+impl Record<'_> {
+    /// The generic value, where the record was decoded into one.
+    pub fn into_value(self) -> Option<Value> {
+        match self {
+            Record::Direct(_) => None,
+            Record::Value(v) => Some(v),
+        }
+    }
+}
+
+impl Fields for Record<'_> {
+    fn is_record(&self) -> bool {
+        match self {
+            Record::Direct(d) => d.is_record(),
+            Record::Value(v) => v.is_record(),
+        }
+    }
+
+    fn get(&self, index: usize, name: &str) -> Option<Scalar<'_>> {
+        match self {
+            Record::Direct(d) => d.get(index, name),
+            Record::Value(v) => v.get(index, name),
+        }
+    }
 }
 
 /// Why a payload could not be decoded.
@@ -125,6 +162,9 @@ self_cell::self_cell!(
 struct Writer {
     reader: WriterReader,
     same_as_reader: bool,
+    /// For a writer that is the reader schema, its compiled in-place reader (`None` where the
+    /// schema has what that does not cover).
+    direct: Option<Arc<Program>>,
 }
 
 /// Where writer schemas come from.
@@ -200,11 +240,16 @@ impl Decoder {
             SchemaCompatibility::can_read(&schema, self.reader.borrow_owner())
                 .map_err(|e| incompatible(e.to_string()))?;
         }
+        let direct = same_as_reader
+            .then(|| Program::compile(&schema))
+            .flatten()
+            .map(Arc::new);
         let reader = WriterReader::try_new(schema, |s| GenericDatumReader::builder(s).build())
             .map_err(|e| incompatible(e.to_string()))?;
         Ok(Writer {
             reader,
             same_as_reader,
+            direct,
         })
     }
 
@@ -247,18 +292,37 @@ impl Decoder {
     }
 
     /// Decodes one payload (a Kafka record's value).
-    pub async fn decode(&self, payload: Option<&[u8]>) -> Result<Decoded, DecodeError> {
+    pub async fn decode<'a>(&self, payload: Option<&'a [u8]>) -> Result<Decoded<'a>, DecodeError> {
         let (id, _) = wire::parse(payload)?;
         let writer = self.writer(id).await?;
         self.decode_with(&writer, id, payload)
     }
 
+    /// Decodes one payload into a generic value resolved to the reader schema, whatever its
+    /// writer (for tools and tests that look at whole records).
+    pub async fn decode_value(&self, payload: Option<&[u8]>) -> Result<(u32, Value), DecodeError> {
+        let (id, _) = wire::parse(payload)?;
+        let writer = self.writer(id).await?;
+        Ok((id, self.value_with(&writer, id, payload)?))
+    }
+
     /// Decodes one payload with the writer schemas already known (never calls the registry):
     /// for a decoder made [`Decoder::with_writers`], the same as [`Decoder::decode`].
-    pub fn decode_known(&self, payload: Option<&[u8]>) -> Result<Decoded, DecodeError> {
+    pub fn decode_known<'a>(&self, payload: Option<&'a [u8]>) -> Result<Decoded<'a>, DecodeError> {
         let (id, _) = wire::parse(payload)?;
-        let writer = self
-            .writers
+        let writer = self.known(id)?;
+        self.decode_with(&writer, id, payload)
+    }
+
+    /// [`Decoder::decode_value`] with the writer schemas already known.
+    pub fn decode_value_known(&self, payload: Option<&[u8]>) -> Result<(u32, Value), DecodeError> {
+        let (id, _) = wire::parse(payload)?;
+        let writer = self.known(id)?;
+        Ok((id, self.value_with(&writer, id, payload)?))
+    }
+
+    fn known(&self, id: u32) -> Result<Arc<Writer>, DecodeError> {
+        self.writers
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(&id)
@@ -267,16 +331,39 @@ impl Decoder {
                 id,
                 reason: "not one of this decoder's schemas".into(),
                 retriable: false,
-            })?;
-        self.decode_with(&writer, id, payload)
+            })
     }
 
-    fn decode_with(
+    fn decode_with<'a>(
+        &self,
+        writer: &Writer,
+        id: u32,
+        payload: Option<&'a [u8]>,
+    ) -> Result<Decoded<'a>, DecodeError> {
+        let record = match &writer.direct {
+            Some(program) => {
+                let (_, datum) = wire::parse(payload)?;
+                Record::Direct(
+                    program
+                        .read(datum)
+                        .map_err(|reason| DecodeError::Datum { id, reason })?,
+                )
+            }
+            None => Record::Value(self.value_with(writer, id, payload)?),
+        };
+        Ok(Decoded {
+            schema_id: id,
+            record,
+            verbatim: writer.same_as_reader,
+        })
+    }
+
+    fn value_with(
         &self,
         writer: &Writer,
         id: u32,
         payload: Option<&[u8]>,
-    ) -> Result<Decoded, DecodeError> {
+    ) -> Result<Value, DecodeError> {
         let (_, datum) = wire::parse(payload)?;
         // Two steps, so an error says which schema the record failed against: decoding with
         // the writer schema, then resolving the value to the reader schema.
@@ -306,26 +393,18 @@ impl Decoder {
                 reason: format!("{} bytes left over after the record", datum.rest.len()),
             });
         }
-        let value = if writer.same_as_reader {
-            value
-        } else {
-            let reader = self.reader.borrow_owner();
-            let names = self.reader.borrow_dependent().get_names();
-            match value.clone().resolve_with_names(reader, names) {
-                Ok(v) => v,
-                Err(e) => {
-                    return Err(DecodeError::Resolve {
-                        id,
-                        reason: explain(&value, reader, names, e),
-                    });
-                }
-            }
-        };
-        Ok(Decoded {
-            schema_id: id,
-            value,
-            verbatim: writer.same_as_reader,
-        })
+        if writer.same_as_reader {
+            return Ok(value);
+        }
+        let reader = self.reader.borrow_owner();
+        let names = self.reader.borrow_dependent().get_names();
+        match value.clone().resolve_with_names(reader, names) {
+            Ok(v) => Ok(v),
+            Err(e) => Err(DecodeError::Resolve {
+                id,
+                reason: explain(&value, reader, names, e),
+            }),
+        }
     }
 }
 

@@ -89,11 +89,11 @@ pub async fn run(
                 summary.records += 1;
                 window_records += 1;
                 let parsed = decoder
-                    .decode(msg.payload())
+                    .decode_value(msg.payload())
                     .await
                     .map_err(|e| format!("undecodable: {e}"))
-                    .and_then(|d| {
-                        Payment::from_value(&d.value).map_err(|e| format!("not a payment: {e}"))
+                    .and_then(|(_, v)| {
+                        Payment::from_value(&v).map_err(|e| format!("not a payment: {e}"))
                     });
                 match parsed {
                     Ok(p) => {
