@@ -532,15 +532,24 @@ fn median(values: &mut [i64; CLOCK_BASE]) -> i64 {
 /// changed since the last [`FeatureState::checkpoint`], so an aborted transaction can take its
 /// changes back ([`FeatureState::rollback`]) and a commit can changelog exactly those keys
 /// ([`FeatureState::changelog`]).
+///
+/// The undo log has two levels, so the next cycle can be computed while the last one commits:
+/// [`FeatureState::seal`] closes the level of a cycle whose changelog was sent, and a new one
+/// opens for the next cycle; [`FeatureState::commit`] then forgets the sealed level, while
+/// [`FeatureState::rollback`] takes both back and [`FeatureState::rollback_open`] only the
+/// open one.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct FeatureState {
     keys: HashMap<String, KeyState>,
     seq: u64,
     clock: EvictionClock,
     since_sweep: u64,
-    /// Keys changed since the last checkpoint, and how to take each back.
+    /// Keys changed since the last checkpoint (or seal), and how to take each back.
     undo: HashMap<String, Undo>,
     at_checkpoint: (u64, EvictionClock, u64),
+    /// The sealed level: the changes of a cycle whose commit is under way, relative to the
+    /// checkpoint before it.
+    sealed: Option<Box<Sealed>>,
     /// The next input offset of the last commit this state belongs to (`None`: none yet).
     committed_next: Option<i64>,
     /// During a restore, each key's events read so far, by seq.
@@ -554,10 +563,56 @@ const RUNNING_FROM: usize = 16;
 /// Events a partition's state takes between two sweeps for idle keys.
 pub const SWEEP_EVERY: u64 = 10_000;
 
+/// A sealed undo level (see [`FeatureState`]).
+#[derive(Debug, Clone, PartialEq)]
+struct Sealed {
+    undo: HashMap<String, Undo>,
+    at_checkpoint: (u64, EvictionClock, u64),
+}
+
 impl FeatureState {
-    /// Forgets the undo log: everything so far is committed.
+    /// Forgets the undo log, both levels: everything so far is committed.
     pub fn checkpoint(&mut self) {
         self.undo.clear();
+        self.sealed = None;
+        self.at_checkpoint = (self.seq, self.clock, self.since_sweep);
+    }
+
+    /// Closes the open undo level: its changes (their changelog sent) now await their commit,
+    /// and later changes go to a new level. A state that was sealed already and not committed
+    /// since is sealed anew with both levels' changes.
+    pub fn seal(&mut self) {
+        let undo = std::mem::take(&mut self.undo);
+        let sealed = match self.sealed.take() {
+            None => Sealed {
+                undo,
+                at_checkpoint: self.at_checkpoint,
+            },
+            Some(mut older) => {
+                // Not expected (one commit is under way at a time), and kept correct anyway: the
+                // newer changes of a key go after its older ones.
+                for (key, newer) in undo {
+                    match older.undo.get_mut(&key) {
+                        Some(u) => {
+                            u.removed.extend(
+                                newer
+                                    .removed
+                                    .into_iter()
+                                    .filter(|e| e.seq < older.at_checkpoint.0),
+                            );
+                            u.added.extend(newer.added);
+                        }
+                        None => {
+                            let mut n = newer;
+                            n.removed.retain(|e| e.seq < older.at_checkpoint.0);
+                            older.undo.insert(key, n);
+                        }
+                    }
+                }
+                *older
+            }
+        };
+        self.sealed = Some(Box::new(sealed));
         self.at_checkpoint = (self.seq, self.clock, self.since_sweep);
     }
 
@@ -565,6 +620,20 @@ impl FeatureState {
     pub fn commit(&mut self, next_offset: i64) {
         self.checkpoint();
         self.committed_next = Some(next_offset);
+    }
+
+    /// The sealed changes are committed (with the input offsets up to `next_offset`, when
+    /// given); changes since the seal stay open. A state with no sealed level (one that began
+    /// after the seal) has nothing committed.
+    pub fn commit_sealed(&mut self, next_offset: Option<i64>) {
+        if self.sealed.take().is_some() && next_offset.is_some() {
+            self.committed_next = next_offset;
+        }
+    }
+
+    /// Whether changes await a commit (a sealed level).
+    pub fn sealed(&self) -> bool {
+        self.sealed.is_some()
     }
 
     /// The next input offset of the commit this state belongs to, if any.
@@ -577,8 +646,22 @@ impl FeatureState {
         &self.clock
     }
 
-    /// Takes back every change since the last checkpoint.
+    /// Takes back every change since the last commit: the open level, then the sealed one.
     pub fn rollback(&mut self) {
+        self.rollback_open();
+        if let Some(sealed) = self.sealed.take() {
+            let Sealed {
+                undo,
+                at_checkpoint,
+            } = *sealed;
+            self.undo = undo;
+            self.at_checkpoint = at_checkpoint;
+            self.rollback_open();
+        }
+    }
+
+    /// Takes back the changes since the last seal (or checkpoint), keeping a sealed level.
+    pub fn rollback_open(&mut self) {
         let checkpoint_seq = self.at_checkpoint.0;
         for (key, undo) in self.undo.drain() {
             if !undo.existed {

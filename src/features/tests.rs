@@ -387,6 +387,70 @@ fn rollback_takes_back_everything_since_the_checkpoint() {
     assert_eq!([first, again].concat(), want);
 }
 
+/// With a cycle sealed (its commit under way) and the next one open: taking back the open level
+/// leaves the state as sealed, taking back both leaves it as committed, and committing the
+/// sealed level leaves the open changes to the next changelog, exactly those of a serial run.
+#[test]
+fn two_undo_levels_take_back_one_cycle_or_both() {
+    let set = feature_set(TOPOLOGY);
+    // Few cards and many events, so keys reach the running aggregates and the cap trims.
+    let events = payments(3, 0.05, 1_200);
+    let run = |state: &mut FeatureState, range: std::ops::Range<usize>| -> Vec<Vec<f64>> {
+        range
+            .map(|i| {
+                state
+                    .update(
+                        &set,
+                        set.extract(&events[i].to_value(), None).expect("extract"),
+                    )
+                    .expect("features")
+            })
+            .collect()
+    };
+    let sorted = |mut log: Vec<(Vec<u8>, Option<Vec<u8>>)>| {
+        log.sort();
+        log
+    };
+    let mut straight = FeatureState::default();
+    let want = run(&mut straight, 0..1_200);
+
+    let mut state = FeatureState::default();
+    run(&mut state, 0..400);
+    state.checkpoint();
+    run(&mut state, 400..700);
+    state.seal();
+    run(&mut state, 700..900);
+    state.rollback_open();
+    assert!(state.sealed());
+    assert_eq!(run(&mut state, 700..1_000), want[700..1_000]);
+    state.rollback();
+    assert!(!state.sealed());
+    assert_eq!(run(&mut state, 400..700), want[400..700]);
+    state.seal();
+    assert_eq!(run(&mut state, 700..1_000), want[700..1_000]);
+    state.commit_sealed(Some(700));
+    assert_eq!(state.committed_next(), Some(700));
+    assert!(!state.sealed());
+
+    let mut serial = FeatureState::default();
+    run(&mut serial, 0..700);
+    serial.checkpoint();
+    run(&mut serial, 700..1_000);
+    assert_eq!(
+        sorted(changelog_of(&state, &set, 1_000)),
+        sorted(changelog_of(&serial, &set, 1_000))
+    );
+    // The open changes roll back to the commit; a seal on a seal keeps both.
+    state.rollback();
+    assert_eq!(run(&mut state, 700..800), want[700..800]);
+    state.seal();
+    run(&mut state, 800..900);
+    state.seal();
+    run(&mut state, 900..1_000);
+    state.rollback();
+    assert_eq!(run(&mut state, 700..1_200), want[700..1_200]);
+}
+
 /// The changelog records of one commit, as the topic would hold them (in emit order).
 fn changelog_of(
     state: &FeatureState,
