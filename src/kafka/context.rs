@@ -1,16 +1,20 @@
 //! The input consumer's context: what librdkafka's group callbacks tell, kept for the commit
 //! loop to act on between polls, and the lag it exports from the statistics.
 //!
-//! - A revocation is a flag: the loop discards the cycle in progress (nothing of it was sent;
-//!   transactions only open after a cycle's last poll).
+//! - A revocation first waits for a commit under way to end ([`CommitGate`]: the previous
+//!   cycle's transaction commits, or aborts, while the next cycle is gathered), so no
+//!   transaction of the partitions is open when they leave. Then it is a flag: the loop
+//!   discards the cycle in progress (nothing of it was sent; its transaction only opens after
+//!   its last poll).
 //! - An assignment pauses the new partitions at once and queues them: the loop restores their
 //!   state from the changelog before it resumes them.
 //! - The lag counts from the offsets the processor committed (its own map, set at every commit
 //!   and restore), not from the consumer's position, which runs ahead while cycles fail.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::statistics::Statistics;
@@ -20,10 +24,55 @@ use crate::telemetry::events::Rebalanced;
 use crate::telemetry::health;
 use crate::telemetry::metrics as names;
 
+/// Whether a commit is under way, for a revocation to wait on.
+#[derive(Debug, Default)]
+pub struct CommitGate {
+    busy: Mutex<bool>,
+    ended: Condvar,
+}
+
+/// The longest a revocation waits for a commit under way: the commit's own calls time out
+/// well before (flush, commit and abort have 20 s each).
+const COMMIT_WAIT: Duration = Duration::from_secs(90);
+
+impl CommitGate {
+    /// A commit starts.
+    pub fn begin(&self) {
+        *self.busy.lock().unwrap_or_else(|p| p.into_inner()) = true;
+    }
+
+    /// The commit ended (committed, aborted or failed).
+    pub fn end(&self) {
+        *self.busy.lock().unwrap_or_else(|p| p.into_inner()) = false;
+        self.ended.notify_all();
+    }
+
+    /// Waits until no commit is under way, at most `most`; whether none is.
+    pub fn wait(&self, most: Duration) -> bool {
+        let until = Instant::now() + most;
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        while *busy {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            busy = self
+                .ended
+                .wait_timeout(busy, left.min(Duration::from_secs(1)))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+            health::beat();
+        }
+        true
+    }
+}
+
 /// The input consumer's context.
 #[derive(Default)]
 pub struct GroupContext {
     revoked: AtomicBool,
+    /// Held while a commit is under way.
+    commits: Arc<CommitGate>,
     /// Partitions assigned and paused until their state is restored.
     assigned: Mutex<Vec<i32>>,
     /// Per assigned partition, the next offset committed.
@@ -31,6 +80,11 @@ pub struct GroupContext {
 }
 
 impl GroupContext {
+    /// The gate commits hold while under way.
+    pub fn commit_gate(&self) -> Arc<CommitGate> {
+        self.commits.clone()
+    }
+
     /// Whether partitions were revoked since the last call (which clears it).
     pub fn take_revoked(&self) -> bool {
         self.revoked.swap(false, Ordering::SeqCst)
@@ -93,6 +147,15 @@ impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {
+                // The partitions leave once their last transaction is settled: a commit that
+                // completed after their next owner read the group's offsets would have it
+                // process the cycle again.
+                if !self.commits.wait(COMMIT_WAIT) {
+                    tracing::warn!(
+                        "a commit is still under way after {COMMIT_WAIT:?}; releasing the \
+                         partitions anyway"
+                    );
+                }
                 let revoked = partitions_of(tpl);
                 Rebalanced {
                     kind: "revoke",

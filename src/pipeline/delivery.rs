@@ -13,10 +13,10 @@
 //! Either way, the producer is rebuilt after a failure; one that batches nothing (so a broker's
 //! refusal names its record) when the failure was records the broker refused.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -26,6 +26,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use super::publish::Counts;
 use super::{CommitFault, Input};
 use crate::cluster::ClusterArgs;
+use crate::kafka::context::CommitGate;
 use crate::kafka::produce::{Deliveries, OutputProducer};
 use crate::kafka::{config, deliver, produce};
 use crate::telemetry::health;
@@ -139,20 +140,19 @@ impl Producers {
 /// The producer of a delivery, and whether it batches nothing.
 pub(super) struct Link {
     producers: Producers,
-    producer: OutputProducer,
+    /// Shared with the commit thread while a commit is under way.
+    producer: Arc<OutputProducer>,
     isolating: bool,
 }
 
-impl Link {
-    /// Waits for the cycle's deliveries; fails as soon as the broker refused one.
-    fn flush(&self) -> Result<(), KafkaError> {
-        let deliveries = self.producer.context();
-        deliver::flush_unless(&self.producer, BROKER_CALL, || {
-            deliveries
-                .peek_refused()
-                .map(|(_, code)| KafkaError::MessageProduction(code))
-        })
-    }
+/// Waits for the cycle's deliveries; fails as soon as the broker refused one.
+fn flush(producer: &OutputProducer) -> Result<(), KafkaError> {
+    let deliveries = producer.context();
+    deliver::flush_unless(producer, BROKER_CALL, || {
+        deliveries
+            .peek_refused()
+            .map(|(_, code)| KafkaError::MessageProduction(code))
+    })
 }
 
 /// The guarantee, each with its way to begin, commit and settle a cycle.
@@ -166,7 +166,7 @@ pub(super) enum Delivery {
 impl Delivery {
     /// The delivery of `guarantee` with a first producer.
     pub(super) fn start(exactly_once: bool, producers: Producers) -> anyhow::Result<Self> {
-        let producer = producers.make(false)?;
+        let producer = Arc::new(producers.make(false)?);
         let link = Link {
             producers,
             producer,
@@ -212,47 +212,72 @@ impl Delivery {
         }
     }
 
-    /// Commits the cycle's records (already sent) with its input offsets. `inject` aborts a
-    /// transaction on purpose, `fault` fakes a transaction's commit failure (testing aids;
-    /// at-least-once has no transaction and ignores both).
-    pub(super) fn commit(
+    /// Sends the cycle's input offsets to its transaction (exactly-once; on this thread, as it
+    /// needs the consumer's group metadata). Not when `inject` is to abort the transaction.
+    pub(super) fn send_offsets(
         &self,
         consumer: &Input,
         offsets: &TopicPartitionList,
+        inject: bool,
+    ) -> Result<(), Failure> {
+        let Delivery::ExactlyOnce(l) = self else {
+            return Ok(());
+        };
+        if inject {
+            return Ok(());
+        }
+        let cgm = consumer
+            .group_metadata()
+            .ok_or(KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownMemberId))
+            .map_err(Failure::NotCommitted)?;
+        health::beat();
+        l.producer
+            .send_offsets_to_transaction(offsets, &cgm, BROKER_CALL)
+            .map_err(Failure::NotCommitted)
+    }
+
+    /// Starts committing the cycle whose records (and offsets) were sent, on the commit
+    /// thread: flush, then commit the transaction; on failure, note the broker's refusals and
+    /// abort it. `inject` aborts a transaction on purpose, `fault` fakes a transaction's commit
+    /// failure (testing aids; at-least-once has no transaction and ignores both). Take the
+    /// outcome with [`Delivery::finish_commit`].
+    pub(super) fn start_commit(
+        &self,
+        committer: &mut Committer,
         counts: Counts,
         inject: bool,
         fault: Option<CommitFault>,
-    ) -> Result<Counts, Failure> {
-        let not_committed = Failure::NotCommitted;
-        match self {
-            Delivery::AtLeastOnce(l) => {
-                // Deliveries refused by the broker are lost unless the offsets stay behind them.
-                l.flush().map_err(not_committed)?;
-                consumer
-                    .commit(offsets, CommitMode::Sync)
-                    .map_err(not_committed)?;
-                Ok(counts)
-            }
-            Delivery::ExactlyOnce(l) => {
-                let cgm = consumer
-                    .group_metadata()
-                    .ok_or(KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownMemberId))
-                    .map_err(not_committed)?;
-                if inject {
-                    // Make sure the records reached the broker, so the abort is visible to readers.
-                    l.flush().map_err(not_committed)?;
-                    return Err(Failure::NotCommitted(KafkaError::Canceled));
-                }
-                health::beat();
-                l.producer
-                    .send_offsets_to_transaction(offsets, &cgm, BROKER_CALL)
-                    .map_err(not_committed)?;
-                health::beat();
-                // Deliveries first: a record that failed makes the commit fail (abortable).
-                l.flush().map_err(not_committed)?;
-                commit_transaction(&l.producer, counts, fault)
+    ) {
+        let (l, exactly_once) = match self {
+            Delivery::ExactlyOnce(l) => (l, true),
+            Delivery::AtLeastOnce(l) => (l, false),
+        };
+        committer.begin(Job {
+            producer: l.producer.clone(),
+            exactly_once,
+            counts,
+            inject: inject && exactly_once,
+            fault: fault.filter(|_| exactly_once),
+        });
+    }
+
+    /// Waits for the commit under way. At-least-once commits the input offsets here, once
+    /// the outputs are flushed.
+    pub(super) fn finish_commit(
+        &self,
+        committer: &mut Committer,
+        consumer: &Input,
+        offsets: &TopicPartitionList,
+    ) -> Done {
+        let mut done = committer.finish();
+        if let (Delivery::AtLeastOnce(_), Ok(_)) = (self, &done.result) {
+            // Deliveries refused by the broker are lost unless the offsets stay behind them:
+            // they were flushed first.
+            if let Err(e) = consumer.commit(offsets, CommitMode::Sync) {
+                done.result = Err(Failure::NotCommitted(e));
             }
         }
+        done
     }
 
     /// Settles a failed cycle's transaction and makes the next producer (one that batches
@@ -262,8 +287,11 @@ impl Delivery {
         failure: &Failure,
         fatal: bool,
         isolate: bool,
+        aborted: bool,
     ) -> anyhow::Result<()> {
-        if let Delivery::ExactlyOnce(l) = self {
+        if let Delivery::ExactlyOnce(l) = self
+            && !aborted
+        {
             health::beat();
             if let Failure::NotCommitted(_) = failure
                 && !fatal
@@ -277,7 +305,7 @@ impl Delivery {
         // after this; failures are rare, so it is done after every one.)
         let link = self.link_mut();
         link.isolating = isolate;
-        link.producer = link.producers.make(isolate)?;
+        link.producer = Arc::new(link.producers.make(isolate)?);
         Ok(())
     }
 
@@ -287,7 +315,7 @@ impl Delivery {
         let link = self.link_mut();
         if link.isolating {
             link.isolating = false;
-            link.producer = link.producers.make(false)?;
+            link.producer = Arc::new(link.producers.make(false)?);
         }
         Ok(())
     }
@@ -371,6 +399,158 @@ pub(super) fn committed_outcome(
                     return None;
                 }
                 std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// A commit for the commit thread.
+pub(super) struct Job {
+    producer: Arc<OutputProducer>,
+    exactly_once: bool,
+    counts: Counts,
+    inject: bool,
+    fault: Option<CommitFault>,
+}
+
+/// How a commit ended.
+pub(super) struct Done {
+    /// Its counts, or why it failed.
+    pub(super) result: Result<Counts, Failure>,
+    /// The records the broker refused, by delivery tag (taken before the abort).
+    pub(super) refused: HashMap<usize, RDKafkaErrorCode>,
+    /// Whether its transaction was aborted already.
+    pub(super) aborted: bool,
+    /// When it ended.
+    pub(super) at: Instant,
+}
+
+/// Runs one commit (on the commit thread).
+fn run(job: Job) -> Done {
+    let Job {
+        producer,
+        exactly_once,
+        counts,
+        inject,
+        fault,
+    } = job;
+    let result = if !exactly_once {
+        flush(&producer)
+            .map(|()| counts)
+            .map_err(Failure::NotCommitted)
+    } else if inject {
+        // Make sure the records reached the broker, so the abort is visible to readers.
+        flush(&producer)
+            .and(Err(KafkaError::Canceled))
+            .map_err(Failure::NotCommitted)
+    } else {
+        health::beat();
+        // Deliveries first: a record that failed makes the commit fail (abortable).
+        match flush(&producer) {
+            Ok(()) => commit_transaction(&producer, counts, fault),
+            Err(e) => Err(Failure::NotCommitted(e)),
+        }
+    };
+    let mut done = Done {
+        refused: HashMap::new(),
+        aborted: false,
+        at: Instant::now(),
+        result,
+    };
+    if let Err(failure) = &done.result {
+        // The refusals first: an abort's purged records must not count as refused.
+        done.refused = producer.context().take_refused();
+        let (_, fatal) = failure.classify();
+        if exactly_once && !fatal && matches!(failure, Failure::NotCommitted(_)) {
+            // Aborted here, before the commit counts as ended, so a revocation waiting for it
+            // hands the partitions over with nothing of the cycle open.
+            health::beat();
+            if let Err(e) = producer.abort_transaction(BROKER_CALL) {
+                tracing::warn!("abort_transaction: {e}");
+            }
+            done.aborted = true;
+        }
+        done.at = Instant::now();
+    }
+    done
+}
+
+/// The commit thread: commits one cycle while the loop gathers the next. While a commit is
+/// under way the input consumer's [`CommitGate`] is held, so a revocation waits for it to end
+/// (committed or aborted) before the partitions leave.
+pub(super) struct Committer {
+    jobs: std::sync::mpsc::SyncSender<Job>,
+    done: std::sync::mpsc::Receiver<Done>,
+    gate: Arc<CommitGate>,
+    /// The counts of the commit under way, should the thread be gone.
+    under_way: Option<Counts>,
+    /// A commit that could not be handed to the thread.
+    refused: Option<Done>,
+}
+
+impl Committer {
+    /// Starts the thread.
+    pub(super) fn spawn(gate: Arc<CommitGate>) -> std::io::Result<Self> {
+        let (jobs, job_rx) = std::sync::mpsc::sync_channel::<Job>(1);
+        let (done_tx, done) = std::sync::mpsc::sync_channel::<Done>(1);
+        let thread_gate = gate.clone();
+        std::thread::Builder::new()
+            .name("kscore-commit".into())
+            .spawn(move || {
+                for job in job_rx {
+                    let done = run(job);
+                    thread_gate.end();
+                    if done_tx.send(done).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(Committer {
+            jobs,
+            done,
+            gate,
+            under_way: None,
+            refused: None,
+        })
+    }
+
+    fn begin(&mut self, job: Job) {
+        self.gate.begin();
+        let counts = job.counts.clone();
+        if self.jobs.send(job).is_err() {
+            // The thread is gone: nothing was committed.
+            self.gate.end();
+            self.refused = Some(Done {
+                result: Err(Failure::NotCommitted(KafkaError::Canceled)),
+                refused: HashMap::new(),
+                aborted: false,
+                at: Instant::now(),
+            });
+            return;
+        }
+        self.under_way = Some(counts);
+    }
+
+    /// Waits for the commit under way to end.
+    fn finish(&mut self) -> Done {
+        if let Some(done) = self.refused.take() {
+            return done;
+        }
+        let counts = self.under_way.take().unwrap_or_default();
+        match self.done.recv() {
+            Ok(done) => done,
+            // The thread died during the commit: whether it committed is unknown.
+            Err(_) => {
+                self.gate.end();
+                Done {
+                    result: Err(Failure::Unknown {
+                        error: KafkaError::Canceled,
+                        counts: Box::new(counts),
+                    }),
+                    refused: HashMap::new(),
+                    aborted: false,
+                    at: Instant::now(),
+                }
             }
         }
     }

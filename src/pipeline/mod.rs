@@ -11,10 +11,13 @@
 //!    producer refused before);
 //! 3. **publish** ([`publish`]) the scored events and alerts in input order, the dead letters
 //!    and the changelog of the state the cycle changed, and **commit** with the input offsets
-//!    ([`delivery`]: one transaction under exactly-once);
-//! 4. on success the feature state is checkpointed; on failure it is rolled back, the consumer
-//!    rewound to the cycle's first offsets, and the cycle redone after a backoff
-//!    ([`recovery`]); a revocation discards the cycle (nothing of it was sent).
+//!    ([`delivery`]: one transaction under exactly-once). The commit runs on the commit thread
+//!    while the loop gathers and scores the next cycle, which is published once it ended;
+//! 4. on success the cycle's feature state changes are committed (its sealed undo level is
+//!    forgotten); on failure the state is rolled back with the next cycle's changes too, the
+//!    consumer rewound to the cycle's first offsets, and the cycle redone after a backoff
+//!    ([`recovery`]); a revocation discards the cycle being gathered (nothing of it was sent)
+//!    once the commit under way ended.
 //!
 //! One record never stops the stream: one whose output the producer refuses is dead-lettered
 //! instead, and a dead letter that does not fit is cut down. Set-up is [`setup`].
@@ -52,7 +55,7 @@ use crate::topology::Loaded;
 
 use backpressure::Pressure;
 use cycle::{Cycle, Outcome, ScoreSlots};
-use delivery::{Delivery, Failure};
+use delivery::{Committer, Delivery, Done, Failure};
 use publish::{Counts, Outputs, Publisher};
 use recovery::{Failures, Refusals};
 use report::{Reporter, Starved, Throttled};
@@ -195,6 +198,8 @@ struct Processor<'a> {
     rule_labels: Vec<(String, String, String)>,
     outputs: Outputs,
     delivery: Delivery,
+    /// The commit thread.
+    committer: Committer,
     states: HashMap<i32, FeatureState>,
     pressure: Pressure,
     starved: Starved,
@@ -205,6 +210,22 @@ struct Processor<'a> {
     refusals: Refusals,
     summary: RunSummary,
     cycles: u64,
+}
+
+/// A published cycle whose commit is under way.
+struct Committing {
+    cycle: Cycle,
+    offsets: TopicPartitionList,
+    /// When its publishing began.
+    started: Instant,
+}
+
+/// What becomes of the cycle just gathered.
+#[derive(PartialEq, Eq)]
+enum Next {
+    Publish,
+    Discard,
+    Nothing,
 }
 
 /// How gathering a cycle ended.
@@ -218,43 +239,86 @@ enum Gathered {
 }
 
 impl Processor<'_> {
-    /// The commit loop, until a stop.
+    /// The commit loop, until a stop. Each cycle is gathered (and scored) while the one before
+    /// commits, and published once that commit ended: a failed commit takes the gathered
+    /// cycle back with it.
     fn run(mut self) -> anyhow::Result<RunSummary> {
         let mut cycle = Cycle::default();
-        while !self.stopping() {
+        let mut spare = Cycle::default();
+        let mut committing: Option<Committing> = None;
+        let mut live = true;
+        while live && !self.stopping() {
             cycle.clear(self.batchers.len());
-            match self.gather(&mut cycle)? {
-                Gathered::Records => {}
-                Gathered::Empty => {
-                    self.reporter.tick(&self.summary);
-                    continue;
-                }
-                Gathered::Interrupted => {
-                    self.discard(&cycle);
-                    continue;
-                }
-            }
-            if !self.await_scores(&mut cycle)? {
+            let mut next = match self.gather(&mut cycle)? {
+                Gathered::Records if self.await_scores(&mut cycle)? => Next::Publish,
+                Gathered::Records | Gathered::Interrupted => Next::Discard,
+                Gathered::Empty => Next::Nothing,
+            };
+            if next == Next::Discard {
                 self.discard(&cycle);
-                continue;
             }
-            cycle::settle(&mut cycle.records, &self.scores, &self.refusals.poisoned);
-            let started = Instant::now();
-            match self.publish(&cycle) {
-                Ok(counts) => self.committed(&cycle, counts, started)?,
-                Err(failure) => {
-                    if !self.recover(&cycle, failure, started)? {
-                        break;
+            if let Some(c) = committing.take() {
+                let done =
+                    self.delivery
+                        .finish_commit(&mut self.committer, &self.consumer, &c.offsets);
+                if done.result.is_err() && next == Next::Publish {
+                    // Computed on the failed cycle's state: taken back, and read again.
+                    self.discard(&cycle);
+                    next = Next::Nothing;
+                }
+                live = self.ended(&c, done)?;
+                spare = c.cycle;
+            }
+            if live && next == Next::Publish {
+                cycle::settle(&mut cycle.records, &self.scores, &self.refusals.poisoned);
+                let started = Instant::now();
+                match self.publish(&cycle) {
+                    Ok(offsets) => {
+                        spare.clear(self.batchers.len());
+                        committing = Some(Committing {
+                            cycle: std::mem::replace(&mut cycle, std::mem::take(&mut spare)),
+                            offsets,
+                            started,
+                        });
+                    }
+                    Err(failure) => {
+                        let refused = self.delivery.take_refused();
+                        live = self.recover(&cycle, failure, started, refused, false)?;
                     }
                 }
             }
             self.reporter.tick(&self.summary);
+        }
+        // The last commit under way ends before the processor does.
+        if let Some(c) = committing.take() {
+            let done = self
+                .delivery
+                .finish_commit(&mut self.committer, &self.consumer, &c.offsets);
+            self.ended(&c, done)?;
         }
         for b in self.batchers {
             b.shutdown();
         }
         tracing::info!(summary = ?self.summary, "processor stopped");
         Ok(self.summary)
+    }
+
+    /// A commit ended: the cycle is committed, or recovered from. `false` when stopping with
+    /// its outcome unknown.
+    fn ended(&mut self, c: &Committing, done: Done) -> anyhow::Result<bool> {
+        let Done {
+            result,
+            refused,
+            aborted,
+            at,
+        } = done;
+        match result {
+            Ok(counts) => {
+                self.committed(&c.cycle, counts, c.started, at)?;
+                Ok(true)
+            }
+            Err(failure) => self.recover(&c.cycle, failure, c.started, refused, aborted),
+        }
     }
 
     fn stopping(&self) -> bool {
@@ -276,8 +340,9 @@ impl Processor<'_> {
         Ok(!revoked)
     }
 
-    /// Publishes the cycle and commits it with its input offsets.
-    fn publish(&mut self, cycle: &Cycle) -> Result<Counts, Failure> {
+    /// Publishes the cycle, seals its feature state changes and starts its commit with its
+    /// input offsets (see [`Delivery::start_commit`]); the offsets, to finish it with.
+    fn publish(&mut self, cycle: &Cycle) -> Result<TopicPartitionList, Failure> {
         self.cycles += 1;
         let publisher = Publisher {
             outputs: &self.outputs,
@@ -314,18 +379,30 @@ impl Processor<'_> {
             .filter(|(at, _)| *at == self.cycles)
             .map(|(_, f)| f);
         self.delivery
-            .commit(&self.consumer, &offsets, counts, inject, fault)
+            .send_offsets(&self.consumer, &offsets, inject)?;
+        // What the changelog holds now awaits the commit; the next cycle's changes are apart.
+        for s in self.states.values_mut() {
+            s.seal();
+        }
+        self.delivery
+            .start_commit(&mut self.committer, counts, inject, fault);
+        Ok(offsets)
     }
 
-    /// The cycle committed: its state is checkpointed, its outputs counted and observed.
-    fn committed(&mut self, cycle: &Cycle, counts: Counts, started: Instant) -> anyhow::Result<()> {
+    /// The cycle committed (at `at`): its state changes are committed, its outputs counted
+    /// and observed.
+    fn committed(
+        &mut self,
+        cycle: &Cycle,
+        counts: Counts,
+        started: Instant,
+        at: Instant,
+    ) -> anyhow::Result<()> {
         for (partition, s) in &mut self.states {
-            match cycle.next.get(partition) {
-                Some(next) => {
-                    s.commit(*next);
-                    self.consumer.context().set_committed(*partition, *next);
-                }
-                None => s.checkpoint(),
+            let next = cycle.next.get(partition).copied();
+            s.commit_sealed(next);
+            if let Some(next) = next {
+                self.consumer.context().set_committed(*partition, next);
             }
         }
         self.failures.committed();
@@ -337,7 +414,7 @@ impl Processor<'_> {
         if !self.refusals.committed(&cycle.next, &assigned) {
             self.delivery.back_to_batching()?;
         }
-        self.observe(cycle);
+        self.observe(cycle, at);
         let topic = &self.loaded.topology.input.topic;
         CycleCommitted {
             topic,
@@ -355,7 +432,7 @@ impl Processor<'_> {
                 .collect(),
             changelog_records: counts.changelog,
             changelog_bytes: counts.changelog_bytes,
-            took: started.elapsed(),
+            took: at.saturating_duration_since(started),
             state_keys: self.states.values().map(FeatureState::keys).sum(),
         }
         .emit();
@@ -367,9 +444,10 @@ impl Processor<'_> {
         Ok(())
     }
 
-    /// A committed cycle's latency and drift: only published scores count.
-    fn observe(&mut self, cycle: &Cycle) {
-        let now = now_ms();
+    /// A committed cycle's latency (to its commit at `at`) and drift: only published scores
+    /// count.
+    fn observe(&mut self, cycle: &Cycle, at: Instant) {
+        let now = now_ms().saturating_sub(crate::features::millis(at.elapsed()));
         let to_commit = metrics::histogram!(crate::telemetry::metrics::EVENT_TO_COMMIT_SECONDS);
         for p in &cycle.records {
             if let Outcome::Scored {
@@ -403,23 +481,24 @@ impl Processor<'_> {
         cycle: &Cycle,
         failure: Failure,
         started: Instant,
+        refused: HashMap<usize, rdkafka::error::RDKafkaErrorCode>,
+        aborted: bool,
     ) -> anyhow::Result<bool> {
         let (reason, fatal) = failure.classify();
-        let refused = self.delivery.take_refused();
         let isolate = recovery::learn(
             &refused,
             &cycle.records,
             self.delivery.isolating(),
             &mut self.refusals,
         );
-        self.delivery.settle(&failure, fatal, isolate)?;
+        self.delivery.settle(&failure, fatal, isolate, aborted)?;
         let topic = &self.loaded.topology.input.topic;
         let error = match failure {
             Failure::Unknown { error, counts } => {
                 match delivery::committed_outcome(&self.consumer, topic, &cycle.next, &self.stop) {
                     Some(true) => {
                         CommitFoundCommitted { error: &error }.emit();
-                        self.committed(cycle, *counts, started)?;
+                        self.committed(cycle, *counts, started, Instant::now())?;
                         return Ok(true);
                     }
                     Some(false) => error,
@@ -431,7 +510,7 @@ impl Processor<'_> {
         self.summary.aborts += 1;
         self.failures
             .failed(topic, &cycle.first, &cycle.next, reason.label(), &error);
-        self.roll_back(cycle);
+        self.roll_back(cycle, true);
         let until = Instant::now() + self.failures.backoff();
         while Instant::now() < until && !self.stopping() {
             health::beat();
@@ -441,7 +520,8 @@ impl Processor<'_> {
         Ok(true)
     }
 
-    /// A revocation or a stop cut the cycle short: nothing of it was sent.
+    /// A revocation or a stop cut the cycle short, or the commit before it failed: nothing of
+    /// it was sent.
     fn discard(&mut self, cycle: &Cycle) {
         CycleDiscarded {
             records: cycle.records.len(),
@@ -449,16 +529,21 @@ impl Processor<'_> {
         }
         .emit();
         self.pressure.release(&self.consumer);
-        self.roll_back(cycle);
+        self.roll_back(cycle, false);
     }
 
-    /// The cycle never happened: its state changes are taken back and the partitions it read
-    /// rewound to where it began (a partition that cannot be rewound gives up its state, which
-    /// is then restored again). Partitions reassigned meanwhile start from the committed
-    /// offsets anyway.
-    fn roll_back(&mut self, cycle: &Cycle) {
+    /// The cycle never happened: its state changes are taken back (`all`: with everything
+    /// since the last commit, a sealed cycle's too; else those of the open level only) and the
+    /// partitions it read rewound to where it began (a partition that cannot be rewound gives
+    /// up its state, which is then restored again). Partitions reassigned meanwhile start from
+    /// the committed offsets anyway.
+    fn roll_back(&mut self, cycle: &Cycle, all: bool) {
         for s in self.states.values_mut() {
-            s.rollback();
+            if all {
+                s.rollback();
+            } else {
+                s.rollback_open();
+            }
         }
         let topic = &self.loaded.topology.input.topic;
         let reassigned = self.consumer.context().awaiting_restore();

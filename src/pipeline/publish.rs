@@ -32,7 +32,7 @@ pub(super) struct Outputs {
 }
 
 /// What one cycle published.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(super) struct Counts {
     pub(super) changelog: u64,
     pub(super) changelog_bytes: u64,

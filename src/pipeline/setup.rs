@@ -63,6 +63,8 @@ impl<'a> Processor<'a> {
         register_series(&t.input.topic, &models.rule_labels);
 
         let (consumer, delivery) = connect(cluster, loaded, opts, topics.batch_limit, &stop)?;
+        let committer = super::delivery::Committer::spawn(consumer.context().commit_gate())
+            .map_err(|e| anyhow::anyhow!("starting the commit thread: {e}"))?;
         Ok(Some(Processor {
             loaded,
             opts,
@@ -81,6 +83,7 @@ impl<'a> Processor<'a> {
             rule_labels: models.rule_labels,
             outputs,
             delivery,
+            committer,
             states: HashMap::new(),
             pressure: Pressure::default(),
             starved: Starved::new(),
