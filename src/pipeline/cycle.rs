@@ -21,7 +21,7 @@ use crate::features::{FeatureSet, FeatureState};
 use crate::reason::Reason;
 use crate::sink::dead_letter::Cut;
 use crate::sink::record::ScoreValue;
-use crate::source::Decoder;
+use crate::source::{DecodeError, Decoded, Decoder};
 use crate::telemetry::events::RegistryUnavailable;
 use crate::telemetry::health;
 use crate::topology::Loaded;
@@ -268,31 +268,10 @@ pub(super) fn take(
         error,
         cut: Cut::Whole,
     };
-    let mut backoff = Duration::from_millis(100);
-    let mut logged: Option<Instant> = None;
-    let decoded = loop {
-        match rt.block_on(decoder.decode(msg.payload())) {
-            Err(e) if e.is_retriable() => {
-                // The registry being down says nothing about the record: wait, do not dead-letter.
-                let log = logged.is_none_or(|w| w.elapsed() >= Duration::from_secs(10));
-                RegistryUnavailable {
-                    partition: msg.partition(),
-                    offset: msg.offset(),
-                    retry_in: backoff,
-                    error: &e,
-                    log,
-                }
-                .emit();
-                if log {
-                    logged = Some(Instant::now());
-                }
-                if !wait(backoff) {
-                    return None;
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-            }
-            other => break other,
-        }
+    // Almost always the writer schema is known: no registry call, and no async one.
+    let decoded = match decoder.decode_cached(msg.payload()) {
+        Some(decoded) => decoded,
+        None => fetching(msg, decoder, rt, wait)?,
     };
     // The record's own timestamp (when it was produced, or appended), against which its event
     // time is checked; a record without one is checked against now.
@@ -327,6 +306,42 @@ pub(super) fn take(
         value: msg.payload().map(<[u8]>::to_vec),
         outcome,
     })
+}
+
+/// Decodes a record whose writer schema is to be fetched from the registry. While the registry
+/// cannot be reached the record waits (`wait`): `None` when the wait ended the cycle.
+fn fetching<'m>(
+    msg: &'m BorrowedMessage<'_>,
+    decoder: &Decoder,
+    rt: &Handle,
+    wait: &mut dyn FnMut(Duration) -> bool,
+) -> Option<Result<Decoded<'m>, DecodeError>> {
+    let mut backoff = Duration::from_millis(100);
+    let mut logged: Option<Instant> = None;
+    loop {
+        match rt.block_on(decoder.decode(msg.payload())) {
+            Err(e) if e.is_retriable() => {
+                // The registry being down says nothing about the record: wait, do not dead-letter.
+                let log = logged.is_none_or(|w| w.elapsed() >= Duration::from_secs(10));
+                RegistryUnavailable {
+                    partition: msg.partition(),
+                    offset: msg.offset(),
+                    retry_in: backoff,
+                    error: &e,
+                    log,
+                }
+                .emit();
+                if log {
+                    logged = Some(Instant::now());
+                }
+                if !wait(backoff) {
+                    return None;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+            other => return Some(other),
+        }
+    }
 }
 
 /// Waits for every score of the cycle (`idle` between checks), and marks the rows of batches a

@@ -298,6 +298,26 @@ impl Decoder {
         self.decode_with(&writer, id, payload)
     }
 
+    /// Decodes one payload whose writer schema is cached already, without the registry and
+    /// without an async call; `None` when the schema is to be fetched (use
+    /// [`Decoder::decode`]).
+    pub fn decode_cached<'a>(
+        &self,
+        payload: Option<&'a [u8]>,
+    ) -> Option<Result<Decoded<'a>, DecodeError>> {
+        let id = match wire::parse(payload) {
+            Ok((id, _)) => id,
+            Err(e) => return Some(Err(e.into())),
+        };
+        let writer = self
+            .writers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()?;
+        Some(self.decode_with(&writer, id, payload))
+    }
+
     /// Decodes one payload into a generic value resolved to the reader schema, whatever its
     /// writer (for tools and tests that look at whole records).
     pub async fn decode_value(&self, payload: Option<&[u8]>) -> Result<(u32, Value), DecodeError> {
