@@ -358,22 +358,28 @@ fn a_non_finite_feature_is_an_error_and_leaves_state_unchanged() {
     assert_eq!(inf.reason(), Reason::NonFiniteFeature);
 }
 
+/// Features of `events[range]`, taken by `state` in order.
+fn run_on(
+    set: &FeatureSet,
+    events: &[Payment],
+    state: &mut FeatureState,
+    range: std::ops::Range<usize>,
+) -> Vec<Vec<f64>> {
+    events[range]
+        .iter()
+        .map(|e| {
+            state
+                .update(set, set.extract(&e.to_value(), None).expect("extract"))
+                .expect("features")
+        })
+        .collect()
+}
+
 #[test]
 fn rollback_takes_back_everything_since_the_checkpoint() {
     let set = feature_set(TOPOLOGY);
     let events = payments(5, 0.05, 40);
-    let run = |state: &mut FeatureState, range: std::ops::Range<usize>| -> Vec<Vec<f64>> {
-        range
-            .map(|i| {
-                state
-                    .update(
-                        &set,
-                        set.extract(&events[i].to_value(), None).expect("extract"),
-                    )
-                    .expect("features")
-            })
-            .collect()
-    };
+    let run = |state: &mut FeatureState, range| run_on(&set, &events, state, range);
     let mut straight = FeatureState::default();
     let want = run(&mut straight, 0..40);
 
@@ -395,18 +401,7 @@ fn two_undo_levels_take_back_one_cycle_or_both() {
     let set = feature_set(TOPOLOGY);
     // Few cards and many events, so keys reach the running aggregates and the cap trims.
     let events = payments(3, 0.05, 1_200);
-    let run = |state: &mut FeatureState, range: std::ops::Range<usize>| -> Vec<Vec<f64>> {
-        range
-            .map(|i| {
-                state
-                    .update(
-                        &set,
-                        set.extract(&events[i].to_value(), None).expect("extract"),
-                    )
-                    .expect("features")
-            })
-            .collect()
-    };
+    let run = |state: &mut FeatureState, range| run_on(&set, &events, state, range);
     let sorted = |mut log: Vec<(Vec<u8>, Option<Vec<u8>>)>| {
         log.sort();
         log
