@@ -11,7 +11,10 @@
 //!   the broker refused fails the cycle before its offsets are committed.
 //!
 //! Either way, the producer is rebuilt after a failure; one that batches nothing (so a broker's
-//! refusal names its record) when the failure was records the broker refused.
+//! refusal names its record) when the failure was records the broker refused. The flush and the
+//! commit (and a failed transaction's abort) run on the commit thread ([`Committer`]) while the
+//! loop gathers the next cycle; the offsets are sent from the loop's thread, which has the
+//! consumer and its group metadata.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
