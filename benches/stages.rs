@@ -323,11 +323,7 @@ fn stages(c: &mut Criterion) {
             let e = f.set.extract(&d.record, None).expect("extract");
             let r = state.update(&f.set, e).expect("features");
             let (decision, rules_fired) = decide(&fixed, &mut fired);
-            let value = if d.verbatim {
-                None
-            } else {
-                d.record.into_value()
-            };
+            let value = d.into_event();
             let record = ScoredRecord {
                 event: match &value {
                     None => record::Event::Verbatim(&fr[5..]),
@@ -401,11 +397,7 @@ fn stages(c: &mut Criterion) {
                         feats.push(state.update(&f.set, e).expect("features"));
                         // The pipeline keeps each record's value (for its dead letter, and as
                         // the scored record's event bytes).
-                        let value = if d.verbatim {
-                            None
-                        } else {
-                            d.record.into_value()
-                        };
+                        let value = d.into_event();
                         events.push((value, fr.to_vec()));
                     }
                     let mut scores: Vec<Vec<Vec<f64>>> = Vec::new();

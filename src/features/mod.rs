@@ -535,7 +535,7 @@ fn median(values: &mut [i64; CLOCK_BASE]) -> i64 {
 ///
 /// The undo log has two levels, so the next cycle can be computed while the last one commits:
 /// [`FeatureState::seal`] closes the level of a cycle whose changelog was sent, and a new one
-/// opens for the next cycle; [`FeatureState::commit`] then forgets the sealed level, while
+/// opens for the next cycle; [`FeatureState::commit_sealed`] then forgets the sealed level, while
 /// [`FeatureState::rollback`] takes both back and [`FeatureState::rollback_open`] only the
 /// open one.
 #[derive(Debug, Clone, Default, PartialEq)]

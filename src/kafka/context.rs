@@ -31,8 +31,10 @@ pub struct CommitGate {
     ended: Condvar,
 }
 
-/// The longest a revocation waits for a commit under way: the commit's own calls time out
-/// well before (flush, commit and abort have 20 s each).
+/// The longest a revocation waits for a commit under way. Each of the commit's calls is bounded
+/// (the flush, each commit attempt and the abort 20 s each), but a commit retried after
+/// retriable errors (up to 3 times) with an abort after can take longer, and is then left under
+/// way when the partitions go.
 const COMMIT_WAIT: Duration = Duration::from_secs(90);
 
 impl CommitGate {

@@ -285,12 +285,8 @@ pub(super) fn take(
                 match state.update(set, ev) {
                     Err(e) => dead(e.reason(), e.to_string()),
                     Ok(features) => Outcome::Scored {
-                        event: if d.verbatim {
-                            None
-                        } else {
-                            d.record.into_value()
-                        },
                         schema_id: d.schema_id,
+                        event: d.into_event(),
                         event_time,
                         features,
                         scores: Vec::new(),

@@ -259,8 +259,8 @@ impl Delivery {
             producer: l.producer.clone(),
             exactly_once,
             counts,
-            inject: inject && exactly_once,
-            fault: fault.filter(|_| exactly_once),
+            inject,
+            fault,
         });
     }
 
@@ -288,20 +288,13 @@ impl Delivery {
     pub(super) fn settle(
         &mut self,
         failure: &Failure,
-        fatal: bool,
         isolate: bool,
         aborted: bool,
     ) -> anyhow::Result<()> {
         if let Delivery::ExactlyOnce(l) = self
             && !aborted
         {
-            health::beat();
-            if let Failure::NotCommitted(_) = failure
-                && !fatal
-                && let Err(e) = l.producer.abort_transaction(BROKER_CALL)
-            {
-                tracing::warn!("abort_transaction: {e}");
-            }
+            abort(&l.producer, failure);
         }
         // A fresh producer with the same transactional.id fences the old one and settles what it
         // left open. (Readers of the local stand-in broker only move past an aborted transaction
@@ -454,28 +447,34 @@ fn run(job: Job) -> Done {
             Err(e) => Err(Failure::NotCommitted(e)),
         }
     };
-    let mut done = Done {
-        refused: HashMap::new(),
-        aborted: false,
-        at: Instant::now(),
-        result,
-    };
-    if let Err(failure) = &done.result {
+    let (mut refused, mut aborted) = (HashMap::new(), false);
+    if let Err(failure) = &result {
         // The refusals first: an abort's purged records must not count as refused.
-        done.refused = producer.context().take_refused();
-        let (_, fatal) = failure.classify();
-        if exactly_once && !fatal && matches!(failure, Failure::NotCommitted(_)) {
-            // Aborted here, before the commit counts as ended, so a revocation waiting for it
-            // hands the partitions over with nothing of the cycle open.
-            health::beat();
-            if let Err(e) = producer.abort_transaction(BROKER_CALL) {
-                tracing::warn!("abort_transaction: {e}");
-            }
-            done.aborted = true;
-        }
-        done.at = Instant::now();
+        refused = producer.context().take_refused();
+        // Aborted here, before the commit counts as ended, so a revocation waiting for it hands
+        // the partitions over with nothing of the cycle open.
+        aborted = exactly_once && abort(&producer, failure);
     }
-    done
+    Done {
+        result,
+        refused,
+        aborted,
+        at: Instant::now(),
+    }
+}
+
+/// Aborts the open transaction of a cycle that was not committed (not after a fatal error,
+/// which left the producer unusable, nor when the outcome is unknown); whether it did.
+fn abort(producer: &OutputProducer, failure: &Failure) -> bool {
+    let (_, fatal) = failure.classify();
+    if fatal || !matches!(failure, Failure::NotCommitted(_)) {
+        return false;
+    }
+    health::beat();
+    if let Err(e) = producer.abort_transaction(BROKER_CALL) {
+        tracing::warn!("abort_transaction: {e}");
+    }
+    true
 }
 
 /// The commit thread: commits one cycle while the loop gathers the next. While a commit is
@@ -488,7 +487,7 @@ pub(super) struct Committer {
     /// The counts of the commit under way, should the thread be gone.
     under_way: Option<Counts>,
     /// A commit that could not be handed to the thread.
-    refused: Option<Done>,
+    unsent: Option<Done>,
 }
 
 impl Committer {
@@ -513,7 +512,7 @@ impl Committer {
             done,
             gate,
             under_way: None,
-            refused: None,
+            unsent: None,
         })
     }
 
@@ -523,7 +522,7 @@ impl Committer {
         if self.jobs.send(job).is_err() {
             // The thread is gone: nothing was committed.
             self.gate.end();
-            self.refused = Some(Done {
+            self.unsent = Some(Done {
                 result: Err(Failure::NotCommitted(KafkaError::Canceled)),
                 refused: HashMap::new(),
                 aborted: false,
@@ -536,7 +535,7 @@ impl Committer {
 
     /// Waits for the commit under way to end.
     fn finish(&mut self) -> Done {
-        if let Some(done) = self.refused.take() {
+        if let Some(done) = self.unsent.take() {
             return done;
         }
         let counts = self.under_way.take().unwrap_or_default();

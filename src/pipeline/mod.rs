@@ -484,14 +484,14 @@ impl Processor<'_> {
         refused: HashMap<usize, rdkafka::error::RDKafkaErrorCode>,
         aborted: bool,
     ) -> anyhow::Result<bool> {
-        let (reason, fatal) = failure.classify();
+        let (reason, _) = failure.classify();
         let isolate = recovery::learn(
             &refused,
             &cycle.records,
             self.delivery.isolating(),
             &mut self.refusals,
         );
-        self.delivery.settle(&failure, fatal, isolate, aborted)?;
+        self.delivery.settle(&failure, isolate, aborted)?;
         let topic = &self.loaded.topology.input.topic;
         let error = match failure {
             Failure::Unknown { error, counts } => {

@@ -44,12 +44,13 @@ pub enum Record<'a> {
     Value(Value),
 }
 
-impl Record<'_> {
-    /// The generic value, where the record was decoded into one.
-    pub fn into_value(self) -> Option<Value> {
-        match self {
-            Record::Direct(_) => None,
-            Record::Value(v) => Some(v),
+impl Decoded<'_> {
+    /// The event for the scored record to encode: `None` where the datum is copied instead
+    /// (it was written with the reader schema).
+    pub fn into_event(self) -> Option<Value> {
+        match self.record {
+            Record::Value(v) if !self.verbatim => Some(v),
+            _ => None,
         }
     }
 }
@@ -253,24 +254,23 @@ impl Decoder {
         })
     }
 
-    async fn writer(&self, id: u32) -> Result<Arc<Writer>, DecodeError> {
-        if let Some(w) = self
-            .writers
+    /// The writer schema `id`, if it is cached.
+    fn cached(&self, id: u32) -> Option<Arc<Writer>> {
+        self.writers
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(&id)
-        {
-            return Ok(w.clone());
+            .cloned()
+    }
+
+    /// The writer schema `id`, cached or fetched from the registry.
+    async fn writer(&self, id: u32) -> Result<Arc<Writer>, DecodeError> {
+        if let Some(w) = self.cached(id) {
+            return Ok(w);
         }
         let registry = match &self.source {
             Writers::Registry(r) => r,
-            Writers::Fixed => {
-                return Err(DecodeError::Schema {
-                    id,
-                    reason: "not one of this decoder's schemas".into(),
-                    retriable: false,
-                });
-            }
+            Writers::Fixed => return Err(unknown(id)),
         };
         let fetched = registry
             .get_schema(id)
@@ -293,9 +293,9 @@ impl Decoder {
 
     /// Decodes one payload (a Kafka record's value).
     pub async fn decode<'a>(&self, payload: Option<&'a [u8]>) -> Result<Decoded<'a>, DecodeError> {
-        let (id, _) = wire::parse(payload)?;
+        let (id, datum) = wire::parse(payload)?;
         let writer = self.writer(id).await?;
-        self.decode_with(&writer, id, payload)
+        self.decode_with(&writer, id, datum)
     }
 
     /// Decodes one payload whose writer schema is cached already, without the registry and
@@ -305,71 +305,51 @@ impl Decoder {
         &self,
         payload: Option<&'a [u8]>,
     ) -> Option<Result<Decoded<'a>, DecodeError>> {
-        let id = match wire::parse(payload) {
-            Ok((id, _)) => id,
+        let (id, datum) = match wire::parse(payload) {
+            Ok(frame) => frame,
             Err(e) => return Some(Err(e.into())),
         };
-        let writer = self
-            .writers
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&id)
-            .cloned()?;
-        Some(self.decode_with(&writer, id, payload))
+        let writer = self.cached(id)?;
+        Some(self.decode_with(&writer, id, datum))
     }
 
     /// Decodes one payload into a generic value resolved to the reader schema, whatever its
     /// writer (for tools and tests that look at whole records).
     pub async fn decode_value(&self, payload: Option<&[u8]>) -> Result<(u32, Value), DecodeError> {
-        let (id, _) = wire::parse(payload)?;
+        let (id, datum) = wire::parse(payload)?;
         let writer = self.writer(id).await?;
-        Ok((id, self.value_with(&writer, id, payload)?))
+        Ok((id, self.value_with(&writer, id, datum)?))
     }
 
     /// Decodes one payload with the writer schemas already known (never calls the registry):
     /// for a decoder made [`Decoder::with_writers`], the same as [`Decoder::decode`].
     pub fn decode_known<'a>(&self, payload: Option<&'a [u8]>) -> Result<Decoded<'a>, DecodeError> {
-        let (id, _) = wire::parse(payload)?;
-        let writer = self.known(id)?;
-        self.decode_with(&writer, id, payload)
+        let (id, datum) = wire::parse(payload)?;
+        let writer = self.cached(id).ok_or_else(|| unknown(id))?;
+        self.decode_with(&writer, id, datum)
     }
 
     /// [`Decoder::decode_value`] with the writer schemas already known.
     pub fn decode_value_known(&self, payload: Option<&[u8]>) -> Result<(u32, Value), DecodeError> {
-        let (id, _) = wire::parse(payload)?;
-        let writer = self.known(id)?;
-        Ok((id, self.value_with(&writer, id, payload)?))
+        let (id, datum) = wire::parse(payload)?;
+        let writer = self.cached(id).ok_or_else(|| unknown(id))?;
+        Ok((id, self.value_with(&writer, id, datum)?))
     }
 
-    fn known(&self, id: u32) -> Result<Arc<Writer>, DecodeError> {
-        self.writers
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| DecodeError::Schema {
-                id,
-                reason: "not one of this decoder's schemas".into(),
-                retriable: false,
-            })
-    }
-
+    /// Decodes `datum` (the payload after its header) with writer schema `id`.
     fn decode_with<'a>(
         &self,
         writer: &Writer,
         id: u32,
-        payload: Option<&'a [u8]>,
+        datum: &'a [u8],
     ) -> Result<Decoded<'a>, DecodeError> {
         let record = match &writer.direct {
-            Some(program) => {
-                let (_, datum) = wire::parse(payload)?;
-                Record::Direct(
-                    program
-                        .read(datum)
-                        .map_err(|reason| DecodeError::Datum { id, reason })?,
-                )
-            }
-            None => Record::Value(self.value_with(writer, id, payload)?),
+            Some(program) => Record::Direct(
+                program
+                    .read(datum)
+                    .map_err(|reason| DecodeError::Datum { id, reason })?,
+            ),
+            None => Record::Value(self.value_with(writer, id, datum)?),
         };
         Ok(Decoded {
             schema_id: id,
@@ -378,13 +358,8 @@ impl Decoder {
         })
     }
 
-    fn value_with(
-        &self,
-        writer: &Writer,
-        id: u32,
-        payload: Option<&[u8]>,
-    ) -> Result<Value, DecodeError> {
-        let (_, datum) = wire::parse(payload)?;
+    /// Decodes `datum` into a generic value resolved to the reader schema.
+    fn value_with(&self, writer: &Writer, id: u32, datum: &[u8]) -> Result<Value, DecodeError> {
         // Two steps, so an error says which schema the record failed against: decoding with
         // the writer schema, then resolving the value to the reader schema.
         let mut datum = Exact {
@@ -425,6 +400,15 @@ impl Decoder {
                 reason: explain(&value, reader, names, e),
             }),
         }
+    }
+}
+
+/// A frame naming a schema id this decoder has no way to know.
+fn unknown(id: u32) -> DecodeError {
+    DecodeError::Schema {
+        id,
+        reason: "not one of this decoder's schemas".into(),
+        retriable: false,
     }
 }
 

@@ -336,13 +336,6 @@ impl Fields for Direct<'_> {
     }
 }
 
-impl Direct<'_> {
-    /// The datum: the reader schema's encoding of the record.
-    pub fn datum(&self) -> &[u8] {
-        self.datum
-    }
-}
-
 /// Compiles schema nodes into an arena; named types once each, by full name, so references
 /// (recursive ones too) point at them.
 struct Compiler {
