@@ -53,10 +53,10 @@ struct LongHistory {
 const CYCLE: usize = 1024;
 
 /// Feeds `events` to `state`, checkpointing every [`CYCLE`] events.
-fn update_in_cycles(
+fn update_in_cycles<'a>(
     set: &FeatureSet,
     mut state: FeatureState,
-    events: impl IntoIterator<Item = Event>,
+    events: impl IntoIterator<Item = Event<'a>>,
 ) -> FeatureState {
     for (i, e) in events.into_iter().enumerate() {
         state.update(set, e).expect("features");
@@ -229,7 +229,7 @@ fn stages(c: &mut Criterion) {
             BatchSize::LargeInput,
         )
     });
-    let rest: Vec<Event> = f
+    let rest: Vec<Event<'_>> = f
         .long
         .values
         .iter()

@@ -178,8 +178,9 @@ impl FeatureState {
                         events.insert(seq, event);
                     }
                     None => {
-                        self.restoring
-                            .insert(feature_key.to_string(), HashMap::from([(seq, event)]));
+                        let mut events = HashMap::default();
+                        events.insert(seq, event);
+                        self.restoring.insert(feature_key.to_string(), events);
                     }
                 }
             }
@@ -296,10 +297,10 @@ fn decode_event(
     let time = r.i64()?;
     let nums = (0..set.num_fields.len())
         .map(|_| r.u64().map(f64::from_bits))
-        .collect::<Result<Box<[f64]>, _>>()?;
+        .collect::<Result<_, _>>()?;
     let cats = (0..set.cat_fields.len())
         .map(|_| r.u64())
-        .collect::<Result<Box<[u64]>, _>>()?;
+        .collect::<Result<_, _>>()?;
     r.end()?;
     Ok(Stored {
         time,

@@ -1,6 +1,8 @@
 //! Pulling what the features need out of a decoded Avro record: the key, the event time, and
 //! the numeric and categorical field values, by field position resolved once per topology.
 
+use std::borrow::Cow;
+
 use apache_avro::types::Value;
 
 /// Why a record cannot feed the features.
@@ -219,16 +221,17 @@ pub fn categorical<R: Fields + ?Sized>(
     })
 }
 
-/// A field value as text (for the record key). An empty string is refused (as a key it would
-/// pool every such record into one history), and so is one over [`MAX_KEY_BYTES`].
-pub fn text<R: Fields + ?Sized>(
-    fields: &R,
+/// A field value as text (for the record key), borrowed from the record where it is text. An
+/// empty string is refused (as a key it would pool every such record into one history), and so
+/// is one over [`MAX_KEY_BYTES`].
+pub fn text<'r, R: Fields + ?Sized>(
+    fields: &'r R,
     index: usize,
     name: &str,
-) -> Result<String, ExtractError> {
+) -> Result<Cow<'r, str>, ExtractError> {
     let text = match field(fields, index, name)? {
-        Scalar::Str(s) | Scalar::Enum(s) => s.to_string(),
-        Scalar::Uuid(u) => u.to_string(),
+        Scalar::Str(s) | Scalar::Enum(s) => Cow::Borrowed(s),
+        Scalar::Uuid(u) => Cow::Owned(u.to_string()),
         other => return Err(wrong(name, other)),
     };
     if text.is_empty() {

@@ -45,6 +45,7 @@ pub mod extract;
 pub mod offline;
 mod window;
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 
@@ -318,11 +319,11 @@ impl FeatureSet {
     /// Reads key, event time and feature inputs from a record, and checks the event time
     /// against the topology's range ([`EventTimeRange::check`]; `produced_at`: the Kafka
     /// record's timestamp, `None` offline).
-    pub fn extract<R: extract::Fields + ?Sized>(
+    pub fn extract<'r, R: extract::Fields + ?Sized>(
         &self,
-        fields: &R,
+        fields: &'r R,
         produced_at: Option<i64>,
-    ) -> Result<Event, FeatureError> {
+    ) -> Result<Event<'r>, FeatureError> {
         if !fields.is_record() {
             return Err(extract::ExtractError::NotARecord.into());
         }
@@ -335,12 +336,12 @@ impl FeatureSet {
             .num_fields
             .iter()
             .map(|(n, i)| extract::numeric(fields, *i, n))
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Nums, _>>()?;
         let cats = self
             .cat_fields
             .iter()
             .map(|(n, i)| extract::categorical(fields, *i, n))
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Cats, _>>()?;
         Ok(Event {
             key,
             time,
@@ -350,23 +351,43 @@ impl FeatureSet {
     }
 }
 
-/// What the features need from one record.
+/// What the features need from one record, borrowing its key from the record where it can.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Event {
+pub struct Event<'a> {
     /// The feature key.
-    pub key: String,
+    pub key: Cow<'a, str>,
     /// Event time, ms.
     pub time: i64,
-    nums: Vec<f64>,
-    cats: Vec<u64>,
+    nums: Nums,
+    cats: Cats,
 }
+
+impl Event<'_> {
+    /// The event, owning its key.
+    pub fn into_owned(self) -> Event<'static> {
+        Event {
+            key: Cow::Owned(self.key.into_owned()),
+            time: self.time,
+            nums: self.nums,
+            cats: self.cats,
+        }
+    }
+}
+
+/// An event's numeric inputs, inline up to two.
+type Nums = smallvec::SmallVec<[f64; 2]>;
+/// An event's categorical inputs (hashes), inline up to six.
+type Cats = smallvec::SmallVec<[u64; 6]>;
+
+/// The per-key maps' hasher (see Cargo.toml): fast, and seeded at random per map.
+type Hasher = foldhash::fast::RandomState;
 
 #[derive(Debug, Clone, PartialEq)]
 struct Stored {
     time: i64,
     seq: u64,
-    nums: Box<[f64]>,
-    cats: Box<[u64]>,
+    nums: Nums,
+    cats: Cats,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -451,7 +472,8 @@ struct Undo {
     /// Its events removed since, oldest first.
     removed: Vec<Stored>,
     /// (time, seq) of the events added since (some may be gone again), for the changelog.
-    added: Vec<(i64, u64)>,
+    /// One inline: most keys take one event a cycle.
+    added: smallvec::SmallVec<[(i64, u64); 1]>,
 }
 
 /// A robust, never decreasing estimate of a partition's event time, which drives eviction: the
@@ -540,12 +562,12 @@ fn median(values: &mut [i64; CLOCK_BASE]) -> i64 {
 /// open one.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct FeatureState {
-    keys: HashMap<String, KeyState>,
+    keys: HashMap<String, KeyState, Hasher>,
     seq: u64,
     clock: EvictionClock,
     since_sweep: u64,
     /// Keys changed since the last checkpoint (or seal), and how to take each back.
-    undo: HashMap<String, Undo>,
+    undo: HashMap<String, Undo, Hasher>,
     at_checkpoint: (u64, EvictionClock, u64),
     /// The sealed level: the changes of a cycle whose commit is under way, relative to the
     /// checkpoint before it.
@@ -553,7 +575,7 @@ pub struct FeatureState {
     /// The next input offset of the last commit this state belongs to (`None`: none yet).
     committed_next: Option<i64>,
     /// During a restore, each key's events read so far, by seq.
-    restoring: HashMap<String, HashMap<u64, Stored>>,
+    restoring: HashMap<String, HashMap<u64, Stored, Hasher>, Hasher>,
 }
 
 /// Keys with fewer events compute their window features from the events themselves; from
@@ -566,7 +588,7 @@ pub const SWEEP_EVERY: u64 = 10_000;
 /// A sealed undo level (see [`FeatureState`]).
 #[derive(Debug, Clone, PartialEq)]
 struct Sealed {
-    undo: HashMap<String, Undo>,
+    undo: HashMap<String, Undo, Hasher>,
     at_checkpoint: (u64, EvictionClock, u64),
 }
 
@@ -696,7 +718,7 @@ impl FeatureState {
 
     /// Adds an event and returns its features, in [`FeatureSet::names`] order. On error the
     /// state is unchanged.
-    pub fn update(&mut self, set: &FeatureSet, event: Event) -> Result<Vec<f64>, FeatureError> {
+    pub fn update(&mut self, set: &FeatureSet, event: Event<'_>) -> Result<Vec<f64>, FeatureError> {
         let seq = self.seq;
         let Event {
             key,
@@ -704,8 +726,9 @@ impl FeatureState {
             nums,
             cats,
         } = event;
+        let key: &str = &key;
         let mut fresh = None;
-        let (state, existed) = match self.keys.get_mut(&key) {
+        let (state, existed) = match self.keys.get_mut(key) {
             Some(s) => (s, true),
             None => (fresh.insert(KeyState::default()), false),
         };
@@ -713,28 +736,28 @@ impl FeatureState {
         let stored = Stored {
             time: t,
             seq,
-            nums: nums.into(),
-            cats: cats.into(),
+            nums,
+            cats,
         };
         let out = state.place(set, stored)?;
         self.seq += 1;
         let trimmed = state.trim(set);
         // The undo log: how to take the key back to the checkpoint, and what to changelog.
         let checkpoint_seq = self.at_checkpoint.0;
-        let undo = match self.undo.get_mut(&key) {
+        let undo = match self.undo.get_mut(key) {
             Some(undo) => undo,
-            None => self.undo.entry(key.clone()).or_insert(Undo {
+            None => self.undo.entry(key.to_owned()).or_insert(Undo {
                 existed,
                 newest: newest_before,
                 removed: Vec::new(),
-                added: Vec::new(),
+                added: Default::default(),
             }),
         };
         undo.added.push((t, seq));
         undo.removed
             .extend(trimmed.into_iter().filter(|e| e.seq < checkpoint_seq));
         if let Some(s) = fresh {
-            self.keys.insert(key, s);
+            self.keys.insert(key.to_owned(), s);
         }
         self.clock.observe(t);
         self.since_sweep += 1;
@@ -761,7 +784,7 @@ impl FeatureState {
                     existed: true,
                     newest: k.newest,
                     removed: Vec::new(),
-                    added: Vec::new(),
+                    added: Default::default(),
                 });
                 let events = std::mem::take(&mut k.events);
                 entry
@@ -782,7 +805,7 @@ fn compute(
     let t = events[pos].time;
     // Each window is events[start..=pos] with time > t - window. Events are sorted by time and
     // none after `pos` is older than `t`, so a binary search finds its start.
-    let starts: Vec<usize> = set
+    let starts: smallvec::SmallVec<[usize; 8]> = set
         .windows
         .iter()
         .map(|w| {
@@ -791,24 +814,27 @@ fn compute(
         })
         .collect();
     let mut out = Vec::with_capacity(set.specs.len());
-    for spec in &set.specs {
-        let at = At {
-            events,
-            start: starts[spec.window],
-            pos,
-        };
-        let x = match spec.aggregation {
-            Aggregation::Value
-            | Aggregation::Equals
-            | Aggregation::Differs
-            | Aggregation::TimeSinceLast => own(spec, &at, set.idle_ms),
-            _ => window::from_scratch(spec, &at),
-        };
-        if !x.is_finite() {
-            return Err(FeatureError::NotFinite(spec.name.clone()));
+    window::with_scratch(|scratch| {
+        for spec in &set.specs {
+            let at = At {
+                events,
+                start: starts[spec.window],
+                pos,
+            };
+            let x = match spec.aggregation {
+                Aggregation::Value
+                | Aggregation::Equals
+                | Aggregation::Differs
+                | Aggregation::TimeSinceLast => own(spec, &at, set.idle_ms),
+                _ => window::from_scratch(spec, &at, scratch),
+            };
+            if !x.is_finite() {
+                return Err(FeatureError::NotFinite(spec.name.clone()));
+            }
+            out.push(x);
         }
-        out.push(x);
-    }
+        Ok(())
+    })?;
     Ok(out)
 }
 

@@ -4,6 +4,7 @@
 //! Features depend only on each key's own events in order, so one state for the whole file
 //! gives what the processor computes per partition.
 
+use std::borrow::Cow;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
 use std::path::PathBuf;
@@ -124,7 +125,7 @@ impl<'a> Table<'a> {
     /// only the fixed event-time bounds apply.
     pub fn row(&mut self, value: &Value) -> Result<(String, i64, Vec<f64>), FeatureError> {
         let event = self.set.extract(value, None)?;
-        let (key, time) = (event.key.clone(), event.time);
+        let (key, time) = (event.key.to_string(), event.time);
         let features = self.state.update(self.set, event)?;
         self.since_checkpoint += 1;
         if self.since_checkpoint >= Self::CHECKPOINT_EVERY {
@@ -163,6 +164,7 @@ fn id_of(value: &Value, field: &str) -> String {
     extract::record(value)
         .ok()
         .and_then(|fields| extract::text(fields, usize::MAX, field).ok())
+        .map(Cow::into_owned)
         .unwrap_or_default()
 }
 

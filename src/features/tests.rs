@@ -220,7 +220,12 @@ fn features_match_the_straightforward_definition_including_late_events() {
     let mut state = FeatureState::default();
     for (i, p) in events.iter().enumerate() {
         let got = state
-            .update(&set, set.extract(&p.to_value(), None).expect("extract"))
+            .update(
+                &set,
+                set.extract(&p.to_value(), None)
+                    .expect("extract")
+                    .into_owned(),
+            )
             .expect("features");
         let want = reference(&events, i);
         assert!(
@@ -246,7 +251,9 @@ fn a_key_never_holds_more_than_the_cap_and_idle_keys_are_evicted() {
         p.card_id = card.into();
         p.event_time = t0 + t;
         p.amount_minor = amount;
-        set.extract(&p.to_value(), None).expect("extract")
+        set.extract(&p.to_value(), None)
+            .expect("extract")
+            .into_owned()
     };
     for (k, amount) in [100, 200, 300, 400, 500].into_iter().enumerate() {
         let f = state
@@ -528,7 +535,12 @@ fn a_malformed_or_foreign_changelog_value_is_an_error_not_a_panic() {
         .expect("event")
         .0;
     state
-        .update(&set, set.extract(&p.to_value(), None).expect("extract"))
+        .update(
+            &set,
+            set.extract(&p.to_value(), None)
+                .expect("extract")
+                .into_owned(),
+        )
         .expect("features");
     let log = changelog_of(&state, &set, 1);
     let (key, value) = log
@@ -718,7 +730,12 @@ fn a_zero_amount_first_payment_has_defined_features() {
     let mut p = payments(1, 1.0, 1).remove(0);
     p.amount_minor = 0;
     let f = state
-        .update(&set, set.extract(&p.to_value(), None).expect("extract"))
+        .update(
+            &set,
+            set.extract(&p.to_value(), None)
+                .expect("extract")
+                .into_owned(),
+        )
         .expect("a $0 payment has features");
     let ratio = set
         .names()
@@ -763,7 +780,10 @@ fn extreme_event_times_do_not_overflow() {
     let p = payments(1, 1.0, 1).remove(0);
     for t in [i64::MIN, i64::MAX, 0, i64::MIN + 1, i64::MAX - 1, -1] {
         // Past the range check, which would refuse them.
-        let mut event = set.extract(&p.to_value(), None).expect("extract");
+        let mut event = set
+            .extract(&p.to_value(), None)
+            .expect("extract")
+            .into_owned();
         event.time = t;
         let f = state.update(&set, event).expect("features");
         assert!(f.iter().all(|x| x.is_finite()), "{t}: {f:?}");
@@ -885,7 +905,12 @@ fn changelog_records_of_the_previous_format_are_refused() {
     let mut state = FeatureState::default();
     for p in payments(3, 1.0, 10) {
         state
-            .update(&set, set.extract(&p.to_value(), None).expect("extract"))
+            .update(
+                &set,
+                set.extract(&p.to_value(), None)
+                    .expect("extract")
+                    .into_owned(),
+            )
             .expect("features");
     }
     let mut fresh = FeatureState::default();
@@ -931,7 +956,12 @@ fn changelog_bytes_per_event_do_not_grow_with_history() {
         let mut p = base.clone();
         p.event_time = t0 + i * 1_000;
         state
-            .update(&set, set.extract(&p.to_value(), None).expect("extract"))
+            .update(
+                &set,
+                set.extract(&p.to_value(), None)
+                    .expect("extract")
+                    .into_owned(),
+            )
             .expect("features");
         if i % 10 == 9 {
             let (mut records, mut bytes, mut tombstones) = (0, 0, 0);
@@ -1090,8 +1120,8 @@ fn running_aggregates_equal_a_recomputation_bit_for_bit_over_long_histories() {
             Stored {
                 time: at,
                 seq: u64::MAX,
-                nums: event.nums.clone().into(),
-                cats: event.cats.clone().into(),
+                nums: event.nums.clone(),
+                cats: event.cats.clone(),
             },
         );
         let want = compute(&set, &events, pos);

@@ -432,21 +432,25 @@ pub(super) fn ratio(x: f64, mean: f64, default: f64) -> f64 {
     if mean == 0.0 { default } else { x / mean }
 }
 
+/// Sums for [`from_scratch`] (a sum and a sum of squares), reused so a sum allocates nothing
+/// after the first.
+pub(super) type Scratch = (ExactSum, ExactSum);
+
 thread_local! {
-    /// Sums for [`from_scratch`], reused so a sum allocates nothing after the first.
-    static SCRATCH: std::cell::RefCell<(ExactSum, ExactSum)> = std::cell::RefCell::default();
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+}
+
+/// Runs `f` with this thread's [`Scratch`].
+pub(super) fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+    SCRATCH.with(|scratch| f(&mut scratch.borrow_mut()))
 }
 
 /// A windowed feature of the event at `at.pos`, computed from the events of its window
 /// (`at.start..=at.pos`): what the running aggregates give, for a late event or a key with
 /// few events.
-pub(super) fn from_scratch(spec: &Spec, at: &At<'_>) -> f64 {
-    SCRATCH.with(|scratch| {
-        let (sum, squares) = &mut *scratch.borrow_mut();
-        sum.clear();
-        squares.clear();
-        scratch_feature(spec, at, sum, squares)
-    })
+pub(super) fn from_scratch(spec: &Spec, at: &At<'_>, scratch: &mut Scratch) -> f64 {
+    let (sum, squares) = scratch;
+    scratch_feature(spec, at, sum, squares)
 }
 
 fn scratch_feature(spec: &Spec, at: &At<'_>, s: &mut ExactSum, squares: &mut ExactSum) -> f64 {
@@ -461,11 +465,12 @@ fn scratch_feature(spec: &Spec, at: &At<'_>, s: &mut ExactSum, squares: &mut Exa
             // Squares of integers below 2^26 are exact integers below 2^52.
             let small = at
                 .window()
-                .all(|e| num(e).fract() == 0.0 && num(e).abs() < 67_108_864.0);
+                .all(|e| integral(num(e)) && num(e).abs() < 67_108_864.0);
             let plain = at.window().map(|e| num(e) * num(e));
             let sq = match plain_integer_sum(plain).filter(|_| small) {
                 Some(x) => x,
                 None => {
+                    squares.clear();
                     at.window().for_each(|e| add_square(squares, num(e)));
                     squares.value()
                 }
@@ -495,6 +500,7 @@ fn exact_sum(xs: impl Iterator<Item = f64> + Clone, scratch: &mut ExactSum) -> f
     if let Some(s) = plain_integer_sum(xs.clone()) {
         return s;
     }
+    scratch.clear();
     xs.for_each(|x| scratch.add(x));
     scratch.value()
 }
@@ -509,11 +515,19 @@ fn plain_integer_sum(xs: impl Iterator<Item = f64>) -> Option<f64> {
     for x in xs {
         s += x;
         // A rounded partial sum below 2^53 means the true one was at most 2^53: exact.
-        if x.fract() != 0.0 || s.abs() >= EXACT {
+        if !integral(x) || s.abs() >= EXACT {
             return None;
         }
     }
     Some(if s == 0.0 { 0.0 } else { s })
+}
+
+/// Whether `x` is an integer, for `|x| < 2^63` (from there on it may say no, and every caller
+/// refuses such values anyway). A conversion, where `fract` calls libm's `trunc` on x86-64 without
+/// SSE 4.1.
+#[inline]
+fn integral(x: f64) -> bool {
+    x == (x as i64) as f64
 }
 
 /// The smaller, the later one where they are equal (as the monotonic queue keeps): so `-0.0`

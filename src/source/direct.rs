@@ -1,10 +1,11 @@
 //! Reading a datum in place. For a writer schema that is the reader schema (the usual case) the
 //! record is not decoded into a generic `apache_avro::Value`: a [`Program`], compiled once per
 //! writer schema, walks the datum and checks it exactly as apache-avro's decoder would accept or
-//! refuse it, noting where each top-level field starts. The features then read just their
-//! fields from those offsets ([`Direct`] is an [`extract::Fields`]), and the scored record
-//! copies the datum's bytes. Schemas this does not cover (`big-decimal`, a `duration` that is
-//! not 12 bytes, a name that does not resolve) are decoded the generic way.
+//! refuse it, keeping what the features see of each top-level field (a number, or text borrowed
+//! from the datum, each value read and checked once). The features then read just their fields
+//! ([`Direct`] is an [`extract::Fields`]), and the scored record copies the datum's bytes.
+//! Schemas this does not cover (`big-decimal`, a `duration` that is not 12 bytes, a name that
+//! does not resolve) are decoded the generic way.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -88,12 +89,20 @@ pub struct Program {
     fields: Vec<(String, usize)>,
 }
 
-/// A datum read in place: its bytes and where each top-level field starts.
+/// A datum read in place: what the features see of each top-level field, borrowed from its
+/// bytes.
 #[derive(Debug)]
 pub struct Direct<'a> {
     program: Arc<Program>,
-    datum: &'a [u8],
-    starts: Vec<u32>,
+    fields: Vec<Seen<'a>>,
+}
+
+/// What the features see of a top-level field: an enum's symbol is the program's, so it is
+/// kept as its index until asked for.
+#[derive(Debug, Clone, Copy)]
+enum Seen<'a> {
+    Is(Scalar<'a>),
+    Symbol { node: usize, index: usize },
 }
 
 impl Program {
@@ -122,14 +131,13 @@ impl Program {
         })
     }
 
-    /// Checks `datum` against the schema and notes where its top-level fields start; the reason
-    /// when apache-avro would refuse it.
+    /// Checks `datum` against the schema and keeps what the features see of its top-level
+    /// fields; the reason when apache-avro would refuse it.
     pub fn read<'a>(self: &Arc<Self>, datum: &'a [u8]) -> Result<Direct<'a>, String> {
         let mut r = Reader { buf: datum, pos: 0 };
-        let mut starts = Vec::with_capacity(self.fields.len());
+        let mut fields = Vec::with_capacity(self.fields.len());
         for &(_, node) in &self.fields {
-            starts.push(u32::try_from(r.pos).map_err(|_| "the datum is too long".to_string())?);
-            self.check(node, &mut r, 0)?;
+            fields.push(self.field(node, &mut r, 0)?);
         }
         if r.pos < datum.len() {
             return Err(format!(
@@ -139,9 +147,39 @@ impl Program {
         }
         Ok(Direct {
             program: self.clone(),
-            datum,
-            starts,
+            fields,
         })
+    }
+
+    /// Checks a top-level field's value and gives what the features see of it: a union as its
+    /// branch, a reference as its target.
+    fn field<'a>(&self, node: usize, r: &mut Reader<'a>, depth: u32) -> Result<Seen<'a>, String> {
+        let Some(n) = self.nodes.get(node) else {
+            return Err("schema node out of range".into());
+        };
+        match &n.op {
+            Op::Union(branches) => {
+                let branch = self.branch(branches, r)?;
+                self.field(branch, r, depth + 1)
+            }
+            Op::Ref(target) => self.field(*target, r, depth + 1),
+            Op::Array(_) | Op::Map(_) | Op::Record(_) => {
+                self.check(node, r, depth)?;
+                Ok(Seen::Is(match n.view {
+                    View::Other(name) => Scalar::Other(name),
+                    _ => Scalar::Other("unreadable"),
+                }))
+            }
+            _ => leaf(node, n, r),
+        }
+    }
+
+    fn branch(&self, branches: &[usize], r: &mut Reader<'_>) -> Result<usize, String> {
+        let i = r.long()?;
+        usize::try_from(i)
+            .ok()
+            .and_then(|i| branches.get(i).copied())
+            .ok_or_else(|| format!("union index {i} is not one of {} branches", branches.len()))
     }
 
     fn check(&self, node: usize, r: &mut Reader<'_>, depth: u32) -> Result<(), String> {
@@ -152,58 +190,8 @@ impl Program {
             return Err("schema node out of range".into());
         };
         match &n.op {
-            Op::Null => {}
-            Op::Boolean => match r.byte()? {
-                0 | 1 => {}
-                b => return Err(format!("invalid boolean byte {b}")),
-            },
-            Op::Int => {
-                r.int()?;
-            }
-            Op::Long => {
-                r.long()?;
-            }
-            Op::Float => {
-                r.take(4)?;
-            }
-            Op::Double => {
-                r.take(8)?;
-            }
-            Op::Bytes => {
-                let n = r.len()?;
-                r.take(n)?;
-            }
-            Op::String => {
-                r.str()?;
-            }
-            Op::UuidString => {
-                let s = r.str()?;
-                uuid::Uuid::parse_str(s).map_err(|e| format!("not a UUID: {e}"))?;
-            }
-            Op::UuidBytes => {
-                let n = r.len()?;
-                if n != 16 {
-                    return Err(format!("a UUID is 16 bytes, not {n}"));
-                }
-                r.take(n)?;
-            }
-            Op::Fixed(size) => {
-                r.take(*size)?;
-            }
-            Op::Enum(symbols) => {
-                let i = r.int()?;
-                if usize::try_from(i).map_or(true, |i| i >= *symbols) {
-                    return Err(format!("enum index {i} is not one of {symbols} symbols"));
-                }
-            }
             Op::Union(branches) => {
-                let i = r.long()?;
-                let Some(&branch) = usize::try_from(i).ok().and_then(|i| branches.get(i)) else {
-                    return Err(format!(
-                        "union index {i} is not one of {} branches",
-                        branches.len()
-                    ));
-                };
+                let branch = self.branch(branches, r)?;
                 self.check(branch, r, depth + 1)?;
             }
             Op::Array(items) => {
@@ -221,6 +209,9 @@ impl Program {
                 }
             }
             Op::Ref(target) => self.check(*target, r, depth + 1)?,
+            _ => {
+                leaf(node, n, r)?;
+            }
         }
         Ok(())
     }
@@ -263,61 +254,81 @@ impl Program {
             }
         }
     }
+}
 
-    /// The value of a checked node at `pos` of `datum`.
-    fn scalar<'a>(&'a self, node: usize, datum: &'a [u8], pos: usize) -> Scalar<'a> {
-        let mut r = Reader { buf: datum, pos };
-        let mut node = node;
-        // A union is seen as its branch, a reference as its target.
-        for _ in 0..4 {
-            let Some(n) = self.nodes.get(node) else {
-                break;
-            };
-            match &n.op {
-                Op::Union(branches) => {
-                    match r
-                        .long()
-                        .ok()
-                        .and_then(|i| usize::try_from(i).ok())
-                        .and_then(|i| branches.get(i))
-                    {
-                        Some(&b) => node = b,
-                        None => break,
-                    }
-                }
-                Op::Ref(target) => node = *target,
-                _ => return self.leaf(n, &mut r).unwrap_or(Scalar::Other("unreadable")),
+/// Reads a node without children (neither union, collection, record nor reference), checking
+/// it as apache-avro would, and gives what the features see of it.
+fn leaf<'a>(node: usize, n: &Node, r: &mut Reader<'a>) -> Result<Seen<'a>, String> {
+    let raw = match &n.op {
+        Op::Null => Raw::Nothing,
+        Op::Boolean => match r.byte()? {
+            b @ (0 | 1) => Raw::Boolean(b == 1),
+            b => return Err(format!("invalid boolean byte {b}")),
+        },
+        Op::Int => Raw::Long(i64::from(r.int()?)),
+        Op::Long => Raw::Long(r.long()?),
+        Op::Float => Raw::Bytes(r.take(4)?),
+        Op::Double => Raw::Bytes(r.take(8)?),
+        Op::Bytes => {
+            let len = r.len()?;
+            Raw::Bytes(r.take(len)?)
+        }
+        Op::String => Raw::Str(r.str()?),
+        Op::UuidString => {
+            let s = r.str()?;
+            Raw::Uuid(uuid::Uuid::parse_str(s).map_err(|e| format!("not a UUID: {e}"))?)
+        }
+        Op::UuidBytes => {
+            let len = r.len()?;
+            if len != 16 {
+                return Err(format!("a UUID is 16 bytes, not {len}"));
+            }
+            Raw::Bytes(r.take(len)?)
+        }
+        Op::Fixed(size) => Raw::Bytes(r.take(*size)?),
+        Op::Enum(symbols) => {
+            let i = r.int()?;
+            match usize::try_from(i) {
+                Ok(i) if i < *symbols => Raw::Index(i),
+                _ => return Err(format!("enum index {i} is not one of {symbols} symbols")),
             }
         }
-        Scalar::Other("unreadable")
-    }
+        Op::Union(_) | Op::Array(_) | Op::Map(_) | Op::Record(_) | Op::Ref(_) => {
+            return Err("not a leaf".into());
+        }
+    };
+    let unreadable = Scalar::Other("unreadable");
+    Ok(Seen::Is(match (&n.view, raw) {
+        (View::Null, _) => Scalar::Null,
+        (View::Boolean, Raw::Boolean(b)) => Scalar::Boolean(b),
+        (View::Int, Raw::Long(l)) => i32::try_from(l).map_or(unreadable, Scalar::Int),
+        (View::Long, Raw::Long(l)) => Scalar::Long(l),
+        (View::TimestampMillis, Raw::Long(l)) => Scalar::TimestampMillis(l),
+        (View::TimestampMicros, Raw::Long(l)) => Scalar::TimestampMicros(l),
+        (View::Float, Raw::Bytes(b)) => {
+            <[u8; 4]>::try_from(b).map_or(unreadable, |b| Scalar::Float(f32::from_le_bytes(b)))
+        }
+        (View::Double, Raw::Bytes(b)) => {
+            <[u8; 8]>::try_from(b).map_or(unreadable, |b| Scalar::Double(f64::from_le_bytes(b)))
+        }
+        (View::String, Raw::Str(s)) => Scalar::Str(s),
+        (View::Enum(_), Raw::Index(index)) => return Ok(Seen::Symbol { node, index }),
+        (View::Uuid, Raw::Uuid(u)) => Scalar::Uuid(u),
+        (View::Uuid, Raw::Bytes(b)) => uuid::Uuid::from_slice(b).map_or(unreadable, Scalar::Uuid),
+        (View::Other(name), _) => Scalar::Other(name),
+        _ => unreadable,
+    }))
+}
 
-    fn leaf<'a>(&'a self, n: &'a Node, r: &mut Reader<'a>) -> Result<Scalar<'a>, String> {
-        Ok(match &n.view {
-            View::Null => Scalar::Null,
-            View::Boolean => Scalar::Boolean(r.byte()? == 1),
-            View::Int => Scalar::Int(r.int()?),
-            View::Long => Scalar::Long(r.long()?),
-            View::TimestampMillis => Scalar::TimestampMillis(r.long()?),
-            View::TimestampMicros => Scalar::TimestampMicros(r.long()?),
-            View::Float => Scalar::Float(f32::from_le_bytes(r.array()?)),
-            View::Double => Scalar::Double(f64::from_le_bytes(r.array()?)),
-            View::String => Scalar::Str(r.str()?),
-            View::Enum(symbols) => {
-                let i = usize::try_from(r.int()?).map_err(|e| e.to_string())?;
-                Scalar::Enum(symbols.get(i).ok_or("enum index")?)
-            }
-            View::Uuid => Scalar::Uuid(match n.op {
-                Op::UuidString => uuid::Uuid::parse_str(r.str()?).map_err(|e| e.to_string())?,
-                Op::UuidBytes => {
-                    let len = r.len()?;
-                    uuid::Uuid::from_slice(r.take(len)?).map_err(|e| e.to_string())?
-                }
-                _ => uuid::Uuid::from_slice(r.take(16)?).map_err(|e| e.to_string())?,
-            }),
-            View::Other(name) => Scalar::Other(name),
-        })
-    }
+/// A leaf's value as read, before the view.
+enum Raw<'a> {
+    Nothing,
+    Boolean(bool),
+    Long(i64),
+    Bytes(&'a [u8]),
+    Str(&'a str),
+    Uuid(uuid::Uuid),
+    Index(usize),
 }
 
 /// apache-avro's default allocation limit, which it checks lengths and collection sizes against.
@@ -330,9 +341,15 @@ impl Fields for Direct<'_> {
             Some((n, _)) if n == name => index,
             _ => fields.iter().position(|(n, _)| n == name)?,
         };
-        let node = fields.get(i)?.1;
-        let start = usize::try_from(*self.starts.get(i)?).ok()?;
-        Some(self.program.scalar(node, self.datum, start))
+        Some(match *self.fields.get(i)? {
+            Seen::Is(scalar) => scalar,
+            Seen::Symbol { node, index } => match self.program.nodes.get(node).map(|n| &n.view) {
+                Some(View::Enum(symbols)) => symbols
+                    .get(index)
+                    .map_or(Scalar::Other("unreadable"), |s| Scalar::Enum(s)),
+                _ => Scalar::Other("unreadable"),
+            },
+        })
     }
 }
 
@@ -457,12 +474,6 @@ impl<'a> Reader<'a> {
         let bytes = self.buf.get(self.pos..end).ok_or("the datum ends early")?;
         self.pos = end;
         Ok(bytes)
-    }
-
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
-        let mut out = [0u8; N];
-        out.copy_from_slice(self.take(N)?);
-        Ok(out)
     }
 
     fn byte(&mut self) -> Result<u8, String> {
