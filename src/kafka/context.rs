@@ -31,11 +31,14 @@ pub struct CommitGate {
     ended: Condvar,
 }
 
-/// The longest a revocation waits for a commit under way. Each of the commit's calls is bounded
-/// (the flush, each commit attempt and the abort 20 s each), but a commit retried after
-/// retriable errors (up to 3 times) with an abort after can take longer, and is then left under
-/// way when the partitions go.
-const COMMIT_WAIT: Duration = Duration::from_secs(90);
+/// The longest a revocation waits for a commit under way: longer than a commit can take
+/// ([`super::COMMIT_AT_MOST`], 120 s), so the partitions never leave while their last
+/// transaction may still commit. It stays well under librdkafka's `max.poll.interval.ms`
+/// (300 s), past which the member would be dropped from the group.
+const COMMIT_WAIT: Duration = Duration::from_secs(super::COMMIT_AT_MOST.as_secs() + 10);
+const _: () = assert!(
+    COMMIT_WAIT.as_secs() > super::COMMIT_AT_MOST.as_secs() && COMMIT_WAIT.as_secs() < 300
+);
 
 impl CommitGate {
     /// A commit starts.

@@ -31,14 +31,8 @@ use super::{CommitFault, Input};
 use crate::cluster::ClusterArgs;
 use crate::kafka::context::CommitGate;
 use crate::kafka::produce::{Deliveries, OutputProducer};
-use crate::kafka::{config, deliver, produce};
+use crate::kafka::{BROKER_CALL, COMMIT_RETRIES, config, deliver, produce};
 use crate::telemetry::health;
-
-/// The longest one blocking producer call (init, flush, offsets, commit, abort) may wait. The
-/// loop beats between them, so even a chain of them failing against an unreachable broker stays
-/// well inside [`health::STALL`]; a call that runs out fails the cycle, which is rolled back and
-/// redone.
-pub(super) const BROKER_CALL: Duration = Duration::from_secs(20);
 
 /// Why a cycle did not commit.
 pub(super) enum Failure {
@@ -322,7 +316,7 @@ impl Delivery {
     }
 }
 
-/// Commits the open transaction, retrying retriable errors (up to 3 times).
+/// Commits the open transaction, retrying retriable errors (up to [`COMMIT_RETRIES`] times).
 fn commit_transaction(
     producer: &OutputProducer,
     counts: Counts,
@@ -346,7 +340,7 @@ fn commit_transaction(
             }
             Ok(()) => return Ok(counts),
             Err(KafkaError::Transaction(e))
-                if e.is_retriable() && !e.txn_requires_abort() && retries < 3 =>
+                if e.is_retriable() && !e.txn_requires_abort() && retries < COMMIT_RETRIES =>
             {
                 retries += 1;
                 tracing::warn!("commit failed with a retriable error, retrying: {e}");

@@ -258,6 +258,7 @@ impl Program {
 
 /// Reads a node without children (neither union, collection, record nor reference), checking
 /// it as apache-avro would, and gives what the features see of it.
+#[inline]
 fn leaf<'a>(node: usize, n: &Node, r: &mut Reader<'a>) -> Result<Seen<'a>, String> {
     let raw = match &n.op {
         Op::Null => Raw::Nothing,
