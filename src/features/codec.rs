@@ -22,7 +22,7 @@
 //! under the key itself, and version 1 hashed categories with std's `DefaultHasher`; their
 //! records are refused (the keys they held start afresh).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use super::{CLOCK_BASE, EvictionClock, FeatureSet, FeatureState, KeyState, Stored};
 
@@ -116,12 +116,19 @@ impl FeatureState {
                 continue;
             };
             for &(time, seq) in &undo.added {
-                // Added and gone again within the cycle: never written, nothing to take back.
-                let Ok(i) = state
-                    .events
-                    .binary_search_by(|e| (e.time, e.seq).cmp(&(time, seq)))
-                else {
-                    continue;
+                // Almost always the key's newest event (a key takes an event or so a cycle);
+                // else searched for. Added and gone again within the cycle: never written,
+                // nothing to take back.
+                let last = state.events.len().wrapping_sub(1);
+                let i = match state.events.back() {
+                    Some(e) if (e.time, e.seq) == (time, seq) => last,
+                    _ => match state
+                        .events
+                        .binary_search_by(|e| (e.time, e.seq).cmp(&(time, seq)))
+                    {
+                        Ok(i) => i,
+                        Err(_) => continue,
+                    },
                 };
                 event_key(&mut record_key, key, seq);
                 buf.clear();
@@ -166,21 +173,20 @@ impl FeatureState {
         let (feature_key, seq) = split_event_key(key, value)?;
         match value {
             None => {
-                if let Some(events) = self.restoring.get_mut(feature_key) {
-                    events.remove(&seq);
+                if let Some(events) = self.restoring.get_mut(feature_key)
+                    && let Ok(i) = events.binary_search_by_key(&seq, |e| e.seq)
+                {
+                    events.remove(i);
                 }
             }
             Some(value) => {
                 let event = decode_event(value, fingerprint, seq, set)?;
                 // Looked up first: a key has many records, its name is copied once.
                 match self.restoring.get_mut(feature_key) {
-                    Some(events) => {
-                        events.insert(seq, event);
-                    }
+                    Some(events) => by_seq(events, event),
                     None => {
-                        let mut events = HashMap::default();
-                        events.insert(seq, event);
-                        self.restoring.insert(feature_key.to_string(), events);
+                        self.restoring
+                            .insert(feature_key.to_string(), VecDeque::from([event]));
                     }
                 }
             }
@@ -190,23 +196,38 @@ impl FeatureState {
 
     /// Ends a restore: each key's events in their order, and the state is what was committed.
     pub fn restored(&mut self) {
-        for (key, events) in self.restoring.drain() {
+        for (key, mut events) in self.restoring.drain() {
             if events.is_empty() {
                 continue;
             }
-            let mut events: Vec<Stored> = events.into_values().collect();
-            events.sort_unstable_by_key(|e| (e.time, e.seq));
-            let newest = events.last().map_or(0, |e| e.time);
+            events
+                .make_contiguous()
+                .sort_unstable_by_key(|e| (e.time, e.seq));
+            let newest = events.back().map_or(0, |e| e.time);
             self.keys.insert(
                 key,
                 KeyState {
-                    events: VecDeque::from(events),
+                    events,
                     newest,
                     running: Default::default(),
                 },
             );
         }
         self.checkpoint();
+    }
+}
+
+/// Puts a restored event among its key's, kept in seq order: appended when it is the newest
+/// (as a key's records are written), else placed, a later record of the same event replacing
+/// the earlier.
+fn by_seq(events: &mut VecDeque<Stored>, event: Stored) {
+    if events.back().is_none_or(|b| b.seq < event.seq) {
+        events.push_back(event);
+        return;
+    }
+    match events.binary_search_by_key(&event.seq, |e| e.seq) {
+        Ok(i) => events[i] = event,
+        Err(i) => events.insert(i, event),
     }
 }
 

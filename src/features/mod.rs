@@ -439,9 +439,10 @@ impl KeyState {
 
     /// Drops what no window will see again: the events outside the longest window of the
     /// newest, and the oldest over the cap (always keeping the newest). Returns them.
-    fn trim(&mut self, set: &FeatureSet) -> Vec<Stored> {
+    fn trim(&mut self, set: &FeatureSet) -> smallvec::SmallVec<[Stored; 2]> {
         let horizon = self.newest.saturating_sub(set.max_window_ms);
-        let mut trimmed = Vec::new();
+        // Mostly none or one: a key's windows slide by an event or so per event.
+        let mut trimmed = smallvec::SmallVec::new();
         while (self.events.len() > 1 && self.events.front().is_some_and(|e| e.time <= horizon))
             || self.events.len() > set.limits.max_events_per_key
         {
@@ -574,8 +575,9 @@ pub struct FeatureState {
     sealed: Option<Box<Sealed>>,
     /// The next input offset of the last commit this state belongs to (`None`: none yet).
     committed_next: Option<i64>,
-    /// During a restore, each key's events read so far, by seq.
-    restoring: HashMap<String, HashMap<u64, Stored, Hasher>, Hasher>,
+    /// During a restore, each key's events read so far, in seq order (the order a key's
+    /// records are written in, so each is almost always appended).
+    restoring: HashMap<String, VecDeque<Stored>, Hasher>,
 }
 
 /// Keys with fewer events compute their window features from the events themselves; from

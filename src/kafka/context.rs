@@ -36,9 +36,8 @@ pub struct CommitGate {
 /// transaction may still commit. It stays well under librdkafka's `max.poll.interval.ms`
 /// (300 s), past which the member would be dropped from the group.
 const COMMIT_WAIT: Duration = Duration::from_secs(super::COMMIT_AT_MOST.as_secs() + 10);
-const _: () = assert!(
-    COMMIT_WAIT.as_secs() > super::COMMIT_AT_MOST.as_secs() && COMMIT_WAIT.as_secs() < 300
-);
+const _: () =
+    assert!(COMMIT_WAIT.as_secs() > super::COMMIT_AT_MOST.as_secs() && COMMIT_WAIT.as_secs() < 300);
 
 impl CommitGate {
     /// A commit starts.
