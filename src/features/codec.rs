@@ -119,9 +119,8 @@ impl FeatureState {
                 // Almost always the key's newest event (a key takes an event or so a cycle);
                 // else searched for. Added and gone again within the cycle: never written,
                 // nothing to take back.
-                let last = state.events.len().wrapping_sub(1);
                 let i = match state.events.back() {
-                    Some(e) if (e.time, e.seq) == (time, seq) => last,
+                    Some(e) if (e.time, e.seq) == (time, seq) => state.events.len() - 1,
                     _ => match state
                         .events
                         .binary_search_by(|e| (e.time, e.seq).cmp(&(time, seq)))

@@ -379,8 +379,8 @@ type Nums = smallvec::SmallVec<[f64; 2]>;
 /// An event's categorical inputs (hashes), inline up to six.
 type Cats = smallvec::SmallVec<[u64; 6]>;
 
-/// The per-key maps' hasher (see Cargo.toml): fast, and seeded at random per map.
-type Hasher = foldhash::fast::RandomState;
+/// How the per-key maps hash (see Cargo.toml): fast, and seeded at random per map.
+type KeyHashing = foldhash::fast::RandomState;
 
 #[derive(Debug, Clone, PartialEq)]
 struct Stored {
@@ -563,12 +563,12 @@ fn median(values: &mut [i64; CLOCK_BASE]) -> i64 {
 /// open one.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct FeatureState {
-    keys: HashMap<String, KeyState, Hasher>,
+    keys: HashMap<String, KeyState, KeyHashing>,
     seq: u64,
     clock: EvictionClock,
     since_sweep: u64,
     /// Keys changed since the last checkpoint (or seal), and how to take each back.
-    undo: HashMap<String, Undo, Hasher>,
+    undo: HashMap<String, Undo, KeyHashing>,
     at_checkpoint: (u64, EvictionClock, u64),
     /// The sealed level: the changes of a cycle whose commit is under way, relative to the
     /// checkpoint before it.
@@ -577,7 +577,7 @@ pub struct FeatureState {
     committed_next: Option<i64>,
     /// During a restore, each key's events read so far, in seq order (the order a key's
     /// records are written in, so each is almost always appended).
-    restoring: HashMap<String, VecDeque<Stored>, Hasher>,
+    restoring: HashMap<String, VecDeque<Stored>, KeyHashing>,
 }
 
 /// Keys with fewer events compute their window features from the events themselves; from
@@ -590,7 +590,7 @@ pub const SWEEP_EVERY: u64 = 10_000;
 /// A sealed undo level (see [`FeatureState`]).
 #[derive(Debug, Clone, PartialEq)]
 struct Sealed {
-    undo: HashMap<String, Undo, Hasher>,
+    undo: HashMap<String, Undo, KeyHashing>,
     at_checkpoint: (u64, EvictionClock, u64),
 }
 
@@ -728,9 +728,9 @@ impl FeatureState {
             nums,
             cats,
         } = event;
-        let key: &str = &key;
+        let name: &str = &key;
         let mut fresh = None;
-        let (state, existed) = match self.keys.get_mut(key) {
+        let (state, existed) = match self.keys.get_mut(name) {
             Some(s) => (s, true),
             None => (fresh.insert(KeyState::default()), false),
         };
@@ -746,9 +746,9 @@ impl FeatureState {
         let trimmed = state.trim(set);
         // The undo log: how to take the key back to the checkpoint, and what to changelog.
         let checkpoint_seq = self.at_checkpoint.0;
-        let undo = match self.undo.get_mut(key) {
+        let undo = match self.undo.get_mut(name) {
             Some(undo) => undo,
-            None => self.undo.entry(key.to_owned()).or_insert(Undo {
+            None => self.undo.entry(name.to_owned()).or_insert(Undo {
                 existed,
                 newest: newest_before,
                 removed: Vec::new(),
@@ -759,7 +759,8 @@ impl FeatureState {
         undo.removed
             .extend(trimmed.into_iter().filter(|e| e.seq < checkpoint_seq));
         if let Some(s) = fresh {
-            self.keys.insert(key.to_owned(), s);
+            // An owned key (one formatted from a uuid) is moved, a borrowed one copied.
+            self.keys.insert(key.into_owned(), s);
         }
         self.clock.observe(t);
         self.since_sweep += 1;

@@ -449,11 +449,7 @@ pub(super) fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
 /// (`at.start..=at.pos`): what the running aggregates give, for a late event or a key with
 /// few events.
 pub(super) fn from_scratch(spec: &Spec, at: &At<'_>, scratch: &mut Scratch) -> f64 {
-    let (sum, squares) = scratch;
-    scratch_feature(spec, at, sum, squares)
-}
-
-fn scratch_feature(spec: &Spec, at: &At<'_>, s: &mut ExactSum, squares: &mut ExactSum) -> f64 {
+    let (s, squares) = scratch;
     let num = |e: &Stored| spec.num(e);
     let n = (at.pos + 1 - at.start) as f64;
     let mut sum = || exact_sum(at.window().map(num), s);
