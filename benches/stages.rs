@@ -242,7 +242,13 @@ fn stages(c: &mut Criterion) {
             BatchSize::LargeInput,
         )
     });
-    for ((model, session), input) in t.models.iter().zip(&mut sessions).zip(&model_rows) {
+    for (((model, session), input), model_path) in t
+        .models
+        .iter()
+        .zip(&mut sessions)
+        .zip(&model_rows)
+        .zip(&f.loaded.model_paths)
+    {
         let width = model.features.len();
         let batch = model.batching.max_rows;
         g.bench_function(format!("score_{}_batch{batch}", model.name), |b| {
@@ -252,6 +258,19 @@ fn stages(c: &mut Criterion) {
                 }
             })
         });
+        // The tree ensemble a compiled model was built from (scripts/compile_trees.py), on the
+        // same rows, for comparison.
+        let path = model_path.with_file_name(format!("{}_trees.onnx", model.name));
+        if path.exists() {
+            let mut trees = ScoringSession::open(model, &path).expect("trees model");
+            g.bench_function(format!("score_{}_trees_batch{batch}", model.name), |b| {
+                b.iter(|| {
+                    for chunk in input.chunks(batch * width) {
+                        trees.score(chunk).expect("score");
+                    }
+                })
+            });
+        }
     }
     // (model, score within the model, template), as the pipeline builds them.
     let templates: Vec<(usize, usize, ScoreValue)> = t

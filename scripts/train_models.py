@@ -6,11 +6,16 @@ here, so training and serving cannot drift. Run through scripts/train.sh, which 
 Python packages (models/requirements.txt) and produces the inputs.
 
 Writes to models/:
-  fraud_gbt.onnx           gradient-boosted trees (CPU): P(fraud) in output `probabilities`[:, 1]
+  fraud_gbt_trees.onnx     the trained gradient-boosted trees as an ONNX TreeEnsembleClassifier
+                           (ai.onnx.ml: CPU only), kept as the source of the compiled model and
+                           to benchmark against
+  fraud_gbt.onnx           the same trees compiled to a tensor graph (scripts/compile_trees.py;
+                           runs on a GPU too): P(fraud) in output `probabilities`[:, 1]
   anomaly_ae.onnx          autoencoder, a pure tensor graph (runs on a GPU too): per-row mean
                            squared reconstruction error in output `reconstruction_error`
   report.json              held-out quality: PR-AUC and recall at 1% FPR, with and without the
-                           rolling features
+                           rolling features; the compiled model against the trees on the
+                           held-out set (largest score difference, decisions that differ)
   reference_scores.json    a fixed batch of feature rows and their scores from Python onnxruntime
 
 Each model also carries, in its metadata under `kscore.reference`, the reference the processor
@@ -35,6 +40,8 @@ from skl2onnx.common.data_types import FloatTensorType
 from sklearn.ensemble import GradientBoostingClassifier
 from sklearn.metrics import average_precision_score, roc_curve
 from sklearn.neural_network import MLPRegressor
+
+from compile_trees import compile_classifier
 
 SEED = 7
 
@@ -159,6 +166,28 @@ def autoencoder_onnx(mlp, mean, std, n):
     return model
 
 
+def compare_compiled(out, topology, rows, shape):
+    """The compiled model against the tree ensemble on the held-out rows: the largest score
+    difference, and how many rows get another decision at each of the topology's thresholds
+    on the fraud score (and at 0.5). Any decision that differs stops the training."""
+    def scores(name):
+        sess = ort.InferenceSession(str(out / name), providers=["CPUExecutionProvider"])
+        label, p = sess.run(["label", "probabilities"], {"features": rows.astype(np.float32)})
+        return label, p[:, 1]
+    (trees_label, trees), (compiled_label, compiled) = scores("fraud_gbt_trees.onnx"), scores("fraud_gbt.onnx")
+    labels_differ = int(np.count_nonzero(trees_label != compiled_label))
+    thresholds = sorted({0.5} | {a["threshold"] for a in topology["alert"] if a["score"] == "fraud_gbt.fraud"})
+    # The processor compares a score, widened to f64, with the threshold: so does this.
+    trees, compiled = trees.astype(np.float64), compiled.astype(np.float64)
+    differ = {str(t): int(np.count_nonzero((trees >= t) != (compiled >= t))) for t in thresholds}
+    if any(differ.values()) or labels_differ:
+        raise SystemExit(f"the compiled fraud model decides differently from its trees: {differ}, "
+                         f"{labels_differ} labels")
+    return {**shape, "held_out_rows": int(len(rows)), "labels_that_differ": labels_differ,
+            "max_abs_score_difference": float(np.abs(trees - compiled).max()),
+            "decisions_that_differ_at_threshold": differ}
+
+
 def slog(x):
     return np.sign(x) * np.log1p(np.abs(x))
 
@@ -194,14 +223,19 @@ def main():
     # Fraud classifier, with all features and with the event's own features only.
     cols = columns(names, models["fraud_gbt"])
     gbt = train_gbt(x[train][:, cols], y[train])
-    gbt_model = stamp(gbt_onnx(gbt, len(cols)), "fraud_gbt", "kscore fraud classifier: gradient-boosted trees")
-    onnx.save(gbt_model, out / "fraud_gbt.onnx")
+    trees_model = stamp(gbt_onnx(gbt, len(cols)), "fraud_gbt_trees",
+                        "kscore fraud classifier: gradient-boosted trees (TreeEnsembleClassifier)")
+    onnx.save(trees_model, out / "fraud_gbt_trees.onnx")
+    compiled, shape = compile_classifier(trees_model, len(cols))
+    onnx.save(stamp(compiled, "fraud_gbt", "kscore fraud classifier: gradient-boosted trees compiled "
+                    "to a tensor graph (scripts/compile_trees.py)"), out / "fraud_gbt.onnx")
     own = ["amount", "online", "atm", "manual_entry", "magstripe", "abroad"]
     own_cols = columns(names, own)
     gbt_own = train_gbt(x[train][:, own_cols], y[train])
     report["fraud_gbt"] = {
         "with_rolling_features": quality(y[test], gbt.predict_proba(x[test][:, cols])[:, 1]),
         "event_features_only": quality(y[test], gbt_own.predict_proba(x[test][:, own_cols])[:, 1]),
+        "compiled_against_trees": compare_compiled(out, topology, x[test][:, cols], shape),
     }
 
     # Autoencoder on legitimate training events; its error is the anomaly score.
