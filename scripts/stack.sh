@@ -5,6 +5,10 @@
 #   scripts/stack.sh install   idempotent: venv + broker from pip, ONNX Runtime from its wheel
 #   scripts/stack.sh install-prometheus   idempotent: Prometheus and promtool (apt-get), for
 #                              the observability tests (scripts/test.sh calls it)
+#   scripts/stack.sh install-gpu   idempotent: the CUDA build of ONNX Runtime (the
+#                              onnxruntime-gpu wheel of the same version, with NVIDIA's CUDA 13 and
+#                              cuDNN 9 user libraries from pip) in .local/gpu-venv
+#   scripts/stack.sh gpu-env   the variables that point kscore at that build instead
 #   scripts/stack.sh start     install, build the kscore binary, start broker and registry, wait
 #   scripts/stack.sh stop      stop what `start` started (by the pids it recorded), nothing else
 #   scripts/stack.sh status    what is running, and where
@@ -34,6 +38,7 @@ RUN="$STACK/$NAME/run"    # pid files and logs
 DATA="$STACK/$NAME/data"  # broker and registry state
 ORT_DIR="$STACK/onnxruntime"
 ORT_LIB="$ORT_DIR/lib/libonnxruntime.so.$ORT_VERSION"
+GPU_VENV="$STACK/gpu-venv"
 
 say() { printf '[stack] %s\n' "$*" >&2; }
 die() { printf '[stack] error: %s\n' "$*" >&2; exit 1; }
@@ -83,6 +88,32 @@ PY
   rm -rf "$tmp"
   [[ -f "$ORT_LIB" ]] || die "the wheel did not contain libonnxruntime.so.$ORT_VERSION"
   ln -sf "libonnxruntime.so.$ORT_VERSION" "$ORT_DIR/lib/libonnxruntime.so"
+}
+
+# The CUDA build: `onnxruntime-gpu[cuda,cudnn]` pulls NVIDIA's CUDA runtime, cuBLAS, cuFFT,
+# cuRAND and cuDNN wheels, so only the GPU driver has to be on the machine already.
+gpu_lib() {
+  ls "$GPU_VENV"/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so."$ORT_VERSION" 2>/dev/null | head -1
+}
+
+install_gpu() {
+  [[ -n "$(gpu_lib)" ]] && return
+  say "installing onnxruntime-gpu[cuda,cudnn]==$ORT_VERSION into $GPU_VENV (about 1.5 GB)"
+  python3 -m venv "$GPU_VENV" || die "could not create a virtual environment at $GPU_VENV"
+  "$GPU_VENV/bin/pip" install --quiet --disable-pip-version-check "onnxruntime-gpu[cuda,cudnn]==$ORT_VERSION" \
+    || die "pip could not install onnxruntime-gpu[cuda,cudnn]==$ORT_VERSION"
+  [[ -n "$(gpu_lib)" ]] || die "the onnxruntime-gpu wheel did not contain libonnxruntime.so.$ORT_VERSION"
+}
+
+# ORT_DYLIB_PATH at the CUDA build, and the NVIDIA libraries' directories on the loader's path
+# (the CUDA provider library is opened by ONNX Runtime and needs them).
+print_gpu_env() {
+  local lib dirs
+  lib="$(gpu_lib)"
+  [[ -n "$lib" ]] || die "the CUDA build is not installed; run: scripts/stack.sh install-gpu"
+  dirs="$(find "$GPU_VENV"/lib/python3*/site-packages/nvidia -name 'lib*.so*' -printf '%h\n' 2>/dev/null | sort -u | paste -sd:)"
+  echo "export ORT_DYLIB_PATH=$lib"
+  echo "export LD_LIBRARY_PATH=${dirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 }
 
 # Prometheus and promtool, for the observability and alert-rule tests: the distribution's
@@ -216,6 +247,8 @@ print_env() {
 case "${1:-}" in
   install) install ;;
   install-prometheus) install_prometheus ;;
+  install-gpu) install_gpu ;;
+  gpu-env) print_gpu_env ;;
   start) install; start_broker; start_registry ;;
   stop) stop_one registry; stop_one broker 60 ;;
   # For the broker-restart test: stop the broker (SIGTERM) and start it again on the same port
@@ -230,5 +263,5 @@ case "${1:-}" in
   reset)
     stop_one registry; stop_one broker 60
     rm -rf "$DATA"; say "removed $DATA" ;;
-  *) echo "usage: $0 install|install-prometheus|start|stop|status|env|reset|restart-broker|stop-broker|start-broker" >&2; exit 2 ;;
+  *) echo "usage: $0 install|install-prometheus|install-gpu|gpu-env|start|stop|status|env|reset|restart-broker|stop-broker|start-broker" >&2; exit 2 ;;
 esac

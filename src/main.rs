@@ -76,6 +76,12 @@ enum Command {
         #[command(flatten)]
         args: kscore::tools::passthrough::PassthroughArgs,
     },
+    /// Score the reference batch with each model of a topology and measure rows/s per batch
+    /// size, on the CPU or on CUDA (scripts/gpu_check.sh runs both).
+    BenchModels {
+        #[command(flatten)]
+        args: kscore::tools::model_bench::BenchModelsArgs,
+    },
     /// Compute a topology's features over a file of events, offline (for training).
     Features {
         #[command(flatten)]
@@ -86,11 +92,19 @@ enum Command {
         /// The topology file.
         topology: PathBuf,
     },
-    /// Load ONNX Runtime and report its build and execution providers.
+    /// Load ONNX Runtime and report its build and execution providers; with a topology, open
+    /// each of its models and report which provider runs each node (exit status 1 where a
+    /// model that asks for cuda has nodes on the CPU).
     CheckRuntime {
         /// The ONNX Runtime shared library; defaults to ORT_DYLIB_PATH.
         #[arg(long)]
         onnxruntime: Option<PathBuf>,
+        /// A topology whose models to open.
+        #[arg(long)]
+        topology: Option<PathBuf>,
+        /// Open every model with this provider instead of its own (`cpu` or `cuda`).
+        #[arg(long, value_parser = ["cpu", "cuda"], requires = "topology")]
+        execution_provider: Option<String>,
     },
     /// Serve the Schema Registry stand-in used on the local stack.
     Registry {
@@ -196,6 +210,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await??;
             tracing::info!(records = n, "passthrough stopped");
         }
+        Command::BenchModels { args } => {
+            tokio::task::spawn_blocking(move || kscore::tools::model_bench::run(&args)).await??;
+        }
         Command::Features { args } => {
             tokio::task::spawn_blocking(move || kscore::features::offline::run(&args)).await??;
         }
@@ -221,7 +238,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 loaded.topology.alerts.len()
             );
         }
-        Command::CheckRuntime { onnxruntime } => {
+        Command::CheckRuntime {
+            onnxruntime,
+            topology,
+            execution_provider,
+        } => {
             let info = kscore::scorer::runtime::init(onnxruntime.as_deref())?;
             println!("ONNX Runtime loaded from {}", info.path.display());
             println!("{}", info.build);
@@ -233,6 +254,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "not in this build"
                 }
             );
+            if let Some(topology) = topology {
+                use kscore::topology::config::ExecutionProvider;
+                let loaded = kscore::topology::load(&topology)?;
+                let provider = execution_provider.map(|p| match p.as_str() {
+                    "cuda" => ExecutionProvider::Cuda,
+                    _ => ExecutionProvider::Cpu,
+                });
+                let (lines, all_where_asked) =
+                    kscore::scorer::placement::report(&loaded, provider)?;
+                for line in lines {
+                    println!("{line}");
+                }
+                if !all_where_asked {
+                    anyhow::bail!(
+                        "{}: nodes of a cuda model run on the CPU (listed above)",
+                        topology.display()
+                    );
+                }
+            }
         }
         Command::Registry { listen, data_dir } => {
             kscore::tools::registry_standin::run(listen, &data_dir).await?;

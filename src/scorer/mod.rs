@@ -3,6 +3,7 @@
 //! reference stored with each model.
 
 pub mod drift;
+pub mod placement;
 pub mod runtime;
 pub mod session;
 

@@ -114,6 +114,15 @@ impl ScoringSession {
     /// The session, with the model's execution provider (CUDA refused, with the reason, where
     /// the runtime cannot give it; never a silent CPU fallback).
     fn load(model: &Model, path: &Path) -> Result<Session, ScorerError> {
+        Self::load_profiled(model, path, None)
+    }
+
+    /// [`Self::load`], with ONNX Runtime's profiler writing to files named from `profile`.
+    pub(super) fn load_profiled(
+        model: &Model,
+        path: &Path,
+        profile: Option<&Path>,
+    ) -> Result<Session, ScorerError> {
         let env =
             runtime::environment().map_err(|e| ScorerError::Runtime(std::sync::Arc::new(e)))?;
         let name = model.name.clone();
@@ -130,6 +139,11 @@ impl ScoringSession {
             // One thread per session: parallelism comes from workers, each owning a session.
             .and_then(|b| b.with_intra_threads(1).map_err(Into::into))
             .map_err(|e| load_err(e.to_string()))?;
+        if let Some(prefix) = profile {
+            builder = builder
+                .with_profiling(prefix)
+                .map_err(|e| load_err(e.to_string()))?;
+        }
         if model.execution_provider == ExecutionProvider::Cuda {
             let compiled = ep::CUDA::is_available().unwrap_or(false);
             if !compiled {
