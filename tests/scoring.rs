@@ -276,7 +276,7 @@ fn the_model_digest_is_xxh3_of_the_file() {
 fn a_huge_batching_delay_still_scores() {
     let loaded = fraud();
     let mut model = loaded.topology.models[1].clone();
-    model.batching.max_delay = std::time::Duration::MAX;
+    model.batching.max_delay = Some(std::time::Duration::MAX);
     let (tx, rx) = std::sync::mpsc::channel();
     let b = kscore::batcher::ModelBatcher::start(0, &model, &loaded.model_paths[1], tx, None)
         .expect("starts");

@@ -67,6 +67,10 @@ pub const ABORTS: &str = "kscore_transactions_aborted_total";
 pub const BATCH_ROWS: &str = "kscore_batch_rows";
 /// Seconds per model call, labelled `model`.
 pub const SCORING_SECONDS: &str = "kscore_scoring_seconds";
+/// The batch-size cap a model's batching is at, labelled `model`.
+pub const BATCH_TARGET_ROWS: &str = "kscore_batch_target_rows";
+/// The delay a model's batching is at, labelled `model`.
+pub const BATCH_DELAY_SECONDS: &str = "kscore_batch_delay_seconds";
 /// Seconds from an event's event time to the commit that published it.
 pub const EVENT_TO_COMMIT_SECONDS: &str = "kscore_event_time_to_commit_seconds";
 /// Seconds a commit took.
@@ -182,6 +186,8 @@ pub const CATALOGUE: &[Metric] = &[
     // Scoring.
     histogram(BATCH_ROWS, &["model"], ROWS, "Rows per model call."),
     histogram(SCORING_SECONDS, &["model"], SECONDS, "Seconds per model call."),
+    metric(BATCH_TARGET_ROWS, Gauge, &["model"], "Rows at which the model's batches are sent now: `batching.max_rows`, or with a `latency_budget` the cap adapted to it."),
+    metric(BATCH_DELAY_SECONDS, Gauge, &["model"], "Longest the first row of the model's batch waits for others now: `batching.max_delay`, or with a `latency_budget` the delay adapted to it."),
     metric(MODEL_INFO, Gauge, &["model", "version"], "1 for each model version loaded."),
     metric(MODEL_ROWS, Counter, &["model", "version"], "Rows a model scored, in committed cycles."),
     histogram(MODEL_SCORE, &["model", "version", "score"], SCORES, "Scores of committed rows."),

@@ -248,17 +248,26 @@ pub struct Batching {
     /// Most rows in one call to the model.
     #[serde(default = "Batching::default_max_rows")]
     pub max_rows: usize,
-    /// Longest a row waits for others after the first row of a batch arrived.
-    #[serde(default = "Batching::default_max_delay", with = "humantime_serde")]
-    pub max_delay: Duration,
+    /// A fixed delay: longest a row waits for others after the first row of a batch arrived
+    /// (5 ms when neither this nor `latency_budget` is set).
+    #[serde(default, with = "humantime_serde")]
+    pub max_delay: Option<Duration>,
+    /// An adapted delay and batch size instead: the scoring latency a row may take, from the
+    /// pipeline handing it over to its scores (see `batcher::Pace`).
+    #[serde(default, with = "humantime_serde")]
+    pub latency_budget: Option<Duration>,
 }
 
 impl Batching {
     const fn default_max_rows() -> usize {
         256
     }
-    const fn default_max_delay() -> Duration {
-        Duration::from_millis(5)
+    /// The delay of a batching without a latency budget.
+    pub const DEFAULT_DELAY: Duration = Duration::from_millis(5);
+
+    /// The fixed delay (`max_delay`, else 5 ms).
+    pub fn delay(&self) -> Duration {
+        self.max_delay.unwrap_or(Self::DEFAULT_DELAY)
     }
 }
 
@@ -266,7 +275,8 @@ impl Default for Batching {
     fn default() -> Self {
         Batching {
             max_rows: Self::default_max_rows(),
-            max_delay: Self::default_max_delay(),
+            max_delay: None,
+            latency_budget: None,
         }
     }
 }

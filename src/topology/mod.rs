@@ -84,7 +84,7 @@ pub struct Loaded {
     pub model_paths: Vec<PathBuf>,
 }
 
-/// The longest `batching.max_delay`.
+/// The longest `batching.max_delay` or `batching.latency_budget`.
 pub const MAX_BATCH_DELAY: std::time::Duration = std::time::Duration::from_secs(60);
 /// The longest `delivery.commit_interval`: half the transaction timeout.
 pub const MAX_COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
@@ -533,13 +533,32 @@ fn check_models(
         if m.batching.max_rows == 0 {
             problems.add(at("batching.max_rows"), "must be at least 1".into());
         }
-        if m.batching.max_delay > MAX_BATCH_DELAY {
+        for (field, value) in [
+            ("max_delay", m.batching.max_delay),
+            ("latency_budget", m.batching.latency_budget),
+        ] {
+            if value.is_some_and(|d| d > MAX_BATCH_DELAY) {
+                problems.add(
+                    at(&format!("batching.{field}")),
+                    format!(
+                        "must be at most {} (batches are sent at every commit anyway)",
+                        humantime::format_duration(MAX_BATCH_DELAY)
+                    ),
+                );
+            }
+        }
+        if m.batching.latency_budget.is_some_and(|d| d.is_zero()) {
             problems.add(
-                at("batching.max_delay"),
-                format!(
-                    "must be at most {} (batches are sent at every commit anyway)",
-                    humantime::format_duration(MAX_BATCH_DELAY)
-                ),
+                at("batching.latency_budget"),
+                "must be more than 0 (a row needs time to be scored)".into(),
+            );
+        }
+        if m.batching.max_delay.is_some() && m.batching.latency_budget.is_some() {
+            problems.add(
+                at("batching.latency_budget"),
+                "set either max_delay (a fixed delay) or latency_budget (a delay and batch size \
+                 adapted to it), not both"
+                    .into(),
             );
         }
         if m.workers == 0 {

@@ -71,7 +71,7 @@ fn a_good_topology_loads_with_defaults() {
         Some(std::time::Duration::from_secs(86_400))
     );
     assert_eq!(
-        t.models[0].batching.max_delay,
+        t.models[0].batching.delay(),
         std::time::Duration::from_millis(2)
     );
     assert_eq!(
@@ -232,6 +232,15 @@ fn settings_that_would_dead_letter_every_record_are_refused() {
         (
             GOOD.replace(r#"max_delay = "2ms""#, r#"max_delay = "100years""#),
             "model[0] (m).batching.max_delay: must be at most 1m",
+        ),
+        // A fixed delay and a latency budget: one or the other.
+        (
+            GOOD.replace(r#"max_delay = "2ms""#, r#"max_delay = "2ms", latency_budget = "20ms""#),
+            "model[0] (m).batching.latency_budget: set either max_delay (a fixed delay) or latency_budget (a delay and batch size adapted to it), not both",
+        ),
+        (
+            GOOD.replace(r#"max_delay = "2ms""#, r#"latency_budget = "0ms""#),
+            "model[0] (m).batching.latency_budget: must be more than 0 (a row needs time to be scored)",
         ),
         // A commit interval the transaction timeout (60 s) would cut short.
         (
