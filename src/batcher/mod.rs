@@ -507,17 +507,22 @@ mod tests {
         }
     }
 
-    fn start(max_delay: Duration) -> (ModelBatcher, Receiver<Scored>) {
-        let info = ModelInfo {
+    /// The test model's description: two columns.
+    fn info() -> ModelInfo {
+        ModelInfo {
             name: "m".into(),
             version: "v".into(),
             input: "x".into(),
             width: 2,
             reference: None,
-        };
+        }
+    }
+
+    fn start(max_delay: Duration) -> (ModelBatcher, Receiver<Scored>) {
         let (tx, rx) = channel();
-        let b = ModelBatcher::start_with(0, &model(max_delay), vec![Box::new(Sum(info))], tx, None)
-            .expect("starts");
+        let b =
+            ModelBatcher::start_with(0, &model(max_delay), vec![Box::new(Sum(info()))], tx, None)
+                .expect("starts");
         (b, rx)
     }
 
@@ -590,16 +595,9 @@ mod tests {
             max_delay: None,
             latency_budget: Some(budget),
         };
-        let info = ModelInfo {
-            name: "m".into(),
-            version: "v".into(),
-            input: "x".into(),
-            width: 2,
-            reference: None,
-        };
         let (tx, rx) = channel();
-        let b =
-            ModelBatcher::start_with(0, &m, vec![Box::new(Slow(info))], tx, None).expect("starts");
+        let b = ModelBatcher::start_with(0, &m, vec![Box::new(Slow(info()))], tx, None)
+            .expect("starts");
         let (rows, per_message) = (10_000u64, 10u64);
         // Scores are taken as they come: (batch size, per row its ticket, when it came back).
         let receiver = std::thread::spawn(move || {
