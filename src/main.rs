@@ -102,9 +102,9 @@ enum Command {
         /// A topology whose models to open.
         #[arg(long)]
         topology: Option<PathBuf>,
-        /// Open every model with this provider instead of its own (`cpu` or `cuda`).
-        #[arg(long, value_parser = ["cpu", "cuda"], requires = "topology")]
-        execution_provider: Option<String>,
+        /// Open every model with this provider instead of its own.
+        #[arg(long, value_enum, requires = "topology")]
+        execution_provider: Option<kscore::topology::config::ExecutionProvider>,
     },
     /// Serve the Schema Registry stand-in used on the local stack.
     Registry {
@@ -255,14 +255,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             );
             if let Some(topology) = topology {
-                use kscore::topology::config::ExecutionProvider;
                 let loaded = kscore::topology::load(&topology)?;
-                let provider = execution_provider.map(|p| match p.as_str() {
-                    "cuda" => ExecutionProvider::Cuda,
-                    _ => ExecutionProvider::Cpu,
-                });
                 let (lines, all_where_asked) =
-                    kscore::scorer::placement::report(&loaded, provider)?;
+                    kscore::scorer::placement::report(&loaded, execution_provider)?;
                 for line in lines {
                     println!("{line}");
                 }

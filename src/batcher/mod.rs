@@ -4,9 +4,10 @@
 //! is reached or the delay has passed since the first row of the batch was handed over (or the
 //! pipeline asks for a flush at a commit), then handed to one of the model's worker threads,
 //! each owning its ONNX Runtime session. The cap and the delay are `max_rows` and `max_delay`,
-//! or adapted to a `latency_budget` ([`pace`]). The channels are bounded, so a slow model makes `try_submit` hand rows back:
-//! backpressure reaches the consumer instead of memory growing. Results come back tagged with
-//! each row's ticket so the pipeline can put outputs back in input order.
+//! or adapted to a `latency_budget` ([`pace`]). The channels are bounded, so a slow model makes
+//! `try_submit` hand rows back: backpressure reaches the consumer instead of memory growing.
+//! Results come back tagged with each row's ticket so the pipeline can put outputs back in
+//! input order.
 //!
 //! A worker that dies (a panic) never takes rows with it silently: the batcher reports it as
 //! [`BatcherError::Died`] to the next call, and the pipeline stops rather than wait for scores
@@ -379,6 +380,8 @@ fn gather(rx: Receiver<Msg>, out: SyncSender<Batch>, pace: &Pace, max_rows: usiz
         let flush = match msg {
             Ok(Msg::Rows(tickets, rows, handed_over)) => {
                 let limits = pace.limits();
+                // The pace keeps the cap at one row or more.
+                let cap = limits.rows.max(1);
                 if batch.tickets.is_empty() {
                     batch.since = handed_over;
                     // A delay too long to add (validation bounds it) is no deadline: the
@@ -388,8 +391,7 @@ fn gather(rx: Receiver<Msg>, out: SyncSender<Batch>, pace: &Pace, max_rows: usiz
                 batch.tickets.extend_from_slice(&tickets);
                 batch.rows.extend_from_slice(&rows);
                 // Full batches go at the cap; rows over it start the next batch.
-                while batch.tickets.len() >= limits.rows.max(1) {
-                    let cap = limits.rows.max(1);
+                while batch.tickets.len() >= cap {
                     let rest = Batch {
                         tickets: batch.tickets.split_off(cap),
                         rows: batch.rows.split_off(cap * width),
@@ -663,7 +665,7 @@ mod tests {
         eprintln!(
             "{} batches, first {:?}, second half {mean:.0} rows on average, p99 {p99:?}, now {limits:?}",
             sizes.len(),
-            &sizes[..8]
+            &sizes[..sizes.len().min(8)]
         );
         assert!(limits.rows > 1 && limits.delay <= budget / 2, "{limits:?}");
         b.shutdown();

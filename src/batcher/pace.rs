@@ -106,6 +106,10 @@ impl Pace {
 mod tests {
     use super::*;
 
+    fn at(rows: usize, delay: Duration) -> Limits {
+        Limits { rows, delay }
+    }
+
     fn budget(ms: u64, max_rows: usize) -> Pace {
         Pace::new(
             "m",
@@ -121,41 +125,17 @@ mod tests {
     fn on_time_batches_grow_additively_and_late_ones_shrink_by_a_tenth() {
         let pace = budget(20, 640);
         let start = pace.limits();
-        assert_eq!(
-            start,
-            Limits {
-                rows: 1,
-                delay: Duration::from_millis(2)
-            }
-        );
+        assert_eq!(start, at(1, Duration::from_millis(2)));
         // On time (under 80% of 20 ms): +10 rows (640 / 64), +0.4 ms.
         pace.observe(Duration::from_millis(16));
-        assert_eq!(
-            pace.limits(),
-            Limits {
-                rows: 11,
-                delay: Duration::from_micros(2_400)
-            }
-        );
+        assert_eq!(pace.limits(), at(11, Duration::from_micros(2_400)));
         for _ in 0..9 {
             pace.observe(Duration::from_millis(5));
         }
-        assert_eq!(
-            pace.limits(),
-            Limits {
-                rows: 101,
-                delay: Duration::from_micros(6_000)
-            }
-        );
+        assert_eq!(pace.limits(), at(101, Duration::from_micros(6_000)));
         // Late: both cut by 10%.
         pace.observe(Duration::from_micros(16_001));
-        assert_eq!(
-            pace.limits(),
-            Limits {
-                rows: 90,
-                delay: Duration::from_micros(5_400)
-            }
-        );
+        assert_eq!(pace.limits(), at(90, Duration::from_micros(5_400)));
     }
 
     #[test]
@@ -164,13 +144,7 @@ mod tests {
         for _ in 0..1000 {
             pace.observe(Duration::ZERO);
         }
-        assert_eq!(
-            pace.limits(),
-            Limits {
-                rows: 100,
-                delay: Duration::from_millis(10)
-            }
-        );
+        assert_eq!(pace.limits(), at(100, Duration::from_millis(10)));
         for _ in 0..1000 {
             pace.observe(Duration::from_secs(1));
         }
@@ -188,12 +162,6 @@ mod tests {
             },
         );
         pace.observe(Duration::from_secs(10));
-        assert_eq!(
-            pace.limits(),
-            Limits {
-                rows: 64,
-                delay: Duration::from_millis(3)
-            }
-        );
+        assert_eq!(pace.limits(), at(64, Duration::from_millis(3)));
     }
 }

@@ -77,7 +77,7 @@ pub fn report(
             "model {} ({}), execution_provider {}: {} nodes, {} on CUDAExecutionProvider, {on_cpu} on CPUExecutionProvider",
             model.name,
             path.display(),
-            if cuda { "cuda" } else { "cpu" },
+            model.execution_provider.name(),
             nodes.len(),
             nodes.len() - on_cpu,
         ));

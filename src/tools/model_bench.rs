@@ -17,9 +17,9 @@ pub struct BenchModelsArgs {
     /// The topology whose models to run.
     #[arg(long, default_value = "topologies/fraud.toml")]
     pub topology: PathBuf,
-    /// Run every model on this provider instead of its own (`cpu` or `cuda`).
-    #[arg(long, value_parser = ["cpu", "cuda"])]
-    pub execution_provider: Option<String>,
+    /// Run every model on this provider instead of its own.
+    #[arg(long, value_enum)]
+    pub execution_provider: Option<ExecutionProvider>,
     /// The reference batch and its scores.
     #[arg(long, default_value = "models/reference_scores.json")]
     pub reference: PathBuf,
@@ -51,15 +51,10 @@ pub fn run(args: &BenchModelsArgs) -> anyhow::Result<()> {
     let mut off = Vec::new();
     for (model, path) in loaded.topology.models.iter().zip(&loaded.model_paths) {
         let mut model = model.clone();
-        match args.execution_provider.as_deref() {
-            Some("cuda") => model.execution_provider = ExecutionProvider::Cuda,
-            Some(_) => model.execution_provider = ExecutionProvider::Cpu,
-            None => {}
+        if let Some(p) = args.execution_provider {
+            model.execution_provider = p;
         }
-        let provider = match model.execution_provider {
-            ExecutionProvider::Cuda => "cuda",
-            ExecutionProvider::Cpu => "cpu",
-        };
+        let provider = model.execution_provider.name();
         let mut session = ScoringSession::open(&model, path)?;
         let r = &reference[&model.name];
         let rows: Vec<f32> = r["rows"]

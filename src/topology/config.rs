@@ -232,13 +232,23 @@ pub struct Feature {
 }
 
 /// Where an execution provider runs the model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum ExecutionProvider {
     /// ONNX Runtime's CPU provider.
     Cpu,
     /// NVIDIA CUDA. Refused at startup, with the reason, where ONNX Runtime cannot provide it.
     Cuda,
+}
+
+impl ExecutionProvider {
+    /// Its name in topology files and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            ExecutionProvider::Cpu => "cpu",
+            ExecutionProvider::Cuda => "cuda",
+        }
+    }
 }
 
 /// Micro-batching of a model's rows.
@@ -252,8 +262,8 @@ pub struct Batching {
     /// (5 ms when neither this nor `latency_budget` is set).
     #[serde(default, with = "humantime_serde")]
     pub max_delay: Option<Duration>,
-    /// An adapted delay and batch size instead: the scoring latency a row may take, from the
-    /// pipeline handing it over to its scores (see `batcher::Pace`).
+    /// An adapted delay and batch size instead, kept so that a batch's first row waits for
+    /// the batch and the model call together under 80% of this (see `batcher::pace`).
     #[serde(default, with = "humantime_serde")]
     pub latency_budget: Option<Duration>,
 }
