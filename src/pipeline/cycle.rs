@@ -79,6 +79,19 @@ pub(super) struct Cycle {
     pub(super) outstanding: usize,
     /// Per model, the rows not handed to its batcher yet.
     open: Vec<(Vec<u64>, Vec<f32>)>,
+    /// Which cycle this is (counted by [`Cycle::clear`]): the high half of each ticket, so the
+    /// scores of a discarded cycle's rows, arriving later, are known and dropped.
+    generation: u32,
+}
+
+/// A row's ticket: its cycle's generation and its record's place in the cycle.
+fn ticket(generation: u32, index: usize) -> u64 {
+    (u64::from(generation) << 32) | (index as u64 & 0xffff_ffff)
+}
+
+/// The record a ticket names in the cycle of `generation`, if it is of that cycle.
+fn place(generation: u32, ticket: u64) -> Option<usize> {
+    ((ticket >> 32) as u32 == generation).then_some((ticket & 0xffff_ffff) as usize)
 }
 
 impl Cycle {
@@ -89,6 +102,7 @@ impl Cycle {
         self.next.clear();
         self.outstanding = 0;
         self.open = vec![(Vec::new(), Vec::new()); models];
+        self.generation = self.generation.wrapping_add(1);
     }
 
     /// Takes one decoded record: its rows go to the models (in batches of their `max_rows`).
@@ -100,7 +114,7 @@ impl Cycle {
         hold: &mut dyn FnMut(),
     ) -> Result<(), BatcherError> {
         if let Outcome::Scored { features, .. } = &p.outcome {
-            let ticket = self.records.len() as u64;
+            let ticket = ticket(self.generation, self.records.len());
             for ((b, cols), open) in batchers.iter().zip(columns).zip(&mut self.open) {
                 open.0.push(ticket);
                 open.1.extend(cols.iter().map(|&c| features[c] as f32));
@@ -341,7 +355,8 @@ fn fetching<'m>(
 }
 
 /// Waits for every score of the cycle (`idle` between checks), and marks the rows of batches a
-/// model failed on as `scoring_failed`. A dead model is an error: its rows never come.
+/// model failed on as `scoring_failed`. A dead model is an error: its rows never come. Scores
+/// of an earlier, discarded cycle's rows are dropped.
 pub(super) fn wait_scores(
     results: &Receiver<Scored>,
     cycle: &mut Cycle,
@@ -354,7 +369,7 @@ pub(super) fn wait_scores(
             scores.resize(batchers.len(), None);
         }
     }
-    let mut failures: Vec<(u64, String)> = Vec::new();
+    let mut failures: Vec<(usize, String)> = Vec::new();
     while cycle.outstanding > 0 {
         let batch = match results.recv_timeout(Duration::from_millis(50)) {
             Ok(batch) => batch,
@@ -375,27 +390,33 @@ pub(super) fn wait_scores(
                 });
             }
         };
+        let generation = cycle.generation;
         match batch.rows {
             Ok(rows) => {
-                cycle.outstanding = cycle.outstanding.saturating_sub(rows.len());
-                for (ticket, values) in rows {
+                for (i, values) in rows
+                    .into_iter()
+                    .filter_map(|(t, v)| Some((place(generation, t)?, v)))
+                {
+                    cycle.outstanding = cycle.outstanding.saturating_sub(1);
                     if let Some(Pending {
                         outcome: Outcome::Scored { scores, .. },
                         ..
-                    }) = pending.get_mut(ticket as usize)
+                    }) = pending.get_mut(i)
                     {
                         scores[batch.model] = Some(values);
                     }
                 }
             }
             Err((tickets, e)) => {
-                cycle.outstanding = cycle.outstanding.saturating_sub(tickets.len());
-                failures.extend(tickets.into_iter().map(|t| (t, e.to_string())));
+                for i in tickets.into_iter().filter_map(|t| place(generation, t)) {
+                    cycle.outstanding = cycle.outstanding.saturating_sub(1);
+                    failures.push((i, e.to_string()));
+                }
             }
         }
     }
-    for (ticket, error) in failures {
-        if let Some(p) = pending.get_mut(ticket as usize) {
+    for (i, error) in failures {
+        if let Some(p) = pending.get_mut(i) {
             p.outcome = Outcome::Dead {
                 reason: Reason::ScoringFailed,
                 error,
@@ -482,5 +503,114 @@ pub(super) fn settle(
                 };
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::channel;
+
+    use super::*;
+    use crate::batcher::Scorer;
+    use crate::scorer::{ModelInfo, ScorerError};
+    use crate::topology::config::Model;
+
+    /// Scores a row as its one column, slowly enough that a cycle can end before its scores
+    /// arrive.
+    struct Echo(ModelInfo);
+
+    impl Scorer for Echo {
+        fn info(&self) -> &ModelInfo {
+            &self.0
+        }
+        fn score(&mut self, rows: &[f32]) -> Result<Vec<Vec<f64>>, ScorerError> {
+            std::thread::sleep(Duration::from_millis(50));
+            Ok(vec![rows.iter().map(|&x| f64::from(x)).collect()])
+        }
+    }
+
+    fn batcher() -> (Vec<ModelBatcher>, Receiver<Scored>) {
+        let model: Model = toml::from_str(
+            r#"name = "m"
+               path = "m.onnx"
+               features = ["x"]
+               scores = [{ name = "s", output = "y" }]
+               batching = { max_rows = 4, max_delay = "1ms" }"#,
+        )
+        .expect("a model entry");
+        let info = ModelInfo {
+            name: "m".into(),
+            version: "v".into(),
+            input: "x".into(),
+            width: 1,
+            reference: None,
+        };
+        let (tx, rx) = channel();
+        let b = ModelBatcher::start_with(0, &model, vec![Box::new(Echo(info))], tx, None)
+            .expect("starts");
+        (vec![b], rx)
+    }
+
+    fn pending(offset: i64, x: f64) -> Pending {
+        Pending {
+            partition: 0,
+            offset,
+            key: None,
+            value: None,
+            outcome: Outcome::Scored {
+                event: None,
+                schema_id: 1,
+                event_time: 0,
+                features: vec![x],
+                scores: Vec::new(),
+            },
+        }
+    }
+
+    fn scores_of(cycle: &Cycle) -> Vec<Option<Vec<f64>>> {
+        cycle
+            .records
+            .iter()
+            .map(|p| match &p.outcome {
+                Outcome::Scored { scores, .. } => scores[0].clone(),
+                Outcome::Dead { .. } => None,
+            })
+            .collect()
+    }
+
+    /// A cycle cut short (a revocation) leaves its rows with the models; their scores, arriving
+    /// during the next cycle, must not be taken for that cycle's records (same places, other
+    /// events).
+    #[test]
+    fn scores_of_a_discarded_cycle_never_reach_the_next() {
+        let (batchers, results) = batcher();
+        let columns = vec![vec![0]];
+        let mut cycle = Cycle::default();
+        cycle.clear(1);
+        for i in 0..3 {
+            cycle
+                .push(
+                    pending(i, 100.0 + i as f64),
+                    &batchers,
+                    &columns,
+                    &mut || (),
+                )
+                .expect("taken");
+        }
+        cycle.flush(&batchers, &mut || ()).expect("flushed");
+        // Discarded: the next cycle begins at once, its scores still to come.
+        cycle.clear(1);
+        for i in 0..3 {
+            cycle
+                .push(pending(10 + i, i as f64), &batchers, &columns, &mut || ())
+                .expect("taken");
+        }
+        cycle.flush(&batchers, &mut || ()).expect("flushed");
+        wait_scores(&results, &mut cycle, &batchers, &mut || ()).expect("scored");
+        assert_eq!(
+            scores_of(&cycle),
+            vec![Some(vec![0.0]), Some(vec![1.0]), Some(vec![2.0])]
+        );
+        assert_eq!(cycle.outstanding, 0);
     }
 }
