@@ -497,6 +497,10 @@ mod tests {
         Model {
             name: "m".into(),
             path: "m.onnx".into(),
+            version: None,
+            role: crate::topology::Role::Primary,
+            of: None,
+            share: None,
             features: vec!["a".into(), "b".into()],
             scores: vec![],
             batching: Batching {

@@ -33,6 +33,38 @@ pub struct Topology {
     /// Delivery guarantee and commit cadence.
     #[serde(default)]
     pub delivery: Delivery,
+    /// Reloading the models while running.
+    #[serde(default)]
+    pub reload: Reload,
+}
+
+/// Reloading the models while running (see the README's *Shipping a new model*).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reload {
+    /// Whether to look for changes to the topology file's models and to the model files and
+    /// version directories, and reload when one is seen (and has stayed the same for one
+    /// more look).
+    #[serde(default)]
+    pub watch: bool,
+    /// How often to look.
+    #[serde(default = "Reload::default_poll", with = "humantime_serde")]
+    pub poll_interval: Duration,
+}
+
+impl Reload {
+    const fn default_poll() -> Duration {
+        Duration::from_secs(5)
+    }
+}
+
+impl Default for Reload {
+    fn default() -> Self {
+        Reload {
+            watch: false,
+            poll_interval: Self::default_poll(),
+        }
+    }
 }
 
 impl Topology {
@@ -252,7 +284,7 @@ impl ExecutionProvider {
 }
 
 /// Micro-batching of a model's rows.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Batching {
     /// Most rows in one call to the model.
@@ -292,7 +324,7 @@ impl Default for Batching {
 }
 
 /// One score taken from a model output.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScoreSpec {
     /// Score name; rules refer to it as `<model>.<name>`.
@@ -306,13 +338,29 @@ pub struct ScoreSpec {
 }
 
 /// A model.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Model {
     /// Model name, unique in the topology.
     pub name: String,
-    /// ONNX file, relative to the topology file.
+    /// ONNX file, relative to the topology file; or a directory of version directories
+    /// (`<path>/<n>/model.onnx`, `n` a whole number), of which the highest is served unless
+    /// `version` names one.
     pub path: PathBuf,
+    /// With a directory `path`: the version directory to serve.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// What it is for: a `primary` decides; a `canary` decides instead of its primary (`of`)
+    /// for a `share` of the keys; a `shadow` is scored on every record and decides nothing.
+    #[serde(default)]
+    pub role: Role,
+    /// A canary's primary (required), or a shadow's (optional: its would-be decisions are then
+    /// counted as if it stood in for that primary).
+    #[serde(default)]
+    pub of: Option<String>,
+    /// A canary's share of the keys, more than 0 and at most 1.
+    #[serde(default)]
+    pub share: Option<f64>,
     /// The features it takes, in the order of its input tensor's columns.
     pub features: Vec<String>,
     /// Its scores.
@@ -334,6 +382,30 @@ impl Model {
     }
     const fn default_workers() -> usize {
         1
+    }
+}
+
+/// What a model is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Decides for every key (except those its canary takes).
+    #[default]
+    Primary,
+    /// Scored and published on every record; no rule reads it.
+    Shadow,
+    /// Decides instead of its primary for a share of the keys.
+    Canary,
+}
+
+impl Role {
+    /// As the topology, the scored records and the metrics write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Shadow => "shadow",
+            Role::Canary => "canary",
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use apache_avro::Schema;
 use apache_avro::schema::RecordSchema;
 
-pub use config::{Aggregation, Feature, Model, Topology};
+pub use config::{Aggregation, Feature, Model, Role, Topology};
 
 /// One thing wrong with a topology.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,8 +80,54 @@ pub struct Loaded {
     pub schema: Schema,
     /// Its text.
     pub schema_text: String,
-    /// Model files, resolved, in `topology.models` order.
+    /// Model files, resolved, in `topology.models` order (for a directory of versions, the
+    /// served version's `model.onnx`).
     pub model_paths: Vec<PathBuf>,
+    /// Per model, the version directory served, where its path is a directory.
+    pub model_versions: Vec<Option<String>>,
+}
+
+/// The file a model entry's path gives, and the version directory it is in: `path` itself, or
+/// for a directory, `<path>/<v>/model.onnx` with `v` the version asked for, else the highest
+/// whole-numbered directory holding a `model.onnx`.
+pub fn resolve_model(
+    path: &Path,
+    version: Option<&str>,
+) -> Result<(PathBuf, Option<String>), String> {
+    if !path.is_dir() {
+        return match version {
+            Some(_) => Err(format!(
+                "`version` needs a directory of versions, and {} is not one",
+                path.display()
+            )),
+            None => Ok((path.to_path_buf(), None)),
+        };
+    }
+    let file = |v: &str| path.join(v).join("model.onnx");
+    if let Some(v) = version {
+        let f = file(v);
+        return if f.is_file() {
+            Ok((f, Some(v.to_string())))
+        } else {
+            Err(format!("version {v}: {} does not exist", f.display()))
+        };
+    }
+    let entries = std::fs::read_dir(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let newest = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let n: u64 = name.parse().ok()?;
+            file(&name).is_file().then_some((n, name))
+        })
+        .max();
+    match newest {
+        Some((_, v)) => Ok((file(&v), Some(v))),
+        None => Err(format!(
+            "{} holds no version directory (a whole number) with a model.onnx",
+            path.display()
+        )),
+    }
 }
 
 /// The longest `batching.max_delay` or `batching.latency_budget`.
@@ -171,6 +217,7 @@ pub fn load_with(file: &Path, require_models: bool) -> Result<Loaded, TopologyEr
             schema,
             schema_text,
             model_paths: model_paths.0,
+            model_versions: model_paths.2,
         }),
         _ => Err(TopologyError::Invalid {
             file: file.to_path_buf(),
@@ -471,19 +518,21 @@ fn check_equals(
     }
 }
 
-/// The models: returns their resolved paths and every `<model>.<score>`.
+/// The models: returns their resolved paths, their version directories and every
+/// `<model>.<score>`.
 fn check_models(
     topology: &Topology,
     base: &Path,
     require_models: bool,
     names: &HashSet<String>,
     problems: &mut Problems,
-) -> (Vec<PathBuf>, HashSet<String>) {
+) -> (Vec<PathBuf>, HashSet<String>, Vec<Option<String>>) {
     let non_empty = |v: &str| !v.trim().is_empty();
     // Models.
     let mut model_names = HashSet::new();
     let mut score_names = HashSet::new();
     let mut model_paths = Vec::new();
+    let mut model_versions = Vec::new();
     for (i, m) in topology.models.iter().enumerate() {
         let at = |k: &str| format!("model[{i}] ({}).{k}", m.name);
         if !non_empty(&m.name) {
@@ -498,10 +547,23 @@ fn check_models(
             );
         }
         let path = base.join(&m.path);
+        let (path, version) = match resolve_model(&path, m.version.as_deref()) {
+            Ok(resolved) => resolved,
+            Err(e) => {
+                let field = if m.version.is_some() {
+                    "version"
+                } else {
+                    "path"
+                };
+                problems.add(at(field), e);
+                (path, None)
+            }
+        };
         if require_models && !path.is_file() {
             problems.add(at("path"), format!("{} does not exist", path.display()));
         }
         model_paths.push(path);
+        model_versions.push(version);
         if m.features.is_empty() {
             problems.add(at("features"), "a model needs at least one feature".into());
         }
@@ -565,7 +627,74 @@ fn check_models(
             problems.add(at("workers"), "must be at least 1".into());
         }
     }
-    (model_paths, score_names)
+    check_roles(topology, problems);
+    (model_paths, score_names, model_versions)
+}
+
+/// Canaries and shadows: each stands beside a primary, with the primary's scores; a primary
+/// has at most one canary.
+fn check_roles(topology: &Topology, problems: &mut Problems) {
+    let mut canaries = HashSet::new();
+    for (i, m) in topology.models.iter().enumerate() {
+        let at = |k: &str| format!("model[{i}] ({}).{k}", m.name);
+        let role = m.role.as_str();
+        if m.role != Role::Canary && m.share.is_some() {
+            problems.add(
+                at("share"),
+                format!("only a canary has a share (this model is a {role})"),
+            );
+        }
+        if m.role == Role::Primary && m.of.is_some() {
+            problems.add(
+                at("of"),
+                "only a canary or a shadow stands beside a primary (set `role`)".into(),
+            );
+        }
+        if m.role == Role::Canary {
+            match m.share {
+                None => problems.add(
+                    at("share"),
+                    "a canary needs the share of keys it decides for (0 < share <= 1)".into(),
+                ),
+                Some(s) if !(s > 0.0 && s <= 1.0) => {
+                    problems.add(
+                        at("share"),
+                        format!("must be more than 0 and at most 1, not {s}"),
+                    );
+                }
+                Some(_) => {}
+            }
+            if m.of.is_none() {
+                problems.add(
+                    at("of"),
+                    "a canary needs the primary it decides instead of".into(),
+                );
+            }
+        }
+        let Some(of) = &m.of else { continue };
+        match topology.models.iter().find(|p| &p.name == of) {
+            None => problems.add(at("of"), format!("no model named `{of}`")),
+            Some(p) if p.role != Role::Primary => problems.add(
+                at("of"),
+                format!("`{of}` is a {}, not a primary", p.role.as_str()),
+            ),
+            Some(p) => {
+                let names = |m: &Model| m.scores.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
+                if names(p) != names(m) {
+                    problems.add(
+                        at("scores"),
+                        format!(
+                            "a {role} must give its primary's scores, by name and in order: {:?}",
+                            names(p)
+                        ),
+                    );
+                }
+                if m.role == Role::Canary && !canaries.insert(of.clone()) {
+                    problems.add(at("of"), format!("`{of}` has a canary already"));
+                }
+            }
+        }
+    }
 }
 
 /// The alert rules, and the delivery settings.
@@ -577,7 +706,21 @@ fn check_rules_and_delivery(
     // Rules.
     for (i, r) in topology.alerts.iter().enumerate() {
         let at = |k: &str| format!("alert[{i}] ({}).{k}", r.name);
-        if !score_names.contains(&r.score) {
+        let model = r.score.split('.').next().unwrap_or_default();
+        let stand_in = topology
+            .models
+            .iter()
+            .find(|m| m.name == model && m.role != Role::Primary);
+        if let Some(m) = stand_in {
+            problems.add(
+                at("score"),
+                format!(
+                    "`{model}` is a {}: rules name primaries' scores (a canary decides through \
+                     its primary's rules; a shadow decides nothing)",
+                    m.role.as_str()
+                ),
+            );
+        } else if !score_names.contains(&r.score) {
             problems.add(
                 at("score"),
                 format!("no score `{}` (write `<model>.<score>`)", r.score),
@@ -591,6 +734,13 @@ fn check_rules_and_delivery(
         problems.add(
             "output.alerts_topic".into(),
             "alert rules are defined but no alerts topic".into(),
+        );
+    }
+    let poll = topology.reload.poll_interval;
+    if poll < std::time::Duration::from_millis(100) || poll > std::time::Duration::from_secs(3600) {
+        problems.add(
+            "reload.poll_interval".into(),
+            "must be between 100ms and 1h".into(),
         );
     }
     if topology.delivery.commit_interval.is_zero() {

@@ -171,13 +171,7 @@ fn the_changelog_topic_defaults_from_the_group_and_must_be_a_topic_of_its_own() 
 /// The problems of `toml` (none when it loads).
 fn problems_of(toml: &str) -> Vec<String> {
     let dir = tempfile::tempdir().expect("tempdir");
-    match load(&write(dir.path(), toml)) {
-        Ok(_) => Vec::new(),
-        Err(TopologyError::Invalid { problems, .. }) => {
-            problems.iter().map(ToString::to_string).collect()
-        }
-        Err(e) => vec![e.to_string()],
-    }
+    problems_of_in(dir.path(), toml)
 }
 
 /// Topologies that would send every record to the dead-letter topic are refused at load, each
@@ -304,5 +298,147 @@ fn a_numeric_event_time_that_is_not_a_long_is_refused() {
                 "{message}"
             );
         }
+    }
+}
+
+/// `GOOD` with a second model entry after the first.
+fn with_model(entry: &str) -> String {
+    GOOD.replace("[[alert]]", &format!("{entry}\n\n[[alert]]"))
+}
+
+/// Canaries and shadows stand beside a primary and give its scores; each problem names the
+/// field.
+#[test]
+fn canaries_and_shadows_are_checked_against_their_primary() {
+    let model = |extra: &str, scores: &str| {
+        with_model(&format!(
+            "[[model]]\nname = \"next\"\npath = \"m.onnx\"\nfeatures = [\"amount\"]\nscores = [{scores}]\n{extra}"
+        ))
+    };
+    let same = r#"{ name = "fraud", output = "probabilities", column = 1 }"#;
+    let good_canary = model("role = \"canary\"\nof = \"m\"\nshare = 0.05", same);
+    assert_eq!(problems_of(&good_canary), Vec::<String>::new());
+    let good_shadow = model("role = \"shadow\"", r#"{ name = "other", output = "y" }"#);
+    assert_eq!(problems_of(&good_shadow), Vec::<String>::new());
+    let cases: Vec<(String, &str)> = vec![
+        (
+            model("role = \"canary\"\nof = \"m\"", same),
+            "model[1] (next).share: a canary needs the share of keys it decides for",
+        ),
+        (
+            model("role = \"canary\"\nof = \"m\"\nshare = 1.5", same),
+            "model[1] (next).share: must be more than 0 and at most 1, not 1.5",
+        ),
+        (
+            model("role = \"canary\"\nshare = 0.1", same),
+            "model[1] (next).of: a canary needs the primary it decides instead of",
+        ),
+        (
+            model("role = \"canary\"\nof = \"nope\"\nshare = 0.1", same),
+            "model[1] (next).of: no model named `nope`",
+        ),
+        (
+            model(
+                "role = \"canary\"\nof = \"m\"\nshare = 0.1",
+                r#"{ name = "risk", output = "probabilities", column = 1 }"#,
+            ),
+            "model[1] (next).scores: a canary must give its primary's scores, by name and in order: [\"fraud\"]",
+        ),
+        (
+            model("share = 0.1", same),
+            "model[1] (next).share: only a canary has a share (this model is a primary)",
+        ),
+        (
+            model("of = \"m\"", same),
+            "model[1] (next).of: only a canary or a shadow stands beside a primary",
+        ),
+        (
+            model("role = \"shadow\"\nof = \"m\"\nshare = 0.5", same),
+            "model[1] (next).share: only a canary has a share (this model is a shadow)",
+        ),
+        (
+            model("role = \"boss\"", same),
+            "unknown variant `boss`, expected one of `primary`, `shadow`, `canary`",
+        ),
+        // Rules read primaries only.
+        (
+            model("role = \"shadow\"", same)
+                .replace(r#"score = "m.fraud""#, r#"score = "next.fraud""#),
+            "alert[0] (high).score: `next` is a shadow: rules name primaries' scores",
+        ),
+        // A version needs a directory of versions.
+        (
+            GOOD.replace(r#"path = "m.onnx""#, "path = \"m.onnx\"\nversion = \"2\""),
+            "model[0] (m).version: `version` needs a directory of versions",
+        ),
+        (
+            GOOD.replace(
+                r#"commit_interval = "100ms""#,
+                "commit_interval = \"100ms\"\n\n[reload]\nwatch = true\npoll_interval = \"1ms\"",
+            ),
+            "reload.poll_interval: must be between 100ms and 1h",
+        ),
+    ];
+    for (toml, want) in cases {
+        let got = problems_of(&toml);
+        assert!(
+            got.iter().any(|p| p.contains(want)),
+            "want `{want}`, got {got:?}"
+        );
+    }
+    // A second canary of the same primary.
+    let two = with_model(&format!(
+        "[[model]]\nname = \"a\"\npath = \"m.onnx\"\nfeatures = [\"amount\"]\nscores = [{same}]\nrole = \"canary\"\nof = \"m\"\nshare = 0.1\n\n\
+         [[model]]\nname = \"b\"\npath = \"m.onnx\"\nfeatures = [\"amount\"]\nscores = [{same}]\nrole = \"canary\"\nof = \"m\"\nshare = 0.1"
+    ));
+    assert_eq!(
+        problems_of(&two),
+        vec!["model[2] (b).of: `m` has a canary already".to_string()]
+    );
+}
+
+/// A directory of versions serves the highest whole-numbered version holding a `model.onnx`,
+/// or the one `version` names.
+#[test]
+fn a_directory_of_versions_serves_the_newest_or_the_pinned_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = dir.path().join("fraud");
+    for v in ["1", "2", "10", "latest"] {
+        std::fs::create_dir_all(repo.join(v)).expect("version dir");
+        std::fs::write(repo.join(v).join("model.onnx"), v).expect("model");
+    }
+    // A version being written, without its model yet, is not served.
+    std::fs::create_dir_all(repo.join("11")).expect("version dir");
+    let file = write(
+        dir.path(),
+        &GOOD.replace(r#"path = "m.onnx""#, r#"path = "fraud""#),
+    );
+    let loaded = load(&file).expect("loads");
+    assert_eq!(loaded.model_paths[0], repo.join("10").join("model.onnx"));
+    assert_eq!(loaded.model_versions[0].as_deref(), Some("10"));
+    let pinned = write(
+        dir.path(),
+        &GOOD.replace(r#"path = "m.onnx""#, "path = \"fraud\"\nversion = \"2\""),
+    );
+    let loaded = load(&pinned).expect("loads");
+    assert_eq!(loaded.model_paths[0], repo.join("2").join("model.onnx"));
+    assert_eq!(loaded.model_versions[0].as_deref(), Some("2"));
+    let missing = GOOD.replace(r#"path = "m.onnx""#, "path = \"fraud\"\nversion = \"3\"");
+    let got = problems_of_in(dir.path(), &missing);
+    assert!(
+        got.iter()
+            .any(|p| p.starts_with("model[0] (m).version: version 3: ")
+                && p.ends_with("does not exist")),
+        "{got:?}"
+    );
+}
+
+fn problems_of_in(dir: &Path, toml: &str) -> Vec<String> {
+    match load(&write(dir, toml)) {
+        Ok(_) => Vec::new(),
+        Err(TopologyError::Invalid { problems, .. }) => {
+            problems.iter().map(ToString::to_string).collect()
+        }
+        Err(e) => vec![e.to_string()],
     }
 }
