@@ -280,8 +280,9 @@ fn stages(c: &mut Criterion) {
         .flat_map(|(m, model)| {
             model.scores.iter().enumerate().map(move |(i, s)| {
                 let template = ScoreValue {
-                    model: model.name.clone(),
+                    model: model.name.as_str().into(),
                     version: "v".into(),
+                    role: kscore::topology::Role::Primary,
                     score: s.name.clone(),
                     qualified: format!("{}.{}", model.name, s.name),
                     value: 0.1,

@@ -61,6 +61,10 @@ enum Command {
         /// rebalance) or `dynamic` (a stopping instance hands its partitions over at once).
         #[arg(long, env = "KSCORE_MEMBERSHIP", value_enum, default_value = "static")]
         membership: kscore::pipeline::Membership,
+        /// Turn on `POST /admin/models/reload` on the metrics endpoint, answering requests that
+        /// carry the token in this file (`Authorization: Bearer <token>`).
+        #[arg(long, env = "KSCORE_ADMIN_TOKEN_FILE")]
+        admin_token_file: Option<PathBuf>,
         /// Testing aid: cap each model worker at this many rows per second (a slow model).
         #[arg(long, hide = true)]
         throttle_scoring: Option<f64>,
@@ -68,6 +72,12 @@ enum Command {
         /// were sent (a broker refusing every commit).
         #[arg(long, hide = true)]
         fail_commits_while: Option<PathBuf>,
+    },
+    /// List the models each instance scores with (name, version, role, share, loaded at), from
+    /// its metrics endpoint; with --reload, ask each to reload first.
+    Models {
+        #[command(flatten)]
+        args: kscore::tools::models::ModelsArgs,
     },
     /// Benchmark baseline: copy a topic to another in transactions, nothing else.
     Passthrough {
@@ -174,11 +184,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             summary_every,
             duration,
             membership,
+            admin_token_file,
             throttle_scoring,
             fail_commits_while,
         } => {
             tracing::info!("connecting: {}", cluster.describe());
             let loaded = kscore::topology::load(&topology)?;
+            if let Some(file) = admin_token_file {
+                if cli.metrics_listen.is_none() {
+                    anyhow::bail!(
+                        "--admin-token-file needs --metrics-listen: the admin endpoint is served there"
+                    );
+                }
+                telemetry::admin::enable(telemetry::admin::read_token(&file)?);
+            }
             let stop = stop_flag();
             if let Some(d) = duration {
                 let flag = stop.clone();
@@ -209,6 +228,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             })
             .await??;
             tracing::info!(records = n, "passthrough stopped");
+        }
+        Command::Models { args } => {
+            kscore::tools::models::run(&args).await?;
         }
         Command::BenchModels { args } => {
             tokio::task::spawn_blocking(move || kscore::tools::model_bench::run(&args)).await??;

@@ -165,6 +165,7 @@ fn random_and_mutated_frames_never_panic_and_every_refusal_has_a_reason() {
     let scores = vec![ScoreValue {
         model: "m".into(),
         version: "v".into(),
+        role: kscore::topology::Role::Primary,
         score: "s".into(),
         qualified: "m.s".into(),
         value: 0.5,

@@ -190,8 +190,9 @@ fn alert_rate(args: &[&str], events: usize) -> f64 {
                 .iter()
                 .enumerate()
                 .map(|(k, q)| ScoreValue {
-                    model: String::new(),
-                    version: String::new(),
+                    model: "".into(),
+                    version: "".into(),
+                    role: kscore::topology::Role::Primary,
                     score: String::new(),
                     qualified: q.clone(),
                     value: scores[k][i],
@@ -278,7 +279,7 @@ fn a_huge_batching_delay_still_scores() {
     let mut model = loaded.topology.models[1].clone();
     model.batching.max_delay = Some(std::time::Duration::MAX);
     let (tx, rx) = std::sync::mpsc::channel();
-    let b = kscore::batcher::ModelBatcher::start(0, &model, &loaded.model_paths[1], tx, None)
+    let b = kscore::batcher::ModelBatcher::start(0, &model, &loaded.model_paths[1], None, tx, None)
         .expect("starts");
     let width = model.features.len();
     assert!(b.try_submit(vec![7], vec![0.5; width]).is_ok());

@@ -14,9 +14,7 @@
 //! that will never come (nothing of the cycle is committed; a restart resumes it).
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::mpsc::{
-    Receiver, RecvTimeoutError, Sender, SyncSender, TrySendError, channel, sync_channel,
-};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -220,15 +218,26 @@ impl ModelBatcher {
         index: usize,
         model: &Model,
         path: &std::path::Path,
+        version: Option<&str>,
         out: Sender<Scored>,
         throttle: Option<f64>,
     ) -> Result<Self, ScorerError> {
         let mut sessions: Vec<Box<dyn Scorer>> = Vec::new();
         for _ in 0..model.workers.max(1) {
             let mut session = ScoringSession::open(model, path)?;
+            if let Some(v) = version {
+                session.set_version(v);
+            }
             // Warm-up: the first run allocates and plans; paying for it here keeps it out of
-            // the first cycle's latency, and a model that cannot run fails the start.
-            session.score(&vec![0.0; session.info().width])?;
+            // the first cycle's latency, and a model that cannot run, or scores a row of zeros
+            // as something other than a finite number, fails the start (or the reload).
+            let warm = session.score(&vec![0.0; session.info().width])?;
+            if let Some(bad) = warm.iter().flatten().find(|v| !v.is_finite()) {
+                return Err(ScorerError::Run {
+                    model: model.name.clone(),
+                    reason: format!("the warm-up row scored {bad}, not a finite number"),
+                });
+            }
             sessions.push(Box::new(session));
         }
         Self::start_with(index, model, sessions, out, throttle)
@@ -359,10 +368,19 @@ impl ModelBatcher {
         }
     }
 
-    /// Stops the threads after the queued work is done.
+    /// Stops the threads after the queued work is done (as dropping it does).
     pub fn shutdown(self) {
-        drop(self.tx);
-        for t in self.threads {
+        drop(self);
+    }
+}
+
+impl Drop for ModelBatcher {
+    /// Closes its queue (the batching thread sends what it holds and ends, and the workers
+    /// after it) and waits for its threads: a replaced model's sessions are freed here.
+    fn drop(&mut self) {
+        let (closed, _) = sync_channel(0);
+        drop(std::mem::replace(&mut self.tx, closed));
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
@@ -455,24 +473,11 @@ fn rows_of(
         .collect())
 }
 
-/// Starts a batcher per model of a topology; results of all of them arrive on the returned receiver.
-pub fn start_all(
-    models: &[Model],
-    paths: &[std::path::PathBuf],
-    throttle: Option<f64>,
-) -> Result<(Vec<ModelBatcher>, Receiver<Scored>), ScorerError> {
-    let (tx, rx) = channel();
-    let mut batchers = Vec::new();
-    for (i, (m, p)) in models.iter().zip(paths).enumerate() {
-        batchers.push(ModelBatcher::start(i, m, p, tx.clone(), throttle)?);
-    }
-    Ok((batchers, rx))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::topology::config::{Batching, ExecutionProvider};
+    use std::sync::mpsc::channel;
 
     /// Scores each row as the sum of its columns; panics on a row whose first column is NaN.
     struct Sum(ModelInfo);

@@ -14,17 +14,17 @@ use rdkafka::message::{BorrowedMessage, Message};
 use tokio::runtime::Handle;
 
 use super::backpressure::Pressure;
+use super::models::ModelSet;
 use super::restore::Restore;
 use super::{Gathered, Input, Processor, now_ms};
 use crate::batcher::{BatcherError, ModelBatcher, Refused, Scored};
 use crate::features::{FeatureSet, FeatureState};
 use crate::reason::Reason;
 use crate::sink::dead_letter::Cut;
-use crate::sink::record::ScoreValue;
 use crate::source::{DecodeError, Decoded, Decoder};
 use crate::telemetry::events::RegistryUnavailable;
 use crate::telemetry::health;
-use crate::topology::Loaded;
+use std::sync::Arc;
 
 /// A record of the cycle, waiting for its scores or set aside as a dead letter.
 pub(super) struct Pending {
@@ -45,8 +45,11 @@ pub(super) enum Outcome {
         event: Option<Value>,
         schema_id: u32,
         event_time: i64,
+        /// The key's canary bucket (see `models::bucket`).
+        bucket: u16,
         features: Vec<f64>,
-        /// Per model, its scores once they arrived.
+        /// Per model of the cycle's set, its scores once they arrived (`None` for models that
+        /// do not score this record).
         scores: Vec<Option<Vec<f64>>>,
     },
     Dead {
@@ -68,8 +71,9 @@ pub(super) struct Poison {
 
 /// The cycle in progress. Kept between cycles so its capacity is reused: growing its record
 /// vector to thousands of records again every cycle showed in profiles.
-#[derive(Default)]
 pub(super) struct Cycle {
+    /// The models it is scored with, the same for all its records.
+    pub(super) models: Arc<ModelSet>,
     pub(super) records: Vec<Pending>,
     /// Per partition read, the first offset of the cycle (where a rollback rewinds to)...
     pub(super) first: BTreeMap<i32, i64>,
@@ -95,32 +99,46 @@ fn place(generation: u32, ticket: u64) -> Option<usize> {
 }
 
 impl Cycle {
-    /// Empties it for the next cycle of `models` models.
-    pub(super) fn clear(&mut self, models: usize) {
+    /// An empty cycle scored with `models`.
+    pub(super) fn new(models: Arc<ModelSet>) -> Self {
+        Cycle {
+            models,
+            records: Vec::new(),
+            first: BTreeMap::new(),
+            next: BTreeMap::new(),
+            outstanding: 0,
+            open: Vec::new(),
+            generation: 0,
+        }
+    }
+
+    /// Empties it for the next cycle, to be scored with `models`.
+    pub(super) fn clear(&mut self, models: &Arc<ModelSet>) {
         self.records.clear();
         self.first.clear();
         self.next.clear();
         self.outstanding = 0;
-        self.open = vec![(Vec::new(), Vec::new()); models];
+        self.open = vec![(Vec::new(), Vec::new()); models.members.len()];
         self.generation = self.generation.wrapping_add(1);
+        self.models = models.clone();
     }
 
-    /// Takes one decoded record: its rows go to the models (in batches of their `max_rows`).
-    pub(super) fn push(
-        &mut self,
-        p: Pending,
-        batchers: &[ModelBatcher],
-        columns: &[Vec<usize>],
-        hold: &mut dyn FnMut(),
-    ) -> Result<(), BatcherError> {
-        if let Outcome::Scored { features, .. } = &p.outcome {
+    /// Takes one decoded record: its rows go to the models that score it (in batches of their
+    /// `max_rows`).
+    pub(super) fn push(&mut self, p: Pending, hold: &mut dyn FnMut()) -> Result<(), BatcherError> {
+        if let Outcome::Scored {
+            features, bucket, ..
+        } = &p.outcome
+        {
             let ticket = ticket(self.generation, self.records.len());
-            for ((b, cols), open) in batchers.iter().zip(columns).zip(&mut self.open) {
+            for m in self.models.routes(*bucket) {
+                let (member, open) = (&self.models.members[m], &mut self.open[m]);
                 open.0.push(ticket);
-                open.1.extend(cols.iter().map(|&c| features[c] as f32));
+                open.1
+                    .extend(member.columns.iter().map(|&c| features[c] as f32));
                 self.outstanding += 1;
-                if open.0.len() >= b.max_rows() {
-                    submit(b, open, hold)?;
+                if open.0.len() >= member.batcher.max_rows() {
+                    submit(&member.batcher, open, hold)?;
                 }
             }
         }
@@ -129,12 +147,8 @@ impl Cycle {
     }
 
     /// Hands every model the rows it has not had yet, and asks for their batches now.
-    pub(super) fn flush(
-        &mut self,
-        batchers: &[ModelBatcher],
-        hold: &mut dyn FnMut(),
-    ) -> Result<(), BatcherError> {
-        for (b, open) in batchers.iter().zip(&mut self.open) {
+    pub(super) fn flush(&mut self, hold: &mut dyn FnMut()) -> Result<(), BatcherError> {
+        for (b, open) in self.models.batchers().zip(&mut self.open) {
             submit(b, open, hold)?;
             b.flush()?;
         }
@@ -211,9 +225,7 @@ impl Processor<'_> {
             };
             cycle.next.insert(msg.partition(), msg.offset() + 1);
             let (consumer, pressure) = (&self.consumer, &mut self.pressure);
-            cycle.push(p, &self.batchers, &self.model_columns, &mut || {
-                pressure.hold(consumer)
-            })?;
+            cycle.push(p, &mut || pressure.hold(consumer))?;
         }
         // A stop ends the gathering; what was gathered is still published.
         Ok(if cycle.records.is_empty() {
@@ -296,12 +308,14 @@ pub(super) fn take(
             Err(e) => dead(e.reason(), e.to_string()),
             Ok(ev) => {
                 let event_time = ev.time;
+                let bucket = super::models::bucket(&ev.key);
                 match state.update(set, ev) {
                     Err(e) => dead(e.reason(), e.to_string()),
                     Ok(features) => Outcome::Scored {
                         schema_id: d.schema_id,
                         event: d.into_event(),
                         event_time,
+                        bucket,
                         features,
                         scores: Vec::new(),
                     },
@@ -360,13 +374,13 @@ fn fetching<'m>(
 pub(super) fn wait_scores(
     results: &Receiver<Scored>,
     cycle: &mut Cycle,
-    batchers: &[ModelBatcher],
     idle: &mut dyn FnMut(),
 ) -> Result<(), BatcherError> {
+    let models = cycle.models.clone();
     let pending = &mut cycle.records;
     for p in pending.iter_mut() {
         if let Outcome::Scored { scores, .. } = &mut p.outcome {
-            scores.resize(batchers.len(), None);
+            scores.resize(models.members.len(), None);
         }
     }
     let mut failures: Vec<(usize, String)> = Vec::new();
@@ -374,16 +388,12 @@ pub(super) fn wait_scores(
         let batch = match results.recv_timeout(Duration::from_millis(50)) {
             Ok(batch) => batch,
             Err(RecvTimeoutError::Timeout) => {
-                for b in batchers {
-                    b.check()?;
-                }
+                models.check()?;
                 idle();
                 continue;
             }
             Err(RecvTimeoutError::Disconnected) => {
-                for b in batchers {
-                    b.check()?;
-                }
+                models.check()?;
                 return Err(BatcherError::Died {
                     model: "every model".into(),
                     reason: "the scoring threads are gone".into(),
@@ -427,61 +437,13 @@ pub(super) fn wait_scores(
     Ok(())
 }
 
-/// Every score of the topology, in order: names and versions kept once, the value filled in per
-/// event. `slots[i]` says where score `i` comes from: (model index, score index).
-pub(super) struct ScoreSlots {
-    slots: Vec<(usize, usize)>,
-    pub(super) values: Vec<ScoreValue>,
-}
-
-impl ScoreSlots {
-    pub(super) fn new(loaded: &Loaded, versions: &[String]) -> Self {
-        let (slots, values) = loaded
-            .topology
-            .models
-            .iter()
-            .enumerate()
-            .flat_map(|(m, model)| {
-                model.scores.iter().enumerate().map(move |(i, spec)| {
-                    let value = ScoreValue {
-                        model: model.name.clone(),
-                        version: versions.get(m).cloned().unwrap_or_default(),
-                        score: spec.name.clone(),
-                        qualified: format!("{}.{}", model.name, spec.name),
-                        value: f64::NAN,
-                    };
-                    ((m, i), value)
-                })
-            })
-            .unzip();
-        ScoreSlots { slots, values }
-    }
-
-    pub(super) fn qualified(&self) -> Vec<String> {
-        self.values.iter().map(|v| v.qualified.clone()).collect()
-    }
-
-    /// Fills `values` with an event's scores (NaN where one is missing).
-    pub(super) fn fill(&self, values: &mut [ScoreValue], scores: &[Option<Vec<f64>>]) {
-        for ((m, i), v) in self.slots.iter().zip(values) {
-            v.value = scores
-                .get(*m)
-                .and_then(|got| got.as_ref()?.get(*i).copied())
-                .unwrap_or(f64::NAN);
-        }
-    }
-}
-
 /// Decides, before anything is published, the records that are dead letters after all: those
 /// the producer refused on an earlier try, and those with a score that is not a finite number
 /// (so only published scores reach the drift and latency metrics).
-pub(super) fn settle(
-    pending: &mut [Pending],
-    scores: &ScoreSlots,
-    poisoned: &HashMap<(i32, i64), Poison>,
-) {
+pub(super) fn settle(cycle: &mut Cycle, poisoned: &HashMap<(i32, i64), Poison>) {
+    let scores = &cycle.models.scores;
     let mut values = scores.values.clone();
-    for p in pending.iter_mut() {
+    for p in cycle.records.iter_mut() {
         if let Some(poison) = poisoned.get(&(p.partition, p.offset)) {
             p.outcome = Outcome::Dead {
                 reason: poison.reason,
@@ -490,8 +452,13 @@ pub(super) fn settle(
             };
             continue;
         }
-        if let Outcome::Scored { scores: got, .. } = &p.outcome {
-            scores.fill(&mut values, got);
+        if let Outcome::Scored {
+            scores: got,
+            bucket,
+            ..
+        } = &p.outcome
+        {
+            scores.fill(&mut values, got, *bucket);
             if let Some(bad) = values.iter().find(|v| !v.value.is_finite()) {
                 p.outcome = Outcome::Dead {
                     reason: Reason::NonFiniteScore,
@@ -508,12 +475,10 @@ pub(super) fn settle(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::mpsc::channel;
-
+    use super::super::models::testing;
     use super::*;
     use crate::batcher::Scorer;
     use crate::scorer::{ModelInfo, ScorerError};
-    use crate::topology::config::Model;
 
     /// Scores a row as its one column, slowly enough that a cycle can end before its scores
     /// arrive.
@@ -529,15 +494,14 @@ mod tests {
         }
     }
 
-    fn batcher() -> (Vec<ModelBatcher>, Receiver<Scored>) {
-        let model: Model = toml::from_str(
+    fn models() -> (Arc<ModelSet>, Receiver<Scored>) {
+        let model = testing::entry(
             r#"name = "m"
                path = "m.onnx"
                features = ["x"]
                scores = [{ name = "s", output = "y" }]
                batching = { max_rows = 4, max_delay = "1ms" }"#,
-        )
-        .expect("a model entry");
+        );
         let info = ModelInfo {
             name: "m".into(),
             version: "v".into(),
@@ -545,10 +509,7 @@ mod tests {
             width: 1,
             reference: None,
         };
-        let (tx, rx) = channel();
-        let b = ModelBatcher::start_with(0, &model, vec![Box::new(Echo(info))], tx, None)
-            .expect("starts");
-        (vec![b], rx)
+        testing::set(vec![(model, vec![0], Box::new(Echo(info)))], &[])
     }
 
     fn pending(offset: i64, x: f64) -> Pending {
@@ -561,6 +522,7 @@ mod tests {
                 event: None,
                 schema_id: 1,
                 event_time: 0,
+                bucket: 0,
                 features: vec![x],
                 scores: Vec::new(),
             },
@@ -583,30 +545,24 @@ mod tests {
     /// events).
     #[test]
     fn scores_of_a_discarded_cycle_never_reach_the_next() {
-        let (batchers, results) = batcher();
-        let columns = vec![vec![0]];
-        let mut cycle = Cycle::default();
-        cycle.clear(1);
+        let (models, results) = models();
+        let mut cycle = Cycle::new(models.clone());
+        cycle.clear(&models);
         for i in 0..3 {
             cycle
-                .push(
-                    pending(i, 100.0 + i as f64),
-                    &batchers,
-                    &columns,
-                    &mut || (),
-                )
+                .push(pending(i, 100.0 + i as f64), &mut || ())
                 .expect("taken");
         }
-        cycle.flush(&batchers, &mut || ()).expect("flushed");
+        cycle.flush(&mut || ()).expect("flushed");
         // Discarded: the next cycle begins at once, its scores still to come.
-        cycle.clear(1);
+        cycle.clear(&models);
         for i in 0..3 {
             cycle
-                .push(pending(10 + i, i as f64), &batchers, &columns, &mut || ())
+                .push(pending(10 + i, i as f64), &mut || ())
                 .expect("taken");
         }
-        cycle.flush(&batchers, &mut || ()).expect("flushed");
-        wait_scores(&results, &mut cycle, &batchers, &mut || ()).expect("scored");
+        cycle.flush(&mut || ()).expect("flushed");
+        wait_scores(&results, &mut cycle, &mut || ()).expect("scored");
         assert_eq!(
             scores_of(&cycle),
             vec![Some(vec![0.0]), Some(vec![1.0]), Some(vec![2.0])]

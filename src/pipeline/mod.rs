@@ -25,8 +25,10 @@
 mod backpressure;
 mod cycle;
 mod delivery;
+mod models;
 mod publish;
 mod recovery;
+mod reload;
 mod report;
 mod restore;
 mod setup;
@@ -41,21 +43,21 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::runtime::Handle;
 
-use crate::batcher::{ModelBatcher, Scored};
+use crate::batcher::Scored;
 use crate::changelog::Restorer;
 use crate::cluster::ClusterArgs;
 use crate::features::{FeatureSet, FeatureState};
 use crate::kafka::context::GroupContext;
-use crate::scorer::drift::DriftMonitor;
-use crate::sink::decision::Rules;
 use crate::source::Decoder;
 use crate::telemetry::events::{CommitFoundCommitted, CycleCommitted, CycleDiscarded};
 use crate::telemetry::health;
 use crate::topology::Loaded;
 
 use backpressure::Pressure;
-use cycle::{Cycle, Outcome, ScoreSlots};
+use cycle::{Cycle, Outcome};
 use delivery::{Committer, Delivery, Done, Failure};
+use models::ModelSet;
+pub use models::{BUCKETS as CANARY_BUCKETS, bucket as canary_bucket};
 use publish::{Counts, Outputs, Publisher};
 use recovery::{Failures, Refusals};
 use report::{Reporter, Starved, Throttled};
@@ -187,15 +189,12 @@ struct Processor<'a> {
     decoder: Decoder,
     set: FeatureSet,
     restorer: Restorer,
-    batchers: Vec<ModelBatcher>,
+    /// The models the next cycle is scored with.
+    models: Arc<ModelSet>,
+    /// Every model's scores.
     results: Receiver<Scored>,
-    /// Per model, the feature columns it takes.
-    model_columns: Vec<Vec<usize>>,
-    drift: Vec<DriftMonitor>,
-    scores: ScoreSlots,
-    rules: Rules,
-    /// Per rule, its (name, model, version) labels.
-    rule_labels: Vec<(String, String, String)>,
+    /// Builds the models anew on a reload.
+    reloader: reload::Reloader,
     outputs: Outputs,
     delivery: Delivery,
     /// The commit thread.
@@ -243,12 +242,15 @@ impl Processor<'_> {
     /// commits, and published once that commit ended: a failed commit takes the gathered
     /// cycle back with it.
     fn run(mut self) -> anyhow::Result<RunSummary> {
-        let mut cycle = Cycle::default();
-        let mut spare = Cycle::default();
+        let mut cycle = Cycle::new(self.models.clone());
+        let mut spare = Cycle::new(self.models.clone());
         let mut committing: Option<Committing> = None;
         let mut live = true;
         while live && !self.stopping() {
-            cycle.clear(self.batchers.len());
+            if let Some(next) = self.reloader.take() {
+                self.switch(next);
+            }
+            cycle.clear(&self.models);
             let mut next = match self.gather(&mut cycle)? {
                 Gathered::Records if self.await_scores(&mut cycle)? => Next::Publish,
                 Gathered::Records | Gathered::Interrupted => Next::Discard,
@@ -270,13 +272,16 @@ impl Processor<'_> {
                 spare = c.cycle;
             }
             if live && next == Next::Publish {
-                cycle::settle(&mut cycle.records, &self.scores, &self.refusals.poisoned);
+                cycle::settle(&mut cycle, &self.refusals.poisoned);
                 let started = Instant::now();
                 match self.publish(&cycle) {
                     Ok(offsets) => {
-                        spare.clear(self.batchers.len());
+                        let empty = Cycle::new(self.models.clone());
                         committing = Some(Committing {
-                            cycle: std::mem::replace(&mut cycle, std::mem::take(&mut spare)),
+                            cycle: std::mem::replace(
+                                &mut cycle,
+                                std::mem::replace(&mut spare, empty),
+                            ),
                             offsets,
                             started,
                         });
@@ -296,11 +301,38 @@ impl Processor<'_> {
                 .finish_commit(&mut self.committer, &self.consumer, &c.offsets);
             self.ended(&c, done)?;
         }
-        for b in self.batchers {
-            b.shutdown();
-        }
         tracing::info!(summary = ?self.summary, "processor stopped");
         Ok(self.summary)
+    }
+
+    /// Between two cycles: the next is scored with `next`, a reload's set.
+    fn switch(&mut self, next: Arc<ModelSet>) {
+        self.models.retire_unless_in(&next);
+        next.activate();
+        setup::register_series(&self.loaded.topology.input.topic, &next.rule_labels);
+        let models: Vec<(String, String, &'static str)> = next
+            .members
+            .iter()
+            .map(|m| {
+                (
+                    m.entry.name.clone(),
+                    m.version().to_string(),
+                    m.entry.role.as_str(),
+                )
+            })
+            .collect();
+        let loaded = next
+            .members
+            .iter()
+            .filter(|m| !self.models.members.iter().any(|o| Arc::ptr_eq(o, m)))
+            .count();
+        crate::telemetry::events::ModelsSwitched {
+            models: &models,
+            loaded,
+        }
+        .emit();
+        crate::telemetry::admin::publish_models(reload::rows(&next, self.loaded));
+        self.models = next;
     }
 
     /// A commit ended: the cycle is committed, or recovered from. `false` when stopping with
@@ -329,8 +361,8 @@ impl Processor<'_> {
     /// are behind). `false` when a revocation came meanwhile.
     fn await_scores(&mut self, cycle: &mut Cycle) -> anyhow::Result<bool> {
         let (consumer, pressure) = (&self.consumer, &mut self.pressure);
-        cycle.flush(&self.batchers, &mut || pressure.hold(consumer))?;
-        cycle::wait_scores(&self.results, cycle, &self.batchers, &mut || {
+        cycle.flush(&mut || pressure.hold(consumer))?;
+        cycle::wait_scores(&self.results, cycle, &mut || {
             // Waiting on slow models is the loop turning, not a stuck process.
             health::beat();
             pressure.hold(consumer)
@@ -347,8 +379,7 @@ impl Processor<'_> {
         let publisher = Publisher {
             outputs: &self.outputs,
             loaded: self.loaded,
-            scores: &self.scores,
-            rules: &self.rules,
+            models: &cycle.models,
             instance: &self.opts.instance_id,
             set: &self.set,
         };
@@ -424,7 +455,7 @@ impl Processor<'_> {
             alerts: counts
                 .fired
                 .iter()
-                .zip(&self.rule_labels)
+                .zip(&cycle.models.rule_labels)
                 .filter(|(n, _)| **n > 0)
                 .map(|(n, (rule, model, version))| {
                     (rule.as_str(), model.as_str(), version.as_str(), *n)
@@ -441,6 +472,13 @@ impl Processor<'_> {
         self.summary.alerts += counts.alerts;
         self.summary.dead_lettered += counts.dead.values().sum::<u64>();
         self.summary.commits += 1;
+        for (member, by_decision) in cycle.models.members.iter().zip(&counts.decisions) {
+            for (d, n) in DECISIONS.iter().zip(by_decision) {
+                if *n > 0 {
+                    member.decided(*d, *n);
+                }
+            }
+        }
         Ok(())
     }
 
@@ -448,6 +486,13 @@ impl Processor<'_> {
     /// count.
     fn observe(&mut self, cycle: &Cycle, at: Instant) {
         let now = now_ms().saturating_sub(crate::features::millis(at.elapsed()));
+        // The monitors of the set that scored the cycle, locked once for the whole cycle (only
+        // this thread observes; a reload's new set shares the monitors of the models it keeps).
+        let members = &cycle.models.members;
+        let mut drift: Vec<_> = members
+            .iter()
+            .map(|m| m.drift.lock().unwrap_or_else(|p| p.into_inner()))
+            .collect();
         let to_commit = metrics::histogram!(crate::telemetry::metrics::EVENT_TO_COMMIT_SECONDS);
         for p in &cycle.records {
             if let Outcome::Scored {
@@ -460,14 +505,14 @@ impl Processor<'_> {
                 let secs = now.saturating_sub(*event_time) as f64 / 1000.0;
                 to_commit.record(secs);
                 self.reporter.latency(secs);
-                for ((d, cols), s) in self.drift.iter_mut().zip(&self.model_columns).zip(scores) {
+                for (d, (member, s)) in drift.iter_mut().zip(members.iter().zip(scores)) {
                     if let Some(s) = s {
-                        d.observe(cols.iter().map(|&c| features[c]), s);
+                        d.observe(member.columns.iter().map(|&c| features[c]), s);
                     }
                 }
             }
         }
-        for d in &self.drift {
+        for d in &drift {
             d.publish();
         }
     }
@@ -568,6 +613,13 @@ impl Processor<'_> {
         }
     }
 }
+
+/// Every decision, in `Decision as usize` order.
+const DECISIONS: [crate::topology::config::Decision; 3] = [
+    crate::topology::config::Decision::Allow,
+    crate::topology::config::Decision::Review,
+    crate::topology::config::Decision::Block,
+];
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()

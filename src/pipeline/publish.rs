@@ -8,15 +8,16 @@ use std::collections::{BTreeMap, HashMap};
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
-use super::cycle::{Outcome, Pending, ScoreSlots};
+use super::cycle::{Outcome, Pending};
+use super::models::{ModelSet, ScoreSlots};
 use super::now_ms;
 use crate::features::{FeatureSet, FeatureState};
 use crate::kafka::produce::{self, Out, OutputProducer, SendError};
 use crate::reason::Reason;
 use crate::sink::dead_letter::{Cut, DeadLetter};
-use crate::sink::decision::Rules;
 use crate::sink::record::{Event, Provenance, ScoreValue, ScoredEncoder, ScoredRecord};
 use crate::topology::Loaded;
+use crate::topology::config::Decision;
 
 /// Where the outputs go and how they are framed.
 pub(super) struct Outputs {
@@ -38,8 +39,11 @@ pub(super) struct Counts {
     pub(super) changelog_bytes: u64,
     pub(super) scored: u64,
     pub(super) alerts: u64,
-    /// Alerts by rule index.
+    /// Alerts by rule and variant (`2 × rule + 0` where the rule's primary decided, `+ 1` where
+    /// its canary did; see `ModelSet::rule_labels`).
     pub(super) fired: Vec<u64>,
+    /// Per model of the cycle's set, the committed decisions it took part in, by decision.
+    pub(super) decisions: Vec<[u64; 3]>,
     /// Dead letters by reason.
     pub(super) dead: BTreeMap<Reason, u64>,
 }
@@ -73,14 +77,20 @@ struct Scratch {
     buf: Vec<u8>,
     alert_buf: Vec<u8>,
     now: i64,
+    /// The last record's decision and canary bucket.
+    decision: Decision,
+    bucket: u16,
+    /// For shadows' would-be decisions.
+    shadow_values: Vec<ScoreValue>,
+    shadow_fired: Vec<usize>,
 }
 
 /// Everything publishing needs besides the cycle.
 pub(super) struct Publisher<'a> {
     pub(super) outputs: &'a Outputs,
     pub(super) loaded: &'a Loaded,
-    pub(super) scores: &'a ScoreSlots,
-    pub(super) rules: &'a Rules,
+    /// The models that scored the cycle.
+    pub(super) models: &'a ModelSet,
     pub(super) instance: &'a str,
     pub(super) set: &'a FeatureSet,
 }
@@ -127,17 +137,23 @@ impl Publisher<'_> {
         producer: &OutputProducer,
         pending: &[Pending],
     ) -> Result<Counts, KafkaError> {
+        let models = self.models;
         let mut counts = Counts {
-            fired: vec![0; self.rules.len()],
+            fired: vec![0; 2 * models.rules.len()],
+            decisions: vec![[0; 3]; models.members.len()],
             ..Counts::default()
         };
         let mut scratch = Scratch {
-            values: self.scores.values.clone(),
+            values: models.scores.values.clone(),
             fired: Vec::new(),
             fired_names: Vec::new(),
             buf: Vec::with_capacity(1024),
             alert_buf: Vec::new(),
             now: now_ms(),
+            decision: Decision::Allow,
+            bucket: 0,
+            shadow_values: models.scores.values.clone(),
+            shadow_fired: Vec::new(),
         };
         for (i, p) in pending.iter().enumerate() {
             let (reason, error, cut) = match &p.outcome {
@@ -147,9 +163,22 @@ impl Publisher<'_> {
                         counts.scored += 1;
                         if !scratch.fired.is_empty() && self.outputs.alerts_topic.is_some() {
                             counts.alerts += 1;
-                            for r in &scratch.fired {
-                                counts.fired[*r] += 1;
+                            for &r in &scratch.fired {
+                                let slot = models.rules.score_of(r).unwrap_or(usize::MAX);
+                                counts.fired[2 * r + ScoreSlots::variant(&scratch.values, slot)] +=
+                                    1;
                             }
+                        }
+                        let d = scratch.decision as usize;
+                        for m in models.deciders(scratch.bucket) {
+                            counts.decisions[m][d] += 1;
+                        }
+                        for (s, d) in models.shadow_decisions(
+                            &scratch.values,
+                            &mut scratch.shadow_values,
+                            &mut scratch.shadow_fired,
+                        ) {
+                            counts.decisions[s][d as usize] += 1;
                         }
                         continue;
                     }
@@ -176,21 +205,23 @@ impl Publisher<'_> {
             schema_id,
             features,
             scores,
+            bucket,
             ..
         } = &p.outcome
         else {
             return Ok(None);
         };
         let t = &self.loaded.topology;
-        self.scores.fill(&mut scratch.values, scores);
-        let decision = self.rules.decide(&scratch.values, &mut scratch.fired);
+        let rules = &self.models.rules;
+        self.models
+            .scores
+            .fill(&mut scratch.values, scores, *bucket);
+        let decision = rules.decide(&scratch.values, &mut scratch.fired);
+        (scratch.decision, scratch.bucket) = (decision, *bucket);
         scratch.fired_names.clear();
-        scratch.fired_names.extend(
-            scratch
-                .fired
-                .iter()
-                .map(|r| self.rules.name(*r).to_string()),
-        );
+        scratch
+            .fired_names
+            .extend(scratch.fired.iter().map(|r| rules.name(*r).to_string()));
         let datum = p
             .value
             .as_deref()

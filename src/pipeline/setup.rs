@@ -11,14 +11,13 @@ use rdkafka::consumer::Consumer;
 use tokio::runtime::Handle;
 
 use super::backpressure::Pressure;
-use super::cycle::ScoreSlots;
 use super::delivery::{Delivery, Producers};
+use super::models::ModelSet;
 use super::publish::Outputs;
 use super::recovery::{Failures, Refusals};
 use super::report::{Reporter, Starved, Throttled};
 use super::restore::RestoreGap;
 use super::{Membership, Processor, RunOptions, RunSummary, delivery::AbortReason};
-use crate::batcher;
 use crate::changelog::{self, Restorer};
 use crate::cluster::ClusterArgs;
 use crate::features::FeatureSet;
@@ -26,12 +25,10 @@ use crate::kafka::config;
 use crate::kafka::context::GroupContext;
 use crate::reason::Reason;
 use crate::schemas;
-use crate::scorer::drift::DriftMonitor;
 use crate::sink::FramedEncoder;
-use crate::sink::decision::Rules;
 use crate::sink::record::{self, ScoredEncoder};
 use crate::source::Decoder;
-use crate::telemetry::events::{ModelLoaded, ProcessorRunning};
+use crate::telemetry::events::ProcessorRunning;
 use crate::telemetry::health;
 use crate::telemetry::metrics as names;
 use crate::topology::Loaded;
@@ -52,15 +49,19 @@ impl<'a> Processor<'a> {
         crate::scorer::runtime::init(None)?;
         let set = FeatureSet::new(t, &loaded.schema);
         let feature_names = set.names();
-        let model_columns = model_columns(loaded, &feature_names)?;
         let Some(topics) = Topics::ensure(cluster, loaded, &rt, &stop)? else {
             return Ok(None);
         };
         let sr = cluster.registry()?;
         let outputs = outputs(&sr, loaded, &feature_names, &rt, topics.changelog.clone())?;
 
-        let models = Models::start(loaded, opts)?;
+        let (results_tx, results) = std::sync::mpsc::channel();
+        let (models, _) = ModelSet::build(loaded, None, &results_tx, opts.throttle_scoring)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", loaded.file.display()))?;
+        health::models_warm();
         register_series(&t.input.topic, &models.rule_labels);
+        let models = Arc::new(models);
+        let reloader = super::reload::Reloader::start(loaded, &models, results_tx, opts)?;
 
         let (consumer, delivery) = connect(cluster, loaded, opts, topics.batch_limit, &stop)?;
         let committer = super::delivery::Committer::spawn(consumer.context().commit_gate())
@@ -74,13 +75,9 @@ impl<'a> Processor<'a> {
             decoder: Decoder::new(sr, loaded.schema.clone()),
             restorer: Restorer::new(cluster, &topics.changelog)?,
             set,
-            batchers: models.batchers,
-            results: models.results,
-            model_columns,
-            drift: models.drift,
-            scores: models.scores,
-            rules: models.rules,
-            rule_labels: models.rule_labels,
+            models,
+            results,
+            reloader,
             outputs,
             delivery,
             committer,
@@ -133,52 +130,6 @@ fn connect(
     }
     .emit();
     Ok((consumer, delivery))
-}
-
-/// The models, scoring: their batchers and workers, drift monitors, scores and rules.
-struct Models {
-    batchers: Vec<batcher::ModelBatcher>,
-    results: std::sync::mpsc::Receiver<batcher::Scored>,
-    drift: Vec<DriftMonitor>,
-    scores: ScoreSlots,
-    rules: Rules,
-    rule_labels: Vec<(String, String, String)>,
-}
-
-impl Models {
-    /// Opens every model's sessions (warm: each ran a batch) and starts its threads.
-    fn start(loaded: &Loaded, opts: &RunOptions) -> anyhow::Result<Self> {
-        let t = &loaded.topology;
-        let (batchers, results) =
-            batcher::start_all(&t.models, &loaded.model_paths, opts.throttle_scoring)?;
-        let versions: Vec<String> = batchers.iter().map(|b| b.info().version.clone()).collect();
-        for b in &batchers {
-            ModelLoaded {
-                model: &b.info().name,
-                version: &b.info().version,
-                drift_reference: b.info().reference.is_some(),
-            }
-            .emit();
-        }
-        health::models_warm();
-        let drift = t
-            .models
-            .iter()
-            .zip(&batchers)
-            .map(|(m, b)| DriftMonitor::new(m, &b.info().version, b.info().reference.as_deref()))
-            .collect();
-        let scores = ScoreSlots::new(loaded, &versions);
-        let rules = Rules::new(&t.alerts, &scores.qualified()).map_err(anyhow::Error::msg)?;
-        let rule_labels = rule_labels(&rules, &scores);
-        Ok(Models {
-            batchers,
-            results,
-            drift,
-            scores,
-            rules,
-            rule_labels,
-        })
-    }
 }
 
 /// The topics the processor writes, made ready.
@@ -255,48 +206,10 @@ fn outputs(
     })
 }
 
-/// Where each model's input columns come from among the features.
-fn model_columns(loaded: &Loaded, feature_names: &[&str]) -> anyhow::Result<Vec<Vec<usize>>> {
-    loaded
-        .topology
-        .models
-        .iter()
-        .map(|m| {
-            m.features
-                .iter()
-                .map(|f| {
-                    feature_names.iter().position(|n| n == f).ok_or_else(|| {
-                        anyhow::anyhow!(
-                            "{}: model `{}` takes feature `{f}`, which the topology does not define",
-                            loaded.file.display(),
-                            m.name
-                        )
-                    })
-                })
-                .collect()
-        })
-        .collect()
-}
-
-/// Per rule, the labels its alerts are counted by: the rule, and the model and version whose
-/// score fires it.
-fn rule_labels(rules: &Rules, scores: &ScoreSlots) -> Vec<(String, String, String)> {
-    (0..rules.len())
-        .map(|r| {
-            let (model, version) = rules
-                .score_of(r)
-                .and_then(|i| scores.values.get(i))
-                .map(|v| (v.model.clone(), v.version.clone()))
-                .unwrap_or_default();
-            (rules.name(r).to_string(), model, version)
-        })
-        .collect()
-}
-
 /// Registers at 0 the counters that carry a reason or a rule, for every value they can take:
 /// a rate over a series that appears only at its first occurrence misses that occurrence, and
 /// alerts and panels should see "none yet" rather than "no data".
-fn register_series(topic: &str, rules: &[(String, String, String)]) {
+pub(super) fn register_series(topic: &str, rules: &[(String, String, String)]) {
     for reason in Reason::all() {
         metrics::counter!(names::DEAD_LETTERED, "topic" => topic.to_string(), "reason" => reason.label())
             .increment(0);

@@ -132,27 +132,36 @@ struct ScoreDrift {
 
 /// The drift statistics of one model version.
 pub struct DriftMonitor {
+    info: Gauge,
     rows: metrics::Counter,
     features: Vec<(Recent, Gauge)>,
     scores: Vec<ScoreDrift>,
 }
 
 impl DriftMonitor {
-    /// For `model` (its inputs and scores as the topology lists them) at `version`; registers
-    /// its series (the version's info gauge at 1, the reference means).
-    pub fn new(model: &Model, version: &str, reference: Option<&Reference>) -> Self {
-        let (m, v) = (model.name.clone(), version.to_string());
-        metrics::gauge!(names::MODEL_INFO, "model" => m.clone(), "version" => v.clone()).set(1.0);
+    /// For `model` (its inputs and scores as the topology lists them) at `version`, its series
+    /// labelled `published_as` (the name its scores answer to) and its role; registers them
+    /// (the version's info gauge at 1, the reference means).
+    pub fn new(
+        model: &Model,
+        published_as: &str,
+        version: &str,
+        reference: Option<&Reference>,
+    ) -> Self {
+        let (m, v) = (published_as.to_string(), version.to_string());
+        let role = model.role.as_str();
+        let info = metrics::gauge!(names::MODEL_INFO, "model" => m.clone(), "version" => v.clone(), "role" => role);
+        info.set(1.0);
         let features = model
             .features
             .iter()
             .enumerate()
             .map(|(i, f)| {
                 if let Some(r) = reference {
-                    metrics::gauge!(names::MODEL_FEATURE_REFERENCE_MEAN, "model" => m.clone(), "version" => v.clone(), "feature" => f.clone())
+                    metrics::gauge!(names::MODEL_FEATURE_REFERENCE_MEAN, "model" => m.clone(), "version" => v.clone(), "role" => role, "feature" => f.clone())
                         .set(r.feature_means[i]);
                 }
-                let g = metrics::gauge!(names::MODEL_FEATURE_MEAN, "model" => m.clone(), "version" => v.clone(), "feature" => f.clone());
+                let g = metrics::gauge!(names::MODEL_FEATURE_MEAN, "model" => m.clone(), "version" => v.clone(), "role" => role, "feature" => f.clone());
                 (Recent::default(), g)
             })
             .collect();
@@ -163,6 +172,7 @@ impl DriftMonitor {
                 let labels = [
                     ("model", m.clone()),
                     ("version", v.clone()),
+                    ("role", role.to_string()),
                     ("score", spec.name.clone()),
                 ];
                 let bins = reference
@@ -180,10 +190,21 @@ impl DriftMonitor {
             })
             .collect();
         DriftMonitor {
-            rows: metrics::counter!(names::MODEL_ROWS, "model" => m, "version" => v),
+            rows: metrics::counter!(names::MODEL_ROWS, "model" => m, "version" => v, "role" => role),
             features,
             scores,
+            info,
         }
+    }
+
+    /// The version no longer scores (a reload replaced it): its info gauge goes to 0.
+    pub fn retire(&self) {
+        self.info.set(0.0);
+    }
+
+    /// The version scores: its info gauge at 1.
+    pub fn activate(&self) {
+        self.info.set(1.0);
     }
 
     /// One committed row: the model's inputs and its scores.

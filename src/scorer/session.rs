@@ -111,6 +111,12 @@ impl ScoringSession {
         })
     }
 
+    /// Names the version it is (a version directory's name, which takes precedence over the
+    /// model's metadata).
+    pub fn set_version(&mut self, version: &str) {
+        self.info.version = version.to_string();
+    }
+
     /// The session, with the model's execution provider (CUDA refused, with the reason, where
     /// the runtime cannot give it; never a silent CPU fallback).
     fn load(model: &Model, path: &Path) -> Result<Session, ScorerError> {

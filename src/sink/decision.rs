@@ -85,8 +85,9 @@ mod tests {
             rule("odd", "a.anomaly", 1.0, Decision::Review),
         ];
         let s = |q: &str, v: f64| ScoreValue {
-            model: String::new(),
-            version: String::new(),
+            model: "".into(),
+            version: "".into(),
+            role: crate::topology::config::Role::Primary,
             score: String::new(),
             qualified: q.into(),
             value: v,

@@ -12,12 +12,14 @@
 //! otherwise); the rest are Avro's varints, length-prefixed strings, little-endian doubles and
 //! blocks.
 
+use std::sync::Arc;
+
 use apache_avro::Schema;
 use apache_avro::types::Value;
 use serde_json::{Value as Json, json};
 
 use super::encode::{EncodeError, SchemaWriter};
-use crate::topology::config::Decision;
+use crate::topology::config::{Decision, Role};
 use crate::wire;
 
 /// One field of the scored record.
@@ -107,6 +109,9 @@ pub enum ScoreGet {
     Model,
     /// The model's version, a `string`.
     Version,
+    /// The model's role, a `string` (default `primary`, so readers of the schema without it
+    /// still read records with it, and the other way round).
+    Role,
     /// The score's name, a `string`.
     Score,
     /// The score, a `double`.
@@ -137,13 +142,24 @@ pub enum ProcessingGet {
 pub const SCORE_FIELDS: &[Column<ScoreGet>] = &[
     Column {
         name: "model",
-        doc: Some("Model name from the topology."),
+        doc: Some(
+            "The model the score answers to, from the topology: a primary's name (also where its canary scored the event: see role and version), or a shadow's own name.",
+        ),
         get: ScoreGet::Model,
     },
     Column {
         name: "version",
-        doc: Some("Model version (its `version` metadata, else a digest of the file)."),
+        doc: Some(
+            "Version of the model that scored the event: its version directory's name, else its `version` metadata, else a digest of the file.",
+        ),
         get: ScoreGet::Version,
+    },
+    Column {
+        name: "role",
+        doc: Some(
+            "primary, canary (decided instead of the primary for this key) or shadow (published, decides nothing).",
+        ),
+        get: ScoreGet::Role,
     },
     Column {
         name: "score",
@@ -201,9 +217,15 @@ pub const PROCESSING: &[Column<ProcessingGet>] = &[
 impl ScoreGet {
     fn avro(&self) -> Json {
         match self {
-            ScoreGet::Model | ScoreGet::Version | ScoreGet::Score => json!("string"),
+            ScoreGet::Model | ScoreGet::Version | ScoreGet::Score | ScoreGet::Role => {
+                json!("string")
+            }
             ScoreGet::Value => json!("double"),
         }
+    }
+
+    fn default(&self) -> Option<Json> {
+        matches!(self, ScoreGet::Role).then(|| json!("primary"))
     }
 
     #[inline]
@@ -211,6 +233,7 @@ impl ScoreGet {
         match self {
             ScoreGet::Model => string(out, &s.model),
             ScoreGet::Version => string(out, &s.version),
+            ScoreGet::Role => string(out, s.role.as_str()),
             ScoreGet::Score => string(out, &s.score),
             ScoreGet::Value => out.extend_from_slice(&s.value.to_le_bytes()),
         }
@@ -246,12 +269,19 @@ impl ProcessingGet {
     }
 }
 
-fn columns<G>(cols: &[Column<G>], avro: impl Fn(&G) -> Json) -> Vec<Json> {
+fn columns<G>(
+    cols: &[Column<G>],
+    avro: impl Fn(&G) -> Json,
+    default: impl Fn(&G) -> Option<Json>,
+) -> Vec<Json> {
     cols.iter()
         .map(|c| {
             let mut f = json!({"name": c.name, "type": avro(&c.get)});
             if let Some(doc) = c.doc {
                 f["doc"] = json!(doc);
+            }
+            if let Some(d) = default(&c.get) {
+                f["default"] = d;
             }
             f
         })
@@ -261,10 +291,12 @@ fn columns<G>(cols: &[Column<G>], avro: impl Fn(&G) -> Json) -> Vec<Json> {
 /// A score with its provenance.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScoreValue {
-    /// Model name.
-    pub model: String,
-    /// Model version.
-    pub version: String,
+    /// The model the score answers to (a canary's is its primary's name).
+    pub model: Arc<str>,
+    /// Version of the model that gave it.
+    pub version: Arc<str>,
+    /// That model's role.
+    pub role: Role,
     /// Score name.
     pub score: String,
     /// `<model>.<score>`, as rules name it.
@@ -331,12 +363,12 @@ pub fn schema(input_avsc: &str) -> Result<String, String> {
                 Kind::Features => json!({"type": "map", "values": "double"}),
                 Kind::Scores => json!({"type": "array", "items": {
                     "type": "record", "name": "ModelScore",
-                    "fields": columns(SCORE_FIELDS, ScoreGet::avro)}}),
+                    "fields": columns(SCORE_FIELDS, ScoreGet::avro, ScoreGet::default)}}),
                 Kind::Decision => json!({"type": "enum", "name": "Decision",
                     "symbols": DECISIONS.iter().map(|(_, s)| *s).collect::<Vec<_>>()}),
                 Kind::RulesFired => json!({"type": "array", "items": "string"}),
                 Kind::Processing => json!({"type": "record", "name": "Processing",
-                    "fields": columns(PROCESSING, ProcessingGet::avro)}),
+                    "fields": columns(PROCESSING, ProcessingGet::avro, |_| None)}),
             };
             let mut field = json!({"name": f.name, "type": ty});
             if f.kind == Kind::RulesFired {
@@ -550,6 +582,11 @@ mod tests {
         let s = |model: &str, version: &str, score: &str, value: f64| ScoreValue {
             model: model.into(),
             version: version.into(),
+            role: if version == "v2" {
+                Role::Canary
+            } else {
+                Role::Primary
+            },
             score: score.into(),
             qualified: format!("{model}.{score}"),
             value,
@@ -624,8 +661,15 @@ mod tests {
                 };
                 assert_eq!(items.len(), s.len());
                 for (item, want) in items.iter().zip(s) {
-                    assert_eq!(field(item, "model"), &Value::String(want.model.clone()));
-                    assert_eq!(field(item, "version"), &Value::String(want.version.clone()));
+                    assert_eq!(field(item, "model"), &Value::String(want.model.to_string()));
+                    assert_eq!(
+                        field(item, "version"),
+                        &Value::String(want.version.to_string())
+                    );
+                    assert_eq!(
+                        field(item, "role"),
+                        &Value::String(want.role.as_str().into())
+                    );
                     assert_eq!(field(item, "score"), &Value::String(want.score.clone()));
                     assert_eq!(field(item, "value"), &Value::Double(want.value));
                 }

@@ -14,6 +14,8 @@ pub struct ModelLoaded<'a> {
     pub model: &'a str,
     /// Its version.
     pub version: &'a str,
+    /// Its role.
+    pub role: &'a str,
     /// Whether it carries a drift reference.
     pub drift_reference: bool,
 }
@@ -21,8 +23,55 @@ pub struct ModelLoaded<'a> {
 impl ModelLoaded<'_> {
     /// Logs it (the model's info gauge is set by its drift monitor).
     pub fn emit(self) {
-        tracing::info!(model = %self.model, version = %self.version,
+        tracing::info!(model = %self.model, version = %self.version, role = %self.role,
             drift_reference = self.drift_reference, "model loaded");
+    }
+}
+
+/// A reload's new models score from this cycle on.
+pub struct ModelsSwitched<'a> {
+    /// Per model of the new set: (name, version, role).
+    pub models: &'a [(String, String, &'static str)],
+    /// Models newly loaded (the others were kept).
+    pub loaded: usize,
+}
+
+impl ModelsSwitched<'_> {
+    /// Logs and counts it.
+    pub fn emit(self) {
+        let models: Vec<String> = self
+            .models
+            .iter()
+            .map(|(n, v, r)| format!("{n}@{v} ({r})"))
+            .collect();
+        tracing::info!(models = %models.join(", "), loaded = self.loaded,
+            "models switched: the next cycle is scored with these");
+        metrics::counter!(names::MODEL_RELOADS, "outcome" => "switched").increment(1);
+    }
+}
+
+/// A reload was refused: the models before keep scoring.
+pub struct ReloadRefused<'a> {
+    /// Why (the model and what is wrong).
+    pub reason: &'a str,
+}
+
+impl ReloadRefused<'_> {
+    /// Logs and counts it.
+    pub fn emit(self) {
+        tracing::warn!(reason = %self.reason, "model reload refused; the models loaded before keep scoring");
+        metrics::counter!(names::MODEL_RELOADS, "outcome" => "refused").increment(1);
+    }
+}
+
+/// A reload found nothing to load.
+pub struct ReloadUnchanged;
+
+impl ReloadUnchanged {
+    /// Logs and counts it.
+    pub fn emit(self) {
+        tracing::info!("model reload: nothing changed");
+        metrics::counter!(names::MODEL_RELOADS, "outcome" => "unchanged").increment(1);
     }
 }
 

@@ -113,6 +113,11 @@ pub const MODEL_FEATURE_MEAN: &str = "kscore_model_feature_mean";
 pub const MODEL_FEATURE_REFERENCE_MEAN: &str = "kscore_model_feature_reference_mean";
 /// Population-stability index of recent scores against the model's reference distribution.
 pub const MODEL_SCORE_PSI: &str = "kscore_model_score_psi";
+/// Committed decisions each model version took part in, labelled `model`, `version`, `role`
+/// and `decision`.
+pub const MODEL_DECISIONS: &str = "kscore_model_decisions_total";
+/// Reloads of the models, labelled `outcome` (`switched`, `unchanged`, `refused`).
+pub const MODEL_RELOADS: &str = "kscore_model_reloads_total";
 /// 1 once the processor is ready (state restored, models warm), else 0.
 pub const READY: &str = "kscore_ready";
 
@@ -188,12 +193,14 @@ pub const CATALOGUE: &[Metric] = &[
     histogram(SCORING_SECONDS, &["model"], SECONDS, "Seconds per model call."),
     metric(BATCH_TARGET_ROWS, Gauge, &["model"], "Rows at which the model's batches are sent now: `batching.max_rows`, or with a `latency_budget` the cap adapted to it."),
     metric(BATCH_DELAY_SECONDS, Gauge, &["model"], "Longest the first row of the model's batch waits for others now: `batching.max_delay`, or with a `latency_budget` the delay adapted to it."),
-    metric(MODEL_INFO, Gauge, &["model", "version"], "1 for each model version loaded."),
-    metric(MODEL_ROWS, Counter, &["model", "version"], "Rows a model scored, in committed cycles."),
-    histogram(MODEL_SCORE, &["model", "version", "score"], SCORES, "Scores of committed rows."),
-    metric(MODEL_FEATURE_MEAN, Gauge, &["model", "version", "feature"], "Mean of each model input over about the last 10,000 rows (exponentially weighted)."),
-    metric(MODEL_FEATURE_REFERENCE_MEAN, Gauge, &["model", "version", "feature"], "Mean of each model input in the reference data stored with the model."),
-    metric(MODEL_SCORE_PSI, Gauge, &["model", "version", "score"], "Population-stability index of about the last 10,000 scores against the reference distribution stored with the model (0.1: watch, 0.25: shifted)."),
+    metric(MODEL_INFO, Gauge, &["model", "version", "role"], "1 for each model version scoring now, 0 for one a reload replaced. `model` is the name its scores answer to (a canary's primary's), `role` primary, canary or shadow."),
+    metric(MODEL_ROWS, Counter, &["model", "version", "role"], "Rows a model version scored, in committed cycles."),
+    histogram(MODEL_SCORE, &["model", "version", "role", "score"], SCORES, "Scores of committed rows, per model version."),
+    metric(MODEL_FEATURE_MEAN, Gauge, &["model", "version", "role", "feature"], "Mean of each model input over about the last 10,000 rows the version scored (exponentially weighted)."),
+    metric(MODEL_FEATURE_REFERENCE_MEAN, Gauge, &["model", "version", "role", "feature"], "Mean of each model input in the reference data stored with the model."),
+    metric(MODEL_SCORE_PSI, Gauge, &["model", "version", "role", "score"], "Population-stability index of about the last 10,000 scores of the version against the reference distribution stored with the model (0.1: watch, 0.25: shifted)."),
+    metric(MODEL_DECISIONS, Counter, &["model", "version", "role", "decision"], "Committed records whose decision (ALLOW, REVIEW, BLOCK) the model version took part in: a primary's or its canary's for each record it scored; a shadow naming a primary counts the decision had it stood in for that primary."),
+    metric(MODEL_RELOADS, Counter, &["outcome"], "Reloads of the models: `switched` (a new set scores from the next cycle), `unchanged` (nothing to load), `refused` (the reason is logged; the models before keep scoring)."),
     // Backpressure.
     metric(INPUT_PAUSED, Gauge, &[], "1 while the input is paused because the models are behind, else 0."),
     metric(BACKPRESSURE_PAUSES, Counter, &[], "Times the input was paused because the models were behind."),

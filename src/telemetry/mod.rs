@@ -1,6 +1,7 @@
 //! Logs and metrics. Logs go to stderr through `tracing`, filtered by `RUST_LOG` (default
 //! `info`; ONNX Runtime's own at `warn` unless `RUST_LOG` names `ort`), as text or JSON lines; metrics are served for Prometheus (see [`metrics`]) next to the health endpoints (see [`health`]).
 
+pub mod admin;
 pub mod events;
 pub mod health;
 pub mod metrics;

@@ -1,5 +1,6 @@
 //! The HTTP endpoint operators and Prometheus call: `/metrics` (the Prometheus text format),
-//! `/health/live` and `/health/ready` (200 or 503, with the [`health::Report`] as JSON).
+//! `/health/live` and `/health/ready` (200 or 503, with the [`health::Report`] as JSON),
+//! `/models` and `POST /admin/models/reload` (see [`admin`]).
 //!
 //! It runs on a thread of its own with a single-threaded runtime, so a busy pipeline or a
 //! test's short-lived runtime never delays or ends it. Histograms get the catalogue's buckets;
@@ -9,11 +10,13 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::Router;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Json};
-use axum::routing::get;
+use axum::routing::{get, post};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use serde_json::json;
 
+use super::admin::{self, Denied, Reply};
 use super::health;
 use super::metrics::{CATALOGUE, Kind};
 
@@ -102,7 +105,9 @@ fn serve(
                 }),
             )
             .route("/health/live", get(live))
-            .route("/health/ready", get(ready));
+            .route("/health/ready", get(ready))
+            .route("/models", get(models))
+            .route("/admin/models/reload", post(reload));
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!("metrics endpoint stopped: {e}");
         }
@@ -125,4 +130,61 @@ async fn live() -> impl IntoResponse {
 async fn ready() -> impl IntoResponse {
     let r = health::report();
     (status(r.ready), Json(r))
+}
+
+async fn models() -> impl IntoResponse {
+    Json(json!({ "models": admin::models() }))
+}
+
+/// How long a reload request waits for the models to load and be checked.
+const RELOAD_WAIT: Duration = Duration::from_secs(300);
+
+async fn reload(headers: HeaderMap) -> impl IntoResponse {
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let answer = |status: StatusCode, body: serde_json::Value| (status, Json(body));
+    let rx = match admin::request_reload(auth) {
+        Ok(rx) => rx,
+        Err(Denied::Off) => {
+            return answer(
+                StatusCode::NOT_FOUND,
+                json!({"error": "the admin endpoint is off: start `kscore run` with --admin-token-file"}),
+            );
+        }
+        Err(Denied::Unauthorized) => {
+            return answer(
+                StatusCode::UNAUTHORIZED,
+                json!({"error": "missing or wrong `Authorization: Bearer <token>`"}),
+            );
+        }
+        Err(Denied::NotRunning) => {
+            return answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"error": "no processor is running"}),
+            );
+        }
+    };
+    match tokio::time::timeout(RELOAD_WAIT, rx).await {
+        Ok(Ok(Reply::Switched(models))) => answer(
+            StatusCode::OK,
+            json!({"outcome": "switched", "models": models}),
+        ),
+        Ok(Ok(Reply::Unchanged(models))) => answer(
+            StatusCode::OK,
+            json!({"outcome": "unchanged", "models": models}),
+        ),
+        Ok(Ok(Reply::Refused(reason))) => answer(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({"outcome": "refused", "reason": reason}),
+        ),
+        Ok(Err(_)) => answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": "the processor stopped"}),
+        ),
+        Err(_) => answer(
+            StatusCode::GATEWAY_TIMEOUT,
+            json!({"error": "the reload is still loading; see the logs and GET /models"}),
+        ),
+    }
 }

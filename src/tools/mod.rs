@@ -3,6 +3,7 @@
 //! stack, and the benchmark's transactional passthrough, and the models' own benchmark.
 
 pub mod model_bench;
+pub mod models;
 pub mod passthrough;
 pub mod payments;
 pub mod registry_standin;
