@@ -207,12 +207,31 @@ pub fn free_port() -> u16 {
 
 /// `GET path` on localhost:`port`: the status code (0 when nothing answered) and the body.
 pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    http(port, "GET", path, "", Duration::from_secs(5))
+}
+
+/// `POST path` on localhost:`port` with `headers` (each line ending in `\r\n`), waiting up to
+/// `timeout` for the answer: the status code and the body.
+pub fn http_post(port: u16, path: &str, headers: &str, timeout: Duration) -> (u16, String) {
+    http(
+        port,
+        "POST",
+        path,
+        &format!("{headers}Content-Length: 0\r\n"),
+        timeout,
+    )
+}
+
+fn http(port: u16, method: &str, path: &str, headers: &str, timeout: Duration) -> (u16, String) {
     use std::io::{Read, Write};
     let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
         return (0, String::new());
     };
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
-    let _ = write!(conn, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
+    let _ = conn.set_read_timeout(Some(timeout));
+    let _ = write!(
+        conn,
+        "{method} {path} HTTP/1.0\r\nHost: localhost\r\n{headers}\r\n"
+    );
     let mut response = String::new();
     let _ = conn.read_to_string(&mut response);
     let status = response
