@@ -224,6 +224,9 @@ pub(super) fn register_series(topic: &str, rules: &[(String, String, String)]) {
     for reason in RestoreGap::iter() {
         metrics::counter!(names::STATE_RESTORE_GAPS, "reason" => reason.label()).increment(0);
     }
+    for outcome in ["switched", "unchanged", "refused"] {
+        metrics::counter!(names::MODEL_RELOADS, "outcome" => outcome).increment(0);
+    }
     for kind in ["assign", "revoke"] {
         metrics::counter!(names::REBALANCES, "kind" => kind).increment(0);
     }
