@@ -219,8 +219,12 @@ fn versions_switch_between_cycles_and_every_record_names_the_one_that_scored_it(
     let fraud_path = format!("path = \"{}/models/fraud_gbt.onnx\"", root().display());
     let p = topology(dir.path(), &input, "reload", |t| {
         assert!(t.contains(&fraud_path));
+        assert!(t.contains("watch = false\npoll_interval = \"5s\""));
         t.replace(&fraud_path, &format!("path = \"{}\"", repo.display()))
-            + "\n[reload]\nwatch = true\npoll_interval = \"200ms\"\n"
+            .replace(
+                "watch = false\npoll_interval = \"5s\"",
+                "watch = true\npoll_interval = \"200ms\"",
+            )
     });
     let token = dir.path().join("token");
     std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
