@@ -112,8 +112,12 @@ impl ModelSet {
         let mut members = Vec::with_capacity(t.models.len());
         let mut fresh = 0;
         for (i, m) in t.models.iter().enumerate() {
-            let file = &loaded.model_paths[i];
-            let version = loaded.model_versions[i].as_deref();
+            let file = loaded
+                .model_paths
+                .get(i)
+                .ok_or_else(|| Refused(format!("model {}: no file resolved", m.name)))?;
+            // A topology put together in code may leave the version directories out.
+            let version = loaded.model_versions.get(i).and_then(Option::as_deref);
             let digest = crate::scorer::session::file_digest(file);
             let kept = previous
                 .and_then(|p| p.members.get(i))
