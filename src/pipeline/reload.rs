@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::SystemTime;
 
-use super::RunOptions;
 use super::models::{ModelSet, Refused};
 use crate::batcher::Scored;
 use crate::telemetry::admin::{self, ModelRow, Reply, Request};
@@ -35,13 +34,13 @@ pub(super) struct Reloader {
 }
 
 impl Reloader {
-    /// Starts the thread, with `models` as the set scoring now, and registers it for the admin
-    /// endpoint.
+    /// Starts the thread, with `models` as the set scoring now (new models get `throttle`, the
+    /// testing aid), and registers it for the admin endpoint.
     pub(super) fn start(
         loaded: &Loaded,
         models: &Arc<ModelSet>,
         results: Sender<Scored>,
-        opts: &RunOptions,
+        throttle: Option<f64>,
     ) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(&loaded.file)
             .map_err(|e| anyhow::anyhow!("{}: {e}", loaded.file.display()))?;
@@ -57,7 +56,7 @@ impl Reloader {
             loaded: loaded.clone(),
             current: models.clone(),
             results,
-            throttle: opts.throttle_scoring,
+            throttle,
             built: built.clone(),
         };
         let thread = std::thread::Builder::new()

@@ -61,7 +61,8 @@ impl<'a> Processor<'a> {
         health::models_warm();
         register_series(&t.input.topic, &models.rule_labels);
         let models = Arc::new(models);
-        let reloader = super::reload::Reloader::start(loaded, &models, results_tx, opts)?;
+        let reloader =
+            super::reload::Reloader::start(loaded, &models, results_tx, opts.throttle_scoring)?;
 
         let (consumer, delivery) = connect(cluster, loaded, opts, topics.batch_limit, &stop)?;
         let committer = super::delivery::Committer::spawn(consumer.context().commit_gate())
