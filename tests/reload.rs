@@ -447,6 +447,33 @@ fn a_canary_takes_its_share_of_keys_and_a_shadow_decides_nothing() {
         (next["role"].as_str(), next["share"].as_f64()),
         (Some("canary"), Some(0.6))
     );
+    // `kscore models` shows the same, one line per model.
+    let listing = std::process::Command::new(env!("CARGO_BIN_EXE_kscore"))
+        .args(["models", "--endpoint", &format!("http://127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    assert!(listing.status.success(), "{listing:?}");
+    let listing = String::from_utf8(listing.stdout).unwrap();
+    let line = |name: &str| {
+        listing
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|w| w.first() == Some(&name))
+            .unwrap_or_else(|| panic!("no {name} in\n{listing}"))
+    };
+    assert_eq!(
+        line("name")[..5],
+        ["name", "version", "role", "of", "share"]
+    );
+    assert_eq!(
+        line("fraud_next")[1..5],
+        ["linear-1", "canary", "fraud_gbt", "0.6"]
+    );
+    assert_eq!(
+        line("fraud_shadow")[1..5],
+        ["linear-1", "shadow", "fraud_gbt", "-"]
+    );
+    assert_eq!(line("fraud_gbt")[2..5], ["primary", "-", "-"]);
     harness::wait_input(&mut simulator, &mut instances);
     common::wait_committed(&cluster, &input, &p.group, Duration::from_secs(300));
     let metrics = http_get(port, "/metrics").1;
