@@ -292,3 +292,27 @@ fn a_huge_batching_delay_still_scores() {
     assert_eq!(rows[0].0, 7);
     b.shutdown();
 }
+
+/// A model whose warm-up row (zeros) scores something other than a finite number is refused
+/// at start, and so by a reload, naming the model and the value (log(0) = -inf).
+#[test]
+fn a_model_that_warms_up_to_a_non_finite_score_is_refused() {
+    let loaded = fraud();
+    let mut model = loaded.topology.models[1].clone();
+    model.name = "log".into();
+    model.features = vec!["amount".into()];
+    model.scores = vec![kscore::topology::config::ScoreSpec {
+        name: "y".into(),
+        output: "y".into(),
+        column: 0,
+    }];
+    let (tx, _rx) = std::sync::mpsc::channel();
+    let path = std::path::Path::new("tests/models/log.onnx");
+    let err = kscore::batcher::ModelBatcher::start(0, &model, path, None, tx, None)
+        .err()
+        .expect("refused");
+    assert_eq!(
+        err.to_string(),
+        "model log: inference failed: the warm-up row scored -inf, not a finite number"
+    );
+}

@@ -8,6 +8,8 @@ make a model give non-finite scores for chosen records.
 fraud_linear.onnx: a logistic regression over the shipped topology's 21 fraud features, with
 `probabilities` [rows, 2] like fraud_gbt.onnx: a second version of the fraud model whose scores
 differ clearly from the shipped one's, for the reload, canary and shadow tests.
+
+log.onnx: y = log(x) for a [rows, 1] float input: -inf for a row of zeros (the warm-up row).
 """
 import os
 
@@ -65,3 +67,15 @@ model.ir_version = 8
 model.metadata_props.add(key="version", value="linear-1")
 onnx.checker.check_model(model)
 onnx.save(model, os.path.join(HERE, "fraud_linear.onnx"))
+
+# log.onnx: y = log(x) for a [rows, 1] float input: -inf for the warm-up row of zeros, so a test
+# can show a model that fails its warm-up is refused.
+x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", 1])
+y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", 1])
+graph = helper.make_graph([helper.make_node("Log", ["x"], ["y"])], "log", [x], [y])
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)],
+                          producer_name="kscore tests/models/make_models.py")
+model.ir_version = 8
+model.metadata_props.add(key="version", value="log-1")
+onnx.checker.check_model(model)
+onnx.save(model, os.path.join(HERE, "log.onnx"))
