@@ -424,6 +424,16 @@ fn a_canary_takes_its_share_of_keys_and_a_shadow_decides_nothing() {
     start(&mut instances, "a", port, &token);
     wait_some_committed(&cluster, &input, &p.group, 3_000);
 
+    let loaded_at = |listing: &serde_json::Value| {
+        listing["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "fraud_next")
+            .map(|m| m["loaded_at"].clone())
+            .unwrap()
+    };
+    let before = loaded_at(&serde_json::from_str(&http_get(port, "/models").1).unwrap());
     // Raise the share; the request answers once the new set is loaded.
     let text = std::fs::read_to_string(&p.file).unwrap();
     std::fs::write(&p.file, text.replace("share = 0.3", "share = 0.6")).unwrap();
@@ -447,6 +457,8 @@ fn a_canary_takes_its_share_of_keys_and_a_shadow_decides_nothing() {
         (next["role"].as_str(), next["share"].as_f64()),
         (Some("canary"), Some(0.6))
     );
+    // A share is the set's: the canary's session was kept, not loaded again.
+    assert_eq!(loaded_at(&answer), before, "{body}");
     // `kscore models` shows the same, one line per model.
     let listing = std::process::Command::new(env!("CARGO_BIN_EXE_kscore"))
         .args(["models", "--endpoint", &format!("http://127.0.0.1:{port}")])

@@ -75,6 +75,8 @@ impl Member {
 /// A topology's models, loaded, and how their scores become the published ones.
 pub(super) struct ModelSet {
     pub(super) members: Vec<Arc<Member>>,
+    /// Per member, its share of the keys (canaries), as the topology says now.
+    pub(super) shares: Vec<Option<f64>>,
     /// Per member that is a primary with a canary: the canary and the buckets it takes.
     canary: Vec<Option<(usize, u16)>>,
     pub(super) scores: ScoreSlots,
@@ -119,9 +121,9 @@ impl ModelSet {
             // A topology put together in code may leave the version directories out.
             let version = loaded.model_versions.get(i).and_then(Option::as_deref);
             let digest = crate::scorer::session::file_digest(file);
-            let kept = previous
-                .and_then(|p| p.members.get(i))
-                .filter(|old| old.entry == *m && old.file == *file && old.digest == digest);
+            let kept = previous.and_then(|p| p.members.get(i)).filter(|old| {
+                same_but_share(&old.entry, m) && old.file == *file && old.digest == digest
+            });
             if let Some(old) = kept {
                 members.push(old.clone());
                 continue;
@@ -138,12 +140,16 @@ impl ModelSet {
             )?));
             fresh += 1;
         }
-        Ok((Self::assemble(members, &t.alerts)?, fresh))
+        let shares = t.models.iter().map(|m| m.share).collect();
+        Ok((Self::assemble(members, shares, &t.alerts)?, fresh))
     }
 
-    /// The set of `members` (in topology order), with `alerts` over their scores.
+    /// The set of `members` (in topology order), each canary with its share in `shares` (the
+    /// topology's now: a member kept across a reload that changed only its share has the one
+    /// it was loaded with), with `alerts` over their scores.
     pub(super) fn assemble(
         members: Vec<Arc<Member>>,
+        shares: Vec<Option<f64>>,
         alerts: &[crate::topology::config::AlertRule],
     ) -> Result<Self, Refused> {
         let canary = members
@@ -152,8 +158,12 @@ impl ModelSet {
                 let c = members.iter().position(|c| {
                     c.entry.role == Role::Canary && c.entry.of.as_deref() == Some(&p.entry.name)
                 })?;
-                (p.entry.role == Role::Primary)
-                    .then(|| (c, buckets_of(members[c].entry.share.unwrap_or(0.0))))
+                (p.entry.role == Role::Primary).then(|| {
+                    (
+                        c,
+                        buckets_of(shares.get(c).copied().flatten().unwrap_or(0.0)),
+                    )
+                })
             })
             .collect::<Vec<_>>();
         let scores = ScoreSlots::new(&members, &canary);
@@ -162,6 +172,7 @@ impl ModelSet {
         let shadows = scores.shadows(&members);
         Ok(ModelSet {
             members,
+            shares,
             canary,
             scores,
             rules,
@@ -319,6 +330,15 @@ impl Member {
     }
 }
 
+/// Whether a model kept as it was serves entry `new`: the same in everything but a canary's
+/// share (a share is the set's, not the model's: changing it reloads nothing).
+fn same_but_share(old: &Model, new: &Model) -> bool {
+    Model {
+        share: new.share,
+        ..old.clone()
+    } == *new
+}
+
 /// One published score: where it comes from, and its provenance for each who can give it.
 struct Slot {
     /// The member that gives it, and the score's place among that member's.
@@ -461,7 +481,7 @@ pub(super) mod testing {
         alerts: &[AlertRule],
     ) -> (Arc<ModelSet>, Receiver<Scored>) {
         let (tx, rx) = channel();
-        let members = entries
+        let members: Vec<Arc<Member>> = entries
             .into_iter()
             .enumerate()
             .map(|(i, (m, columns, scorer))| {
@@ -470,7 +490,11 @@ pub(super) mod testing {
                 Arc::new(Member::new(&m, Path::new("m.onnx"), "d".into(), b, columns))
             })
             .collect();
-        let set = ModelSet::assemble(members, alerts).expect("assembles");
+        let shares = members
+            .iter()
+            .map(|m: &Arc<Member>| m.entry.share)
+            .collect();
+        let set = ModelSet::assemble(members, shares, alerts).expect("assembles");
         (Arc::new(set), rx)
     }
 }

@@ -235,13 +235,14 @@ pub(super) fn rows(set: &ModelSet, loaded: &Loaded) -> Vec<ModelRow> {
     let base = loaded.file.parent().unwrap_or(Path::new("."));
     set.members
         .iter()
-        .map(|m| ModelRow {
+        .zip(&set.shares)
+        .map(|(m, share)| ModelRow {
             name: m.entry.name.clone(),
             answers_as: m.published_as.clone(),
             version: m.version().to_string(),
             role: m.entry.role.as_str().into(),
             of: m.entry.of.clone(),
-            share: m.entry.share,
+            share: *share,
             path: base.join(&m.entry.path).display().to_string(),
             file: m.file.display().to_string(),
             loaded_at: humantime::format_rfc3339_millis(m.loaded_at).to_string(),
