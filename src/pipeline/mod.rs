@@ -48,6 +48,7 @@ use crate::changelog::Restorer;
 use crate::cluster::ClusterArgs;
 use crate::features::{FeatureSet, FeatureState};
 use crate::kafka::context::GroupContext;
+use crate::sink::record::DECISIONS;
 use crate::source::Decoder;
 use crate::telemetry::events::{CommitFoundCommitted, CycleCommitted, CycleDiscarded};
 use crate::telemetry::health;
@@ -57,7 +58,6 @@ use backpressure::Pressure;
 use cycle::{Cycle, Outcome};
 use delivery::{Committer, Delivery, Done, Failure};
 use models::ModelSet;
-pub use models::{BUCKETS as CANARY_BUCKETS, bucket as canary_bucket};
 use publish::{Counts, Outputs, Publisher};
 use recovery::{Failures, Refusals};
 use report::{Reporter, Starved, Throttled};
@@ -473,7 +473,7 @@ impl Processor<'_> {
         self.summary.dead_lettered += counts.dead.values().sum::<u64>();
         self.summary.commits += 1;
         for (member, by_decision) in cycle.models.members.iter().zip(&counts.decisions) {
-            for (d, n) in DECISIONS.iter().zip(by_decision) {
+            for ((d, _), n) in DECISIONS.iter().zip(by_decision) {
                 if *n > 0 {
                     member.decided(*d, *n);
                 }
@@ -613,13 +613,6 @@ impl Processor<'_> {
         }
     }
 }
-
-/// Every decision, in `Decision as usize` order.
-const DECISIONS: [crate::topology::config::Decision; 3] = [
-    crate::topology::config::Decision::Allow,
-    crate::topology::config::Decision::Review,
-    crate::topology::config::Decision::Block,
-];
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()

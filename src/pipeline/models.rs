@@ -18,7 +18,7 @@ use crate::batcher::{ModelBatcher, Scored};
 use crate::scorer::ScorerError;
 use crate::scorer::drift::DriftMonitor;
 use crate::sink::decision::Rules;
-use crate::sink::record::ScoreValue;
+use crate::sink::record::{DECISIONS, ScoreValue};
 use crate::telemetry::events::ModelLoaded;
 use crate::telemetry::metrics as names;
 use crate::topology::Loaded;
@@ -26,12 +26,12 @@ use crate::topology::config::{Decision, Model, Role};
 
 /// A canary's buckets: a key's bucket is its XXH3-64 modulo this, and a canary with share `s`
 /// takes the buckets below `round(s × BUCKETS)`.
-pub const BUCKETS: u64 = 10_000;
+pub(super) const BUCKETS: u64 = 10_000;
 
 /// The canary bucket of a feature key: `xxh3_64(key as UTF-8) mod 10000`. A specified hash, so
 /// a key gets the same bucket in every instance, build and replay (and can be recomputed
 /// outside: the README shows how).
-pub fn bucket(key: &str) -> u16 {
+pub(super) fn bucket(key: &str) -> u16 {
     (xxhash_rust::xxh3::xxh3_64(key.as_bytes()) % BUCKETS) as u16
 }
 
@@ -220,7 +220,10 @@ impl ModelSet {
         fired: &'s mut Vec<usize>,
     ) -> impl Iterator<Item = (usize, Decision)> + 's {
         self.shadows.iter().map(move |(s, pairs)| {
-            scratch.clone_from_slice(values);
+            // Rules read values only: the provenance stays as `scratch` was made.
+            for (to, from) in scratch.iter_mut().zip(values) {
+                to.value = from.value;
+            }
             for &(own, primary) in pairs {
                 scratch[primary].value = values[own].value;
             }
@@ -311,7 +314,8 @@ impl Member {
                 ("decision", d.to_string()),
             ]
         };
-        let decisions = ["ALLOW", "REVIEW", "BLOCK"].map(|d| {
+        // In `Decision as usize` order, as `DECISIONS` lists them.
+        let decisions = DECISIONS.map(|(_, d)| {
             let c = metrics::counter!(names::MODEL_DECISIONS, &labels(d));
             c.increment(0);
             c

@@ -208,14 +208,15 @@ impl Watcher {
                  only [[model]], [[alert]] and [reload] (restart to change the rest)"
             )));
         }
-        let loaded = topology::load(&self.file).map_err(|e| Refused(e.to_string()))?;
+        // The text checked above, not the file read again (it may have changed meanwhile).
+        let loaded =
+            topology::load_text(&self.file, &text, true).map_err(|e| Refused(e.to_string()))?;
         let (set, fresh) =
             ModelSet::build(&loaded, Some(&self.current), &self.results, self.throttle)
                 .map_err(|Refused(r)| Refused(format!("{file}: {r}")))?;
         let same = fresh == 0
             && loaded.topology.models == self.loaded.topology.models
-            && format!("{:?}", loaded.topology.alerts)
-                == format!("{:?}", self.loaded.topology.alerts);
+            && loaded.topology.alerts == self.loaded.topology.alerts;
         self.loaded = loaded;
         Ok((!same).then(|| Arc::new(set)))
     }

@@ -58,6 +58,7 @@ impl<'a> Processor<'a> {
         let (results_tx, results) = std::sync::mpsc::channel();
         let (models, _) = ModelSet::build(loaded, None, &results_tx, opts.throttle_scoring)
             .map_err(|e| anyhow::anyhow!("{}: {e}", loaded.file.display()))?;
+        models.activate();
         health::models_warm();
         register_series(&t.input.topic, &models.rule_labels);
         let models = Arc::new(models);

@@ -141,7 +141,7 @@ pub struct DriftMonitor {
 impl DriftMonitor {
     /// For `model` (its inputs and scores as the topology lists them) at `version`, its series
     /// labelled `published_as` (the name its scores answer to) and its role; registers them
-    /// (the version's info gauge at 1, the reference means).
+    /// (the reference means set; the version's info gauge at 1 only from [`Self::activate`]).
     pub fn new(
         model: &Model,
         published_as: &str,
@@ -150,8 +150,9 @@ impl DriftMonitor {
     ) -> Self {
         let (m, v) = (published_as.to_string(), version.to_string());
         let role = model.role.as_str();
+        // Set by `activate` once the version scores: a model loaded for a reload that is then
+        // refused, or not switched to yet, never shows as scoring.
         let info = metrics::gauge!(names::MODEL_INFO, "model" => m.clone(), "version" => v.clone(), "role" => role);
-        info.set(1.0);
         let features = model
             .features
             .iter()

@@ -422,7 +422,7 @@ pub enum Decision {
 }
 
 /// An alert rule: fires when a score is at or above a threshold.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AlertRule {
     /// Rule name, written into the scored event when it fires.

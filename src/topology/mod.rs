@@ -197,7 +197,13 @@ pub fn load_with(file: &Path, require_models: bool) -> Result<Loaded, TopologyEr
         file: file.to_path_buf(),
         source,
     })?;
-    let topology: Topology = toml::from_str(&text).map_err(|e| TopologyError::Parse {
+    load_text(file, &text, require_models)
+}
+
+/// As [`load_with`], with the file's text already read (`file` names it and resolves its
+/// relative paths).
+pub fn load_text(file: &Path, text: &str, require_models: bool) -> Result<Loaded, TopologyError> {
+    let topology: Topology = toml::from_str(text).map_err(|e| TopologyError::Parse {
         file: file.to_path_buf(),
         message: e.to_string().trim_end().to_string(),
     })?;

@@ -19,15 +19,21 @@ from onnx import TensorProto, helper
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+
+def save(graph, version, file):
+    """Writes `graph` as an opset-13 model with `version` metadata to tests/models/`file`."""
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)],
+                              producer_name="kscore tests/models/make_models.py")
+    model.ir_version = 8
+    model.metadata_props.add(key="version", value=version)
+    onnx.checker.check_model(model)
+    onnx.save(model, os.path.join(HERE, file))
+
+
 x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", 1])
 y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", 1])
 graph = helper.make_graph([helper.make_node("Sqrt", ["x"], ["y"])], "sqrt", [x], [y])
-model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)],
-                          producer_name="kscore tests/models/make_models.py")
-model.ir_version = 8
-model.metadata_props.add(key="version", value="sqrt-1")
-onnx.checker.check_model(model)
-onnx.save(model, os.path.join(HERE, "sqrt.onnx"))
+save(graph, "sqrt-1", "sqrt.onnx")
 
 # fraud_linear.onnx: weights per feature, in the shipped topology's fraud_gbt order.
 WEIGHTS = [
@@ -61,21 +67,11 @@ graph = helper.make_graph(
         helper.make_node("Concat", ["q", "p"], ["probabilities"], axis=1),
     ],
     "fraud_linear", [x], [probabilities], initializer=[w, b, one])
-model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)],
-                          producer_name="kscore tests/models/make_models.py")
-model.ir_version = 8
-model.metadata_props.add(key="version", value="linear-1")
-onnx.checker.check_model(model)
-onnx.save(model, os.path.join(HERE, "fraud_linear.onnx"))
+save(graph, "linear-1", "fraud_linear.onnx")
 
 # log.onnx: y = log(x) for a [rows, 1] float input: -inf for the warm-up row of zeros, so a test
 # can show a model that fails its warm-up is refused.
 x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", 1])
 y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", 1])
 graph = helper.make_graph([helper.make_node("Log", ["x"], ["y"])], "log", [x], [y])
-model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)],
-                          producer_name="kscore tests/models/make_models.py")
-model.ir_version = 8
-model.metadata_props.add(key="version", value="log-1")
-onnx.checker.check_model(model)
-onnx.save(model, os.path.join(HERE, "log.onnx"))
+save(graph, "log-1", "log.onnx")
