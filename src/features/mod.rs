@@ -390,7 +390,7 @@ struct Stored {
     cats: Cats,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 struct KeyState {
     /// Sorted by (time, seq).
     events: VecDeque<Stored>,
@@ -450,6 +450,20 @@ impl KeyState {
             trimmed.extend(self.events.pop_front());
         }
         trimmed
+    }
+}
+
+/// A copy with the same room to grow as the original (a derived clone would have none, and
+/// the copy's next event would move its whole history).
+impl Clone for KeyState {
+    fn clone(&self) -> Self {
+        let mut events = VecDeque::with_capacity(self.events.capacity());
+        events.extend(self.events.iter().cloned());
+        KeyState {
+            events,
+            newest: self.newest,
+            running: self.running.clone(),
+        }
     }
 }
 

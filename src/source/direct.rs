@@ -87,6 +87,20 @@ pub struct Program {
     nodes: Vec<Node>,
     /// The top-level fields: name and node.
     fields: Vec<(String, usize)>,
+    /// How each top-level field is read, in order: most are a leaf or a union of two leaves
+    /// (an optional value), read without the general walk.
+    top: Box<[Top]>,
+}
+
+/// How a top-level field is read.
+#[derive(Debug, Clone, Copy)]
+enum Top {
+    /// A leaf at this node (a reference followed to its target).
+    Leaf(usize),
+    /// A union of two leaves (`["null", "string"]`): a branch index, then that leaf.
+    Union2([usize; 2]),
+    /// Anything else, the general way.
+    Node(usize),
 }
 
 /// A datum read in place: what the features see of each top-level field, borrowed from its
@@ -120,14 +134,16 @@ impl Program {
         let Op::Record(ids) = &c.nodes.get(root)?.op else {
             return None;
         };
-        let fields = fields
+        let fields: Vec<(String, usize)> = fields
             .iter()
             .zip(ids.iter())
             .map(|(f, &id)| (f.name.clone(), id))
             .collect();
+        let top = fields.iter().map(|&(_, id)| c.top(id)).collect();
         Some(Program {
             nodes: c.nodes,
             fields,
+            top,
         })
     }
 
@@ -135,9 +151,21 @@ impl Program {
     /// fields; the reason when apache-avro would refuse it.
     pub fn read<'a>(self: &Arc<Self>, datum: &'a [u8]) -> Result<Direct<'a>, String> {
         let mut r = Reader { buf: datum, pos: 0 };
-        let mut fields = Vec::with_capacity(self.fields.len());
-        for &(_, node) in &self.fields {
-            fields.push(self.field(node, &mut r, 0)?);
+        let mut fields = Vec::with_capacity(self.top.len());
+        for &top in self.top.iter() {
+            let seen = match top {
+                Top::Leaf(node) => self.leaf(node, &mut r)?,
+                Top::Union2(branches) => {
+                    let i = r.long()?;
+                    match i {
+                        0 => self.leaf(branches[0], &mut r)?,
+                        1 => self.leaf(branches[1], &mut r)?,
+                        _ => return Err(format!("union index {i} is not one of 2 branches")),
+                    }
+                }
+                Top::Node(node) => self.field(node, &mut r, 0)?,
+            };
+            fields.push(seen);
         }
         if r.pos < datum.len() {
             return Err(format!(
@@ -171,6 +199,14 @@ impl Program {
                 }))
             }
             _ => leaf(node, n, r),
+        }
+    }
+
+    #[inline(always)]
+    fn leaf<'a>(&self, node: usize, r: &mut Reader<'a>) -> Result<Seen<'a>, String> {
+        match self.nodes.get(node) {
+            Some(n) => leaf(node, n, r),
+            None => Err("schema node out of range".into()),
         }
     }
 
@@ -258,7 +294,7 @@ impl Program {
 
 /// Reads a node without children (neither union, collection, record nor reference), checking
 /// it as apache-avro would, and gives what the features see of it.
-#[inline]
+#[inline(always)]
 fn leaf<'a>(node: usize, n: &Node, r: &mut Reader<'a>) -> Result<Seen<'a>, String> {
     let raw = match &n.op {
         Op::Null => Raw::Nothing,
@@ -362,6 +398,35 @@ struct Compiler {
 }
 
 impl Compiler {
+    /// How the top-level field at `node` is read.
+    fn top(&self, node: usize) -> Top {
+        let leaf = |id: usize| -> Option<usize> {
+            // A reference's target is a named type, never another reference.
+            let id = match self.nodes.get(id)?.op {
+                Op::Ref(target) => target,
+                _ => id,
+            };
+            let is_leaf = !matches!(
+                self.nodes.get(id)?.op,
+                Op::Union(_) | Op::Array(_) | Op::Map(_) | Op::Record(_) | Op::Ref(_)
+            );
+            is_leaf.then_some(id)
+        };
+        if let Some(id) = leaf(node) {
+            return Top::Leaf(id);
+        }
+        if let Some(Node {
+            op: Op::Union(branches),
+            ..
+        }) = self.nodes.get(node)
+            && let [a, b] = **branches
+            && let (Some(a), Some(b)) = (leaf(a), leaf(b))
+        {
+            return Top::Union2([a, b]);
+        }
+        Top::Node(node)
+    }
+
     fn push(&mut self, op: Op, view: View) -> usize {
         self.nodes.push(Node { op, view });
         self.nodes.len() - 1
@@ -459,6 +524,11 @@ impl Compiler {
     }
 }
 
+#[cold]
+fn early() -> String {
+    "the datum ends early".into()
+}
+
 /// A datum being read; reading past its end is an error (the datum ends early).
 struct Reader<'a> {
     buf: &'a [u8],
@@ -466,24 +536,29 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    #[inline(always)]
     fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .filter(|&e| e <= self.buf.len())
-            .ok_or("the datum ends early")?;
-        let bytes = self.buf.get(self.pos..end).ok_or("the datum ends early")?;
-        self.pos = end;
-        Ok(bytes)
+        let rest = self.buf.get(self.pos..).unwrap_or_default();
+        match rest.get(..n) {
+            Some(bytes) => {
+                self.pos += n;
+                Ok(bytes)
+            }
+            None => Err(early()),
+        }
     }
 
+    #[inline(always)]
     fn byte(&mut self) -> Result<u8, String> {
-        let b = *self.buf.get(self.pos).ok_or("the datum ends early")?;
+        let Some(&b) = self.buf.get(self.pos) else {
+            return Err(early());
+        };
         self.pos += 1;
         Ok(b)
     }
 
     /// A zigzag varint of at most 10 bytes; bits beyond 64 are dropped, as apache-avro does.
+    #[inline(always)]
     fn long(&mut self) -> Result<i64, String> {
         let mut z: u64 = 0;
         for j in 0..10 {
@@ -496,11 +571,13 @@ impl<'a> Reader<'a> {
         Err("integer overflow".into())
     }
 
+    #[inline(always)]
     fn int(&mut self) -> Result<i32, String> {
         let l = self.long()?;
         i32::try_from(l).map_err(|_| format!("{l} is out of range for an int"))
     }
 
+    #[inline(always)]
     fn len(&mut self) -> Result<usize, String> {
         let l = self.long()?;
         let n = usize::try_from(l).map_err(|_| format!("negative length {l}"))?;
@@ -510,6 +587,7 @@ impl<'a> Reader<'a> {
         Ok(n)
     }
 
+    #[inline(always)]
     fn str(&mut self) -> Result<&'a str, String> {
         let n = self.len()?;
         std::str::from_utf8(self.take(n)?).map_err(|e| format!("invalid UTF-8: {e}"))
