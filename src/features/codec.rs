@@ -91,6 +91,24 @@ impl FeatureSet {
     }
 }
 
+/// Where the event `(time, seq)` is among `events` (sorted by time and seq), if there: the last
+/// [`NEWEST`] looked at from the back, then a binary search.
+fn find_event(events: &VecDeque<Stored>, time: i64, seq: u64) -> Option<usize> {
+    const NEWEST: usize = 8;
+    let len = events.len();
+    for i in (len.saturating_sub(NEWEST)..len).rev() {
+        let e = events.get(i)?;
+        match (e.time, e.seq).cmp(&(time, seq)) {
+            std::cmp::Ordering::Equal => return Some(i),
+            std::cmp::Ordering::Less => return None,
+            std::cmp::Ordering::Greater => {}
+        }
+    }
+    events
+        .binary_search_by(|e| (e.time, e.seq).cmp(&(time, seq)))
+        .ok()
+}
+
 impl FeatureState {
     /// Calls `emit(key, value)` for every change since the last checkpoint: a record for each
     /// event added and still held, a tombstone (value `None`) for each event held then and
@@ -116,18 +134,12 @@ impl FeatureState {
                 continue;
             };
             for &(time, seq) in &undo.added {
-                // Almost always the key's newest event (a key takes an event or so a cycle);
-                // else searched for. Added and gone again within the cycle: never written,
-                // nothing to take back.
-                let i = match state.events.back() {
-                    Some(e) if (e.time, e.seq) == (time, seq) => state.events.len() - 1,
-                    _ => match state
-                        .events
-                        .binary_search_by(|e| (e.time, e.seq).cmp(&(time, seq)))
-                    {
-                        Ok(i) => i,
-                        Err(_) => continue,
-                    },
+                // Almost always among the key's newest few events (a key takes an event or so
+                // a cycle), so looked for from the back (a binary search would touch a cache
+                // line per step of a long history); else searched for. Added and gone again
+                // within the cycle: never written, nothing to take back.
+                let Some(i) = find_event(&state.events, time, seq) else {
+                    continue;
                 };
                 event_key(&mut record_key, key, seq);
                 buf.clear();

@@ -9,14 +9,21 @@
 //! - an exact sum, and an exact sum of squares for `std` ([`ExactSum`]);
 //! - a monotonic queue for `min` and `max` (values stored negated for `max`): the window's
 //!   later values that are smaller than everything after them, so the minimum is the front;
-//! - counted values for `distinct_count` and `is_new`.
+//! - for `distinct_count` and `is_new`, per categorical field, where each value last occurred
+//!   among the key's events, and per event a bit for each field of whether it is that last
+//!   occurrence. A window's distinct count is the number of last occurrences in it (every
+//!   window ends at the newest event), so it changes by a bit test when an event leaves the
+//!   window and by one lookup per field when an event arrives, however many windows count the
+//!   field.
 //!
 //! A late event is computed from its own window directly ([`from_scratch`]) and then enters
 //! the windows whose span it falls in (a monotonic queue is rebuilt, since the event lands in
-//! the middle). A key with fewer than 16 events keeps no aggregates: its events are computed
+//! the middle, and the last occurrences are found again). A key with fewer than 16 events
+//! keeps no aggregates: its events are computed
 //! the same way. The aggregates are a cache of the events: a restored or rolled-back key is
 //! marked stale and rebuilt from its events before its next use.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 
@@ -32,6 +39,9 @@ pub(super) struct Plan {
     squares: usize,
     mins: usize,
     counts: usize,
+    /// The categorical fields whose last occurrences are kept, each once: `counts` slots
+    /// refer to them by their index here.
+    counted_fields: Vec<usize>,
 }
 
 /// One window's aggregates: `(slot, field)` pairs, the slot indexing the key's flat list of
@@ -45,6 +55,7 @@ struct WindowPlan {
     squares: Vec<(usize, usize)>,
     /// Minima of a field (`(field, false)`) or maxima (`(field, true)`, stored negated).
     mins: Vec<(usize, (usize, bool))>,
+    /// Distinct counts and `is_new` of a field: `(slot, index in Plan::counted_fields)`.
     counts: Vec<(usize, usize)>,
 }
 
@@ -103,7 +114,14 @@ impl Plan {
                 slots.main = intern(&mut w.mins, &mut self.mins, (field, negate));
             }
             Aggregation::DistinctCount | Aggregation::IsNew => {
-                slots.main = intern(&mut w.counts, &mut self.counts, field);
+                let j = match self.counted_fields.iter().position(|&f| f == field) {
+                    Some(j) => j,
+                    None => {
+                        self.counted_fields.push(field);
+                        self.counted_fields.len() - 1
+                    }
+                };
+                slots.main = intern(&mut w.counts, &mut self.counts, j);
             }
             _ => {}
         }
@@ -119,9 +137,73 @@ pub(super) struct Running {
     sums: Vec<ExactSum>,
     squares: Vec<ExactSum>,
     mins: Vec<Monotonic>,
-    counts: Vec<Counted>,
+    /// Per counted field, each value's last occurrence among the key's events, by ordinal (the
+    /// key's events are numbered as they are appended: `first` is the front's).
+    last: Vec<LastSeen>,
+    /// Per event, front first: one bit per counted field, set where the event is its value's
+    /// last occurrence.
+    latest: LatestBits,
+    first: u64,
+    /// Per counted slot: the number of its field's last occurrences in its window, which is
+    /// the window's distinct count.
+    distinct: Vec<u32>,
+    /// Per counted slot: whether the newest event's value occurs earlier in its window.
+    seen: Vec<bool>,
     /// Out of step with the key's events: rebuilt before the next use.
     stale: bool,
+}
+
+/// One bit per (event, counted field), events front first: a ring of 64-bit words, `words`
+/// per event.
+#[derive(Debug, Clone, Default)]
+struct LatestBits {
+    bits: VecDeque<u64>,
+    words: usize,
+}
+
+impl LatestBits {
+    fn new(fields: usize) -> Self {
+        LatestBits {
+            bits: VecDeque::new(),
+            words: fields.div_ceil(64),
+        }
+    }
+
+    #[inline]
+    fn get(&self, event: usize, field: usize) -> bool {
+        self.bits
+            .get(event * self.words + field / 64)
+            .is_some_and(|w| (w >> (field % 64)) & 1 == 1)
+    }
+
+    #[inline]
+    fn set(&mut self, event: usize, field: usize, on: bool) {
+        if let Some(w) = self.bits.get_mut(event * self.words + field / 64) {
+            if on {
+                *w |= 1 << (field % 64);
+            } else {
+                *w &= !(1 << (field % 64));
+            }
+        }
+    }
+
+    /// A new last event, the last occurrence of each of its `fields` values.
+    #[inline]
+    fn push_all(&mut self, fields: usize) {
+        for w in 0..self.words {
+            let n = fields.saturating_sub(w * 64).min(64);
+            self.bits
+                .push_back(if n == 64 { u64::MAX } else { (1 << n) - 1 });
+        }
+    }
+
+    /// The first event is gone.
+    #[inline]
+    fn pop_front(&mut self) {
+        for _ in 0..self.words {
+            self.bits.pop_front();
+        }
+    }
 }
 
 /// The smallest values of a window's suffixes, in window order: `(seq, value)`.
@@ -150,8 +232,8 @@ impl Monotonic {
     }
 }
 
-/// How many times each value occurs in a window.
-type Counted = HashMap<u64, u32, BuildHasherDefault<Mix>>;
+/// Each value's last occurrence (an event's ordinal).
+type LastSeen = HashMap<u64, u64, BuildHasherDefault<Mix>>;
 
 /// Categories are already XXH3 hashes: a multiply spreads them over a table's buckets.
 #[derive(Default)]
@@ -201,7 +283,11 @@ impl Default for Running {
             sums: Vec::new(),
             squares: Vec::new(),
             mins: Vec::new(),
-            counts: Vec::new(),
+            last: Vec::new(),
+            latest: LatestBits::default(),
+            first: 0,
+            distinct: Vec::new(),
+            seen: Vec::new(),
             stale: true,
         }
     }
@@ -215,7 +301,11 @@ impl Running {
             sums: vec![ExactSum::default(); plan.sums],
             squares: vec![ExactSum::default(); plan.squares],
             mins: vec![Monotonic::default(); plan.mins],
-            counts: vec![Counted::default(); plan.counts],
+            last: vec![LastSeen::default(); plan.counted_fields.len()],
+            latest: LatestBits::new(plan.counted_fields.len()),
+            first: 0,
+            distinct: vec![0; plan.counts],
+            seen: vec![false; plan.counts],
             stale: false,
         }
     }
@@ -252,33 +342,64 @@ impl Running {
                 self.enter(window, e);
             }
         }
+        self.recount(plan, events);
     }
 
-    /// `e` enters the window, at its end.
+    /// Finds every counted value's last occurrence again, and each window's distinct counts.
+    fn recount(&mut self, plan: &Plan, events: &VecDeque<Stored>) {
+        let fields = &plan.counted_fields;
+        if fields.is_empty() {
+            return;
+        }
+        self.first = 0;
+        self.latest.bits.clear();
+        self.latest.bits.resize(events.len() * self.latest.words, 0);
+        for last in &mut self.last {
+            last.clear();
+        }
+        for (i, e) in events.iter().enumerate().rev() {
+            for (j, &field) in fields.iter().enumerate() {
+                if let Some(last) = self.last.get_mut(j)
+                    && let Entry::Vacant(v) = last.entry(e.cats[field])
+                {
+                    v.insert(i as u64);
+                    self.latest.set(i, j, true);
+                }
+            }
+        }
+        for (w, window) in plan.windows.iter().enumerate() {
+            for &(slot, j) in &window.counts {
+                self.distinct[slot] = (self.starts[w]..events.len())
+                    .filter(|&i| self.latest.get(i, j))
+                    .count() as u32;
+            }
+        }
+    }
+
+    /// `e` enters the window's sums and queues, at its end (its counted values are the
+    /// caller's).
     #[inline]
     fn enter(&mut self, window: &WindowPlan, e: &Stored) {
-        self.count_in(window, e);
+        self.sum_in(window, e);
         for &(slot, (field, negate)) in &window.mins {
             self.mins[slot].push(e.seq, queued(e.nums[field], negate));
         }
     }
 
-    /// `e` enters the window's sums and counted values (its queues are the caller's).
+    /// `e` enters the window's sums (its queues and counted values are the caller's).
     #[inline]
-    fn count_in(&mut self, window: &WindowPlan, e: &Stored) {
+    fn sum_in(&mut self, window: &WindowPlan, e: &Stored) {
         for &(slot, field) in &window.sums {
             self.sums[slot].add(e.nums[field]);
         }
         for &(slot, field) in &window.squares {
             add_square(&mut self.squares[slot], e.nums[field]);
         }
-        for &(slot, field) in &window.counts {
-            *self.counts[slot].entry(e.cats[field]).or_insert(0) += 1;
-        }
     }
 
+    /// `e`, the key's event at `pos`, leaves the window (from its front).
     #[inline]
-    fn leave(&mut self, window: &WindowPlan, e: &Stored) {
+    fn leave(&mut self, window: &WindowPlan, e: &Stored, pos: usize) {
         for &(slot, field) in &window.sums {
             self.sums[slot].sub(e.nums[field]);
         }
@@ -290,13 +411,9 @@ impl Running {
         for &(slot, _) in &window.mins {
             self.mins[slot].leave(e.seq);
         }
-        for &(slot, field) in &window.counts {
-            let v = e.cats[field];
-            if let Some(n) = self.counts[slot].get_mut(&v) {
-                *n -= 1;
-                if *n == 0 {
-                    self.counts[slot].remove(&v);
-                }
+        for &(slot, j) in &window.counts {
+            if self.latest.get(pos, j) {
+                self.distinct[slot] -= 1;
             }
         }
     }
@@ -309,6 +426,7 @@ impl Running {
         }
         let last = events.len() - 1;
         let newest = &events[last];
+        // The windows move to end at the newest: the events that fell out of them leave.
         for (w, window) in plan.windows.iter().enumerate() {
             if !window.used {
                 continue;
@@ -316,11 +434,47 @@ impl Running {
             let from = newest.time.saturating_sub(window.length_ms);
             let mut start = self.starts[w];
             while start < last && events[start].time <= from {
-                self.leave(window, &events[start]);
+                self.leave(window, &events[start], start);
                 start += 1;
             }
             self.starts[w] = start;
+        }
+        // The newest is the last occurrence of each of its values; where a value occurred
+        // before, that occurrence no longer is.
+        let fields = &plan.counted_fields;
+        let mut before: smallvec::SmallVec<[Option<usize>; 8]> = smallvec::SmallVec::new();
+        if !fields.is_empty() {
+            let ordinal = self.first + last as u64;
+            for (j, &field) in fields.iter().enumerate() {
+                let prev = self
+                    .last
+                    .get_mut(j)
+                    .and_then(|m| m.insert(newest.cats[field], ordinal))
+                    .map(|p| p.saturating_sub(self.first) as usize);
+                if let Some(p) = prev {
+                    self.latest.set(p, j, false);
+                }
+                before.push(prev);
+            }
+            self.latest.push_all(fields.len());
+        }
+        for (w, window) in plan.windows.iter().enumerate() {
+            if !window.used {
+                continue;
+            }
             self.enter(window, newest);
+            for &(slot, j) in &window.counts {
+                // Seen in the window: its last occurrence there is replaced by the newest.
+                let seen = before
+                    .get(j)
+                    .copied()
+                    .flatten()
+                    .is_some_and(|p| p >= self.starts[w]);
+                self.seen[slot] = seen;
+                if !seen {
+                    self.distinct[slot] += 1;
+                }
+            }
         }
     }
 
@@ -346,7 +500,7 @@ impl Running {
                 self.starts[w] += 1;
                 continue;
             }
-            self.count_in(window, e);
+            self.sum_in(window, e);
             // In the middle of the window: its queues are rebuilt.
             for &(slot, (field, negate)) in &window.mins {
                 let queue = &mut self.mins[slot];
@@ -356,6 +510,8 @@ impl Running {
                 }
             }
         }
+        // The events after it moved: their last occurrences are found again.
+        self.recount(plan, events);
     }
 
     /// The key's first event is about to be dropped (trimmed).
@@ -368,10 +524,22 @@ impl Running {
                 continue;
             }
             if self.starts[w] == 0 {
-                self.leave(window, first);
+                self.leave(window, first, 0);
             } else {
                 self.starts[w] -= 1;
             }
+        }
+        if !plan.counted_fields.is_empty() {
+            // Its values that no later event has are no longer held.
+            for (j, &field) in plan.counted_fields.iter().enumerate() {
+                if self.latest.get(0, j)
+                    && let Some(last) = self.last.get_mut(j)
+                {
+                    last.remove(&first.cats[field]);
+                }
+            }
+            self.latest.pop_front();
+            self.first += 1;
         }
     }
 
@@ -392,14 +560,8 @@ impl Running {
             ),
             Aggregation::Min => self.mins[slots.main].min(),
             Aggregation::Max => -self.mins[slots.main].min(),
-            Aggregation::DistinctCount => self.counts[slots.main].len() as f64,
-            Aggregation::IsNew => {
-                // The event itself is counted: it is new when it is the only one.
-                let seen = self.counts[slots.main]
-                    .get(&spec.cat(current))
-                    .is_some_and(|&c| c > 1);
-                f64::from(u8::from(!seen))
-            }
+            Aggregation::DistinctCount => f64::from(self.distinct[slots.main]),
+            Aggregation::IsNew => f64::from(u8::from(!self.seen[slots.main])),
             _ => ratio(
                 spec.num(current),
                 self.sums[slots.main].value() / n,
