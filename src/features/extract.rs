@@ -126,6 +126,62 @@ pub trait Fields {
     /// The field at `index` if it is named `name`, else the field named `name`; `None` when the
     /// record has no such field.
     fn get(&self, index: usize, name: &str) -> Option<Scalar<'_>>;
+
+    /// The [`layout`] of the record's top-level fields, where it is known without looking.
+    fn layout(&self) -> Option<u64> {
+        None
+    }
+
+    /// The field at `index`, for a caller that knows the record's [`Fields::layout`] (so needs
+    /// no name to check it by).
+    fn at(&self, index: usize) -> Option<Scalar<'_>> {
+        let _ = index;
+        None
+    }
+}
+
+/// A fingerprint of a record's top-level field names, in order: where a record's layout is a
+/// schema's, a field's position in that schema is its position in the record.
+pub fn layout<'n>(names: impl IntoIterator<Item = &'n str>) -> u64 {
+    let mut all = Vec::new();
+    for n in names {
+        all.extend_from_slice(&(n.len() as u64).to_le_bytes());
+        all.extend_from_slice(n.as_bytes());
+    }
+    xxhash_rust::xxh3::xxh3_64(&all)
+}
+
+/// Where a field is: its position in the reader schema and its name, and whether the record is
+/// known to be laid out as that schema (then the position is enough, see [`Fields::layout`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Place<'n> {
+    /// Position in the reader schema.
+    pub index: usize,
+    /// The field's name.
+    pub name: &'n str,
+    /// The record's layout is the reader schema's.
+    pub positional: bool,
+}
+
+impl<'n> Place<'n> {
+    /// A field looked up by position, checked by name.
+    pub fn new(index: usize, name: &'n str) -> Self {
+        Place {
+            index,
+            name,
+            positional: false,
+        }
+    }
+
+    #[inline]
+    fn get<'r, R: Fields + ?Sized>(&self, fields: &'r R) -> Option<Scalar<'r>> {
+        if self.positional
+            && let Some(v) = fields.at(self.index)
+        {
+            return Some(v);
+        }
+        fields.get(self.index, self.name)
+    }
 }
 
 impl Fields for [(String, Value)] {
@@ -155,12 +211,9 @@ impl Fields for Value {
 }
 
 /// A present, non-null field.
-fn field<'r, R: Fields + ?Sized>(
-    fields: &'r R,
-    index: usize,
-    name: &str,
-) -> Result<Scalar<'r>, ExtractError> {
-    match fields.get(index, name) {
+fn field<'r, R: Fields + ?Sized>(fields: &'r R, at: Place<'_>) -> Result<Scalar<'r>, ExtractError> {
+    let name = at.name;
+    match at.get(fields) {
         None | Some(Scalar::Null) => Err(ExtractError::Missing(name.to_string())),
         Some(v) => Ok(v),
     }
@@ -174,12 +227,9 @@ fn wrong(name: &str, found: Scalar<'_>) -> ExtractError {
 }
 
 /// A field value as a number.
-pub fn numeric<R: Fields + ?Sized>(
-    fields: &R,
-    index: usize,
-    name: &str,
-) -> Result<f64, ExtractError> {
-    let x = match field(fields, index, name)? {
+pub fn numeric<R: Fields + ?Sized>(fields: &R, at: Place<'_>) -> Result<f64, ExtractError> {
+    let name = at.name;
+    let x = match field(fields, at)? {
         Scalar::Int(i) => f64::from(i),
         Scalar::Long(l) | Scalar::TimestampMillis(l) => l as f64,
         Scalar::Float(f) => f64::from(f),
@@ -204,12 +254,9 @@ pub fn hash_str(s: &str) -> u64 {
 const NULL_CATEGORY: &str = "\u{0}null";
 
 /// A field value as a category: a stable hash of its text form. Null is a category of its own.
-pub fn categorical<R: Fields + ?Sized>(
-    fields: &R,
-    index: usize,
-    name: &str,
-) -> Result<u64, ExtractError> {
-    Ok(match fields.get(index, name) {
+pub fn categorical<R: Fields + ?Sized>(fields: &R, at: Place<'_>) -> Result<u64, ExtractError> {
+    let name = at.name;
+    Ok(match at.get(fields) {
         None => return Err(ExtractError::Missing(name.to_string())),
         Some(Scalar::Null) => hash_str(NULL_CATEGORY),
         Some(Scalar::Str(s) | Scalar::Enum(s)) => hash_str(s),
@@ -226,10 +273,10 @@ pub fn categorical<R: Fields + ?Sized>(
 /// is one over [`MAX_KEY_BYTES`].
 pub fn text<'r, R: Fields + ?Sized>(
     fields: &'r R,
-    index: usize,
-    name: &str,
+    at: Place<'_>,
 ) -> Result<Cow<'r, str>, ExtractError> {
-    let text = match field(fields, index, name)? {
+    let name = at.name;
+    let text = match field(fields, at)? {
         Scalar::Str(s) | Scalar::Enum(s) => Cow::Borrowed(s),
         Scalar::Uuid(u) => Cow::Owned(u.to_string()),
         other => return Err(wrong(name, other)),
@@ -273,12 +320,9 @@ fn type_name(v: &Value) -> &'static str {
 }
 
 /// Event time in ms.
-pub fn time_ms<R: Fields + ?Sized>(
-    fields: &R,
-    index: usize,
-    name: &str,
-) -> Result<i64, ExtractError> {
-    match field(fields, index, name)? {
+pub fn time_ms<R: Fields + ?Sized>(fields: &R, at: Place<'_>) -> Result<i64, ExtractError> {
+    let name = at.name;
+    match field(fields, at)? {
         Scalar::TimestampMillis(t) | Scalar::Long(t) => Ok(t),
         Scalar::TimestampMicros(t) => Ok(t.div_euclid(1000)),
         other => Err(wrong(name, other)),

@@ -204,6 +204,8 @@ pub struct FeatureSet {
     key_field: (String, usize),
     time_field: (String, usize),
     time_range: EventTimeRange,
+    /// The [`extract::layout`] of the reader schema the field positions are of.
+    layout: u64,
     max_window_ms: i64,
     /// `idle_key_ttl`, ms.
     idle_ms: i64,
@@ -300,6 +302,12 @@ impl FeatureSet {
                     .map_or(0, millis),
                 max_ahead_ms: millis(topology.input.event_time_max_ahead),
             },
+            layout: match schema {
+                Schema::Record(RecordSchema { fields, .. }) => {
+                    extract::layout(fields.iter().map(|f| f.name.as_str()))
+                }
+                _ => 0,
+            },
             max_window_ms,
             idle_ms: millis(topology.state.idle_key_ttl),
             limits: topology.state.clone(),
@@ -327,21 +335,29 @@ impl FeatureSet {
         if !fields.is_record() {
             return Err(extract::ExtractError::NotARecord.into());
         }
-        let key = extract::text(fields, self.key_field.1, &self.key_field.0)
-            .map_err(FeatureError::Key)?;
-        let time = extract::time_ms(fields, self.time_field.1, &self.time_field.0)
-            .map_err(FeatureError::EventTime)?;
+        // A record laid out as the reader schema (one written with it, read in place) is read
+        // by position.
+        let positional = fields.layout() == Some(self.layout);
+        fn place(f: &(String, usize), positional: bool) -> extract::Place<'_> {
+            extract::Place {
+                index: f.1,
+                name: &f.0,
+                positional,
+            }
+        }
+        let at = |f| place(f, positional);
+        let key = extract::text(fields, at(&self.key_field)).map_err(FeatureError::Key)?;
+        let time =
+            extract::time_ms(fields, at(&self.time_field)).map_err(FeatureError::EventTime)?;
         self.time_range.check(time, produced_at)?;
-        let nums = self
-            .num_fields
-            .iter()
-            .map(|(n, i)| extract::numeric(fields, *i, n))
-            .collect::<Result<Nums, _>>()?;
-        let cats = self
-            .cat_fields
-            .iter()
-            .map(|(n, i)| extract::categorical(fields, *i, n))
-            .collect::<Result<Cats, _>>()?;
+        let mut nums = Nums::new();
+        for f in &self.num_fields {
+            nums.push(extract::numeric(fields, at(f))?);
+        }
+        let mut cats = Cats::new();
+        for f in &self.cat_fields {
+            cats.push(extract::categorical(fields, at(f))?);
+        }
         Ok(Event {
             key,
             time,

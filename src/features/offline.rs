@@ -163,7 +163,7 @@ pub fn csv_line<'s>(fields: impl IntoIterator<Item = &'s str>) -> String {
 fn id_of(value: &Value, field: &str) -> String {
     extract::record(value)
         .ok()
-        .and_then(|fields| extract::text(fields, usize::MAX, field).ok())
+        .and_then(|fields| extract::text(fields, extract::Place::new(usize::MAX, field)).ok())
         .map(Cow::into_owned)
         .unwrap_or_default()
 }

@@ -1200,3 +1200,45 @@ fn running_aggregates_equal_a_recomputation_bit_for_bit_over_long_histories() {
     let held = state.keys.values().map(|k| k.events.len()).max();
     assert_eq!(held, Some(200), "the cap should be trimming");
 }
+
+/// A record read in place is read by position where its layout is the reader schema's, and by
+/// name where it is not (a feature set compiled against another schema): the same event
+/// either way.
+#[test]
+fn a_record_read_in_place_gives_the_same_event_by_position_or_by_name() {
+    use crate::source::direct::Program;
+    let set = readings_set();
+    let value = reading("s1", 1_767_225_600_000, 2.5);
+    let want = set.extract(&value, None).expect("extract");
+    let same = apache_avro::Schema::parse_str(READINGS_AVSC).expect("schema");
+    let reordered = apache_avro::Schema::parse_str(
+        r#"{"type": "record", "name": "Reading", "fields": [
+          {"name": "x", "type": "double"},
+          {"name": "sensor", "type": "string"},
+          {"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}}]}"#,
+    )
+    .expect("schema");
+    for (schema, positional) in [(same, true), (reordered, false)] {
+        let datum = apache_avro::to_avro_datum(
+            &schema,
+            apache_avro::types::Value::Record(match positional {
+                true => vec![
+                    ("sensor".into(), Value::String("s1".into())),
+                    ("at".into(), Value::TimestampMillis(1_767_225_600_000)),
+                    ("x".into(), Value::Double(2.5)),
+                ],
+                false => vec![
+                    ("x".into(), Value::Double(2.5)),
+                    ("sensor".into(), Value::String("s1".into())),
+                    ("at".into(), Value::TimestampMillis(1_767_225_600_000)),
+                ],
+            }),
+        )
+        .expect("datum");
+        let program = std::sync::Arc::new(Program::compile(&schema).expect("compiles"));
+        let direct = program.read(&datum).expect("reads");
+        use extract::Fields;
+        assert_eq!(direct.layout() == Some(set.layout), positional);
+        assert_eq!(set.extract(&direct, None).expect("extract"), want);
+    }
+}

@@ -69,6 +69,21 @@ impl Fields for Record<'_> {
             Record::Value(v) => v.get(index, name),
         }
     }
+
+    fn layout(&self) -> Option<u64> {
+        match self {
+            Record::Direct(d) => d.layout(),
+            Record::Value(_) => None,
+        }
+    }
+
+    #[inline]
+    fn at(&self, index: usize) -> Option<Scalar<'_>> {
+        match self {
+            Record::Direct(d) => d.at(index),
+            Record::Value(_) => None,
+        }
+    }
 }
 
 /// Why a payload could not be decoded.

@@ -90,6 +90,8 @@ pub struct Program {
     /// How each top-level field is read, in order: most are a leaf or a union of two leaves
     /// (an optional value), read without the general walk.
     top: Box<[Top]>,
+    /// The [`crate::features::extract::layout`] of the top-level fields.
+    layout: u64,
 }
 
 /// How a top-level field is read.
@@ -140,10 +142,12 @@ impl Program {
             .map(|(f, &id)| (f.name.clone(), id))
             .collect();
         let top = fields.iter().map(|&(_, id)| c.top(id)).collect();
+        let layout = crate::features::extract::layout(fields.iter().map(|(n, _)| n.as_str()));
         Some(Program {
             nodes: c.nodes,
             fields,
             top,
+            layout,
         })
     }
 
@@ -378,6 +382,15 @@ impl Fields for Direct<'_> {
             Some((n, _)) if n == name => index,
             _ => fields.iter().position(|(n, _)| n == name)?,
         };
+        self.at(i)
+    }
+
+    fn layout(&self) -> Option<u64> {
+        Some(self.program.layout)
+    }
+
+    #[inline]
+    fn at(&self, i: usize) -> Option<Scalar<'_>> {
         Some(match *self.fields.get(i)? {
             Seen::Is(scalar) => scalar,
             Seen::Symbol { node, index } => match self.program.nodes.get(node).map(|n| &n.view) {
