@@ -1219,22 +1219,24 @@ fn a_record_read_in_place_gives_the_same_event_by_position_or_by_name() {
     )
     .expect("schema");
     for (schema, positional) in [(same, true), (reordered, false)] {
-        let datum = apache_avro::to_avro_datum(
-            &schema,
-            apache_avro::types::Value::Record(match positional {
-                true => vec![
-                    ("sensor".into(), Value::String("s1".into())),
-                    ("at".into(), Value::TimestampMillis(1_767_225_600_000)),
-                    ("x".into(), Value::Double(2.5)),
-                ],
-                false => vec![
-                    ("x".into(), Value::Double(2.5)),
-                    ("sensor".into(), Value::String("s1".into())),
-                    ("at".into(), Value::TimestampMillis(1_767_225_600_000)),
-                ],
-            }),
-        )
-        .expect("datum");
+        let value = Value::Record(match positional {
+            true => vec![
+                ("sensor".into(), Value::String("s1".into())),
+                ("at".into(), Value::TimestampMillis(1_767_225_600_000)),
+                ("x".into(), Value::Double(2.5)),
+            ],
+            false => vec![
+                ("x".into(), Value::Double(2.5)),
+                ("sensor".into(), Value::String("s1".into())),
+                ("at".into(), Value::TimestampMillis(1_767_225_600_000)),
+            ],
+        });
+        let mut datum = Vec::new();
+        apache_avro::writer::datum::GenericDatumWriter::builder(&schema)
+            .build()
+            .expect("writer")
+            .write_value_ref(&mut datum, &value)
+            .expect("datum");
         let program = std::sync::Arc::new(Program::compile(&schema).expect("compiles"));
         let direct = program.read(&datum).expect("reads");
         use extract::Fields;
