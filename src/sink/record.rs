@@ -395,9 +395,12 @@ pub struct ScoredEncoder {
     id: u32,
     /// For events that are not copied: the input's reader schema.
     event: SchemaWriter,
-    /// Each feature's name as an Avro string (its length, then its bytes), the keys of the
-    /// `features` map: the same in every record, so written once.
-    feature_keys: Vec<Vec<u8>>,
+    /// The `features` map as one block with every value 0.0: its count, each feature's name
+    /// as an Avro string with 8 bytes of value after it, and the end. The same in every record
+    /// but the values, so it is copied whole and the values written into it.
+    features_block: Vec<u8>,
+    /// Where each feature's value is in `features_block`.
+    feature_values: Vec<usize>,
 }
 
 impl ScoredEncoder {
@@ -408,18 +411,20 @@ impl ScoredEncoder {
             id,
             reason: e.to_string(),
         })?;
-        let feature_keys = feature_names
-            .iter()
-            .map(|name| {
-                let mut key = Vec::with_capacity(name.len() + 2);
-                string(&mut key, name);
-                key
-            })
-            .collect();
+        let mut features_block = Vec::new();
+        let mut feature_values = Vec::with_capacity(feature_names.len());
+        block(&mut features_block, feature_names.len(), |out| {
+            for name in feature_names {
+                string(out, name);
+                feature_values.push(out.len());
+                out.extend_from_slice(&0f64.to_le_bytes());
+            }
+        });
         Ok(ScoredEncoder {
             id,
             event,
-            feature_keys,
+            features_block,
+            feature_values,
         })
     }
 
@@ -457,22 +462,24 @@ impl ScoredEncoder {
             },
             // A map<double>, one block.
             Kind::Features => {
-                if r.features.len() != self.feature_keys.len() {
+                if r.features.len() != self.feature_values.len() {
                     return Err(EncodeError::Value {
                         id: self.id,
                         reason: format!(
                             "{} feature values for {} features",
                             r.features.len(),
-                            self.feature_keys.len()
+                            self.feature_values.len()
                         ),
                     });
                 }
-                block(out, r.features.len(), |out| {
-                    for (key, x) in self.feature_keys.iter().zip(r.features) {
-                        out.extend_from_slice(key);
-                        out.extend_from_slice(&x.to_le_bytes());
+                let base = out.len();
+                out.extend_from_slice(&self.features_block);
+                let written = out.get_mut(base..).unwrap_or_default();
+                for (&at, x) in self.feature_values.iter().zip(r.features) {
+                    if let Some(slot) = written.get_mut(at..at + 8) {
+                        slot.copy_from_slice(&x.to_le_bytes());
                     }
-                })
+                }
             }
             // An array of SCORE_FIELDS records.
             Kind::Scores => block(out, r.scores.len(), |out| {
