@@ -437,9 +437,13 @@ impl KeyState {
                 self.running.mark_stale();
             })?
         } else {
-            let pos = self.events.partition_point(|x| x.time <= t);
+            let pos = match self.events.back() {
+                Some(b) if b.time > t => self.events.partition_point(|x| x.time <= t),
+                _ => self.events.len(),
+            };
             self.events.insert(pos, e);
-            let out = compute(set, &self.events, pos).inspect_err(|_| {
+            // Contiguous, so its windows are slices (a short key's deque mostly is already).
+            let out = compute(set, self.events.make_contiguous(), pos).inspect_err(|_| {
                 self.events.remove(pos);
             })?;
             self.running.insert(plan, &self.events, pos, self.newest);
@@ -830,11 +834,7 @@ impl FeatureState {
 }
 
 /// The features of the event at `pos`, from the events of its windows.
-fn compute(
-    set: &FeatureSet,
-    events: &VecDeque<Stored>,
-    pos: usize,
-) -> Result<Vec<f64>, FeatureError> {
+fn compute(set: &FeatureSet, events: &[Stored], pos: usize) -> Result<Vec<f64>, FeatureError> {
     let t = events[pos].time;
     // Each window is events[start..=pos] with time > t - window. Events are sorted by time and
     // none after `pos` is older than `t`, so a binary search finds its start.
@@ -849,17 +849,24 @@ fn compute(
     let mut out = Vec::with_capacity(set.specs.len());
     window::with_scratch(|scratch| {
         for spec in &set.specs {
-            let at = At {
-                events,
-                start: starts[spec.window],
-                pos,
-            };
             let x = match spec.aggregation {
                 Aggregation::Value
                 | Aggregation::Equals
                 | Aggregation::Differs
-                | Aggregation::TimeSinceLast => own(spec, &at, set.idle_ms),
-                _ => window::from_scratch(spec, &at, scratch),
+                | Aggregation::TimeSinceLast => own(
+                    spec,
+                    &events[pos],
+                    pos.checked_sub(1).map(|p| &events[p]),
+                    set.idle_ms,
+                ),
+                _ => {
+                    let at = At {
+                        events,
+                        start: starts[spec.window],
+                        pos,
+                    };
+                    window::from_scratch(spec, &at, scratch)
+                }
             };
             if !x.is_finite() {
                 return Err(FeatureError::NotFinite(spec.name.clone()));
@@ -883,12 +890,12 @@ fn newest_features(set: &FeatureSet, state: &mut KeyState) -> Result<Vec<f64>, F
         let x = if spec.aggregation.windowed() {
             running.feature(spec, events)
         } else {
-            let at = At {
-                events,
-                start: pos,
-                pos,
-            };
-            own(spec, &at, set.idle_ms)
+            own(
+                spec,
+                &events[pos],
+                pos.checked_sub(1).map(|p| &events[p]),
+                set.idle_ms,
+            )
         };
         if !x.is_finite() {
             return Err(FeatureError::NotFinite(spec.name.clone()));
@@ -898,9 +905,9 @@ fn newest_features(set: &FeatureSet, state: &mut KeyState) -> Result<Vec<f64>, F
     Ok(out)
 }
 
-/// An event in its key's history, and the start of one of its windows.
+/// An event in its key's history (contiguous), and the start of one of its windows.
 struct At<'a> {
-    events: &'a VecDeque<Stored>,
+    events: &'a [Stored],
     start: usize,
     pos: usize,
 }
@@ -910,8 +917,8 @@ impl At<'_> {
         &self.events[self.pos]
     }
 
-    fn window(&self) -> std::collections::vec_deque::Iter<'_, Stored> {
-        self.events.range(self.start..=self.pos)
+    fn window(&self) -> std::slice::Iter<'_, Stored> {
+        self.events[self.start..=self.pos].iter()
     }
 }
 
@@ -935,8 +942,7 @@ impl Spec {
 
 /// A feature of the event itself (and its predecessor).
 #[inline]
-fn own(spec: &Spec, at: &At<'_>, idle_ms: i64) -> f64 {
-    let current = at.current();
+fn own(spec: &Spec, current: &Stored, prev: Option<&Stored>, idle_ms: i64) -> f64 {
     match spec.aggregation {
         Aggregation::Value => spec.num(current),
         Aggregation::Equals => {
@@ -955,7 +961,7 @@ fn own(spec: &Spec, at: &At<'_>, idle_ms: i64) -> f64 {
             f64::from(u8::from(differs))
         }
         // TimeSinceLast
-        _ => match at.pos.checked_sub(1).map(|p| &at.events[p]) {
+        _ => match prev {
             Some(prev) if current.time.saturating_sub(prev.time) <= idle_ms => {
                 current.time.saturating_sub(prev.time) as f64 / 1000.0
             }

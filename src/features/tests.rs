@@ -1157,7 +1157,7 @@ fn running_aggregates_equal_a_recomputation_bit_for_bit_over_long_histories() {
                 cats: event.cats.clone(),
             },
         );
-        let want = compute(&set, &events, pos);
+        let want = compute(&set, events.make_contiguous(), pos);
         let got = state.update(&set, event);
         match (&got, &want) {
             (Ok(got), Ok(want)) => {
