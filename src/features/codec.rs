@@ -220,7 +220,7 @@ impl FeatureState {
                 KeyState {
                     events,
                     newest,
-                    running: Default::default(),
+                    running: None,
                 },
             );
         }

@@ -411,8 +411,10 @@ struct KeyState {
     /// Sorted by (time, seq).
     events: VecDeque<Stored>,
     newest: i64,
-    /// The windows' running aggregates, derived from `events`.
-    running: window::Running,
+    /// The windows' running aggregates, derived from `events`: none for a key with few events,
+    /// or out of step with them (rebuilt before the next use). Boxed, so a key without them is
+    /// small (most keys of a card stream hold a few events).
+    running: Option<Box<window::Running>>,
 }
 
 impl KeyState {
@@ -424,30 +426,38 @@ impl KeyState {
         let plan = set.plan();
         // A key with few events is computed from them (as cheap, and nothing to keep); from
         // `RUNNING_FROM` events on it keeps running aggregates.
-        if self.events.len() >= RUNNING_FROM {
-            self.running.refresh(plan, &self.events);
+        if self.running.is_none() && self.events.len() >= RUNNING_FROM {
+            self.running = Some(Box::new(window::Running::build(plan, &self.events)));
         }
         let t = e.time;
-        let appended = !self.running.is_stale() && self.events.back().is_none_or(|b| b.time <= t);
-        let out = if appended {
-            self.events.push_back(e);
-            self.running.append(plan, &self.events);
-            newest_features(set, self).inspect_err(|_| {
-                self.events.pop_back();
-                self.running.mark_stale();
-            })?
-        } else {
-            let pos = match self.events.back() {
-                Some(b) if b.time > t => self.events.partition_point(|x| x.time <= t),
-                _ => self.events.len(),
-            };
-            self.events.insert(pos, e);
-            // Contiguous, so its windows are slices (a short key's deque mostly is already).
-            let out = compute(set, self.events.make_contiguous(), pos).inspect_err(|_| {
-                self.events.remove(pos);
-            })?;
-            self.running.insert(plan, &self.events, pos, self.newest);
-            out
+        let out = match self.running.as_deref_mut() {
+            Some(running) if self.events.back().is_none_or(|b| b.time <= t) => {
+                self.events.push_back(e);
+                running.append(plan, &self.events);
+                match newest_features(set, &self.events, running) {
+                    Ok(out) => out,
+                    Err(err) => {
+                        self.events.pop_back();
+                        self.running = None;
+                        return Err(err);
+                    }
+                }
+            }
+            _ => {
+                let pos = match self.events.back() {
+                    Some(b) if b.time > t => self.events.partition_point(|x| x.time <= t),
+                    _ => self.events.len(),
+                };
+                self.events.insert(pos, e);
+                // Contiguous, so its windows are slices (a short key's deque mostly is already).
+                let out = compute(set, self.events.make_contiguous(), pos).inspect_err(|_| {
+                    self.events.remove(pos);
+                })?;
+                if let Some(running) = self.running.as_deref_mut() {
+                    running.insert(plan, &self.events, pos, self.newest);
+                }
+                out
+            }
         };
         self.newest = if self.events.len() == 1 {
             t
@@ -466,7 +476,9 @@ impl KeyState {
         while (self.events.len() > 1 && self.events.front().is_some_and(|e| e.time <= horizon))
             || self.events.len() > set.limits.max_events_per_key
         {
-            self.running.pop_front(set.plan(), &self.events[0]);
+            if let Some(running) = self.running.as_deref_mut() {
+                running.pop_front(set.plan(), &self.events[0]);
+            }
             trimmed.extend(self.events.pop_front());
         }
         trimmed
@@ -732,7 +744,7 @@ impl FeatureState {
                 state.events.insert(i, e);
             }
             state.newest = undo.newest;
-            state.running.mark_stale();
+            state.running = None;
         }
         (self.seq, self.clock, self.since_sweep) = self.at_checkpoint;
     }
@@ -880,10 +892,11 @@ fn compute(set: &FeatureSet, events: &[Stored], pos: usize) -> Result<Vec<f64>, 
 
 /// The features of the key's newest event, just appended: windowed ones from the running
 /// aggregates, O(1) each however many events the key holds.
-fn newest_features(set: &FeatureSet, state: &mut KeyState) -> Result<Vec<f64>, FeatureError> {
-    let KeyState {
-        events, running, ..
-    } = state;
+fn newest_features(
+    set: &FeatureSet,
+    events: &VecDeque<Stored>,
+    running: &mut window::Running,
+) -> Result<Vec<f64>, FeatureError> {
     let pos = events.len() - 1;
     let mut out = Vec::with_capacity(set.specs.len());
     for spec in &set.specs {

@@ -20,8 +20,8 @@
 //! the windows whose span it falls in (a monotonic queue is rebuilt, since the event lands in
 //! the middle, and the last occurrences are found again). A key with fewer than 16 events
 //! keeps no aggregates: its events are computed
-//! the same way. The aggregates are a cache of the events: a restored or rolled-back key is
-//! marked stale and rebuilt from its events before its next use.
+//! the same way. The aggregates are a cache of the events: a restored or rolled-back key drops
+//! them, and they are built from its events again at its next event.
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
@@ -129,7 +129,8 @@ impl Plan {
     }
 }
 
-/// A key's running aggregates; see the module documentation. The default is stale.
+/// A key's running aggregates; see the module documentation. Built from its events
+/// ([`Running::build`]) and kept in step with them.
 #[derive(Debug, Clone)]
 pub(super) struct Running {
     /// Per window, the index of its first event.
@@ -149,8 +150,6 @@ pub(super) struct Running {
     distinct: Vec<u32>,
     /// Per counted slot: whether the newest event's value occurs earlier in its window.
     seen: Vec<bool>,
-    /// Out of step with the key's events: rebuilt before the next use.
-    stale: bool,
 }
 
 /// One bit per (event, counted field), events front first: a ring of 64-bit words, `words`
@@ -275,24 +274,6 @@ fn queued(x: f64, negate: bool) -> f64 {
     if negate { -x } else { x }
 }
 
-impl Default for Running {
-    /// Aggregates to be rebuilt from the events before their next use.
-    fn default() -> Self {
-        Running {
-            starts: Vec::new(),
-            sums: Vec::new(),
-            squares: Vec::new(),
-            mins: Vec::new(),
-            last: Vec::new(),
-            latest: LatestBits::default(),
-            first: 0,
-            distinct: Vec::new(),
-            seen: Vec::new(),
-            stale: true,
-        }
-    }
-}
-
 impl Running {
     /// Empty aggregates for `plan`.
     pub(super) fn new(plan: &Plan) -> Self {
@@ -306,25 +287,17 @@ impl Running {
             first: 0,
             distinct: vec![0; plan.counts],
             seen: vec![false; plan.counts],
-            stale: false,
         }
     }
 
-    pub(super) fn mark_stale(&mut self) {
-        self.stale = true;
+    /// The aggregates of a key's events.
+    pub(super) fn build(plan: &Plan, events: &VecDeque<Stored>) -> Self {
+        let mut running = Running::new(plan);
+        running.fill(plan, events);
+        running
     }
 
-    /// Whether the aggregates are out of step with the events (not kept, or to be rebuilt).
-    pub(super) fn is_stale(&self) -> bool {
-        self.stale
-    }
-
-    /// Rebuilds the aggregates from the key's events if they are stale.
-    pub(super) fn refresh(&mut self, plan: &Plan, events: &VecDeque<Stored>) {
-        if !self.stale {
-            return;
-        }
-        *self = Running::new(plan);
+    fn fill(&mut self, plan: &Plan, events: &VecDeque<Stored>) {
         let Some(newest) = events.back().map(|e| e.time) else {
             return;
         };
@@ -421,9 +394,6 @@ impl Running {
     /// The key's newest event was just appended (its time at or after every other's): the
     /// windows move to end at it, and it enters them.
     pub(super) fn append(&mut self, plan: &Plan, events: &VecDeque<Stored>) {
-        if self.stale {
-            return;
-        }
         let last = events.len() - 1;
         let newest = &events[last];
         // The windows move to end at the newest: the events that fell out of them leave.
@@ -487,9 +457,6 @@ impl Running {
         pos: usize,
         newest: i64,
     ) {
-        if self.stale {
-            return;
-        }
         let e = &events[pos];
         for (w, window) in plan.windows.iter().enumerate() {
             if !window.used {
@@ -516,9 +483,6 @@ impl Running {
 
     /// The key's first event is about to be dropped (trimmed).
     pub(super) fn pop_front(&mut self, plan: &Plan, first: &Stored) {
-        if self.stale {
-            return;
-        }
         for (w, window) in plan.windows.iter().enumerate() {
             if !window.used {
                 continue;
