@@ -165,12 +165,14 @@ where
     K: ToBytes + ?Sized,
     P: ToBytes + ?Sized,
 {
-    let deadline = Instant::now() + wait;
+    // The clock is read only once the queue is full (not per record).
+    let mut deadline = None;
     loop {
         match producer.send(record) {
             Ok(()) => return Ok(()),
             Err((e @ KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                if Instant::now() >= deadline {
+                let now = Instant::now();
+                if now >= *deadline.get_or_insert(now + wait) {
                     return Err(e);
                 }
                 record = r;

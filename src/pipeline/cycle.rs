@@ -181,18 +181,26 @@ impl Processor<'_> {
             stop: &self.stop,
         };
         let isolating = self.delivery.isolating();
-        while started.elapsed() < t.delivery.commit_interval
+        // The clocks (the cycle's, and the health beat's) are read after every 16 records and
+        // every empty poll, not per record.
+        let mut elapsed = Duration::ZERO;
+        let mut polled: u32 = 0;
+        while elapsed < t.delivery.commit_interval
             && cycle.records.len() < most
             && !self.stop.load(Ordering::Relaxed)
             && !(isolating && !cycle.next.is_empty() && self.refusals.covered_by(&cycle.next))
         {
-            health::beat();
             let wait = t
                 .delivery
                 .commit_interval
-                .saturating_sub(started.elapsed())
+                .saturating_sub(elapsed)
                 .min(Duration::from_millis(50));
             let msg = self.consumer.poll(wait);
+            polled = polled.wrapping_add(1);
+            if msg.is_none() || polled.is_multiple_of(16) {
+                elapsed = started.elapsed();
+                health::beat();
+            }
             if self.consumer.context().take_revoked() {
                 return Ok(Gathered::Interrupted);
             }

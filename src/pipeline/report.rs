@@ -15,6 +15,8 @@ use super::{Input, RunSummary};
 pub(super) struct Starved {
     last_record: Instant,
     last_check: Instant,
+    /// Records came since the last empty poll.
+    received: bool,
 }
 
 impl Starved {
@@ -24,14 +26,19 @@ impl Starved {
         Starved {
             last_record: Instant::now(),
             last_check: Instant::now(),
+            received: false,
         }
     }
 
+    /// A record came (the clock is read at the next empty poll, not per record).
     pub(super) fn received(&mut self) {
-        self.last_record = Instant::now();
+        self.received = true;
     }
 
     pub(super) fn check(&mut self, consumer: &Input, topic: &str) {
+        if std::mem::take(&mut self.received) {
+            self.last_record = Instant::now();
+        }
         if self.last_record.elapsed() < Self::AFTER || self.last_check.elapsed() < Self::AFTER {
             return;
         }
