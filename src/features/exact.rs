@@ -8,6 +8,11 @@
 //! 32-bit digits in `i64` cells, so carries can wait for 2^30 additions. Its value, rounded
 //! once to the nearest `f64`, is a function of the multiset of values it holds and of nothing
 //! else. Only the digits a key's values touch are stored (two or three for payment amounts).
+//!
+//! While every value a sum has held is an integer (amounts in minor units), it is kept as an
+//! `i128` instead, which is as exact and cheaper; the first other value moves it to the digits.
+//! The rounded value is kept until the sum changes, so features that read one sum (mean, std
+//! and ratio of a window) round it once.
 
 /// Bits per digit.
 const DIGIT_BITS: u32 = 32;
@@ -28,7 +33,19 @@ pub struct ExactSum {
     pending: u32,
     /// Infinite values held (a square that overflowed), positive and negative.
     infinite: [u32; 2],
+    /// While `mixed` is false, the sum (every value held so far an integer below 2^62 in
+    /// magnitude, the digits empty).
+    int: i128,
+    /// A value other than such an integer was held since the last [`ExactSum::clear`]: the sum
+    /// is in the digits.
+    mixed: bool,
+    /// The value, rounded, until the sum changes.
+    rounded: Option<f64>,
 }
+
+/// Integers below this magnitude are summed as `i128` (an `i64` holds them, and 2^30 of them
+/// sum far inside an `i128`).
+const INTEGER_BELOW: f64 = 4_611_686_018_427_387_904.0; // 2^62
 
 impl ExactSum {
     /// Adds `x` (an infinity makes the sum infinite while it is held; NaN is ignored: inputs
@@ -50,10 +67,35 @@ impl ExactSum {
         self.lo = 0;
         self.pending = 0;
         self.infinite = [0, 0];
+        self.int = 0;
+        self.mixed = false;
+        self.rounded = None;
     }
 
     #[inline]
     fn put(&mut self, x: f64, subtract: bool) {
+        self.rounded = None;
+        if !self.mixed {
+            if x.abs() < INTEGER_BELOW && x == (x as i64) as f64 {
+                let v = i128::from(x as i64);
+                self.int += if subtract { -v } else { v };
+                return;
+            }
+            // The first other value: the integers' sum moves to the digits, as two exact
+            // halves (it is below 2^93).
+            self.mixed = true;
+            let int = std::mem::take(&mut self.int);
+            let magnitude = int.unsigned_abs();
+            let high = ((magnitude >> 52) as f64) * 4_503_599_627_370_496.0; // 2^52
+            let low = (magnitude & ((1 << 52) - 1)) as f64;
+            self.put_digits(high, int < 0);
+            self.put_digits(low, int < 0);
+        }
+        self.put_digits(x, subtract);
+    }
+
+    #[inline]
+    fn put_digits(&mut self, x: f64, subtract: bool) {
         let bits = x.to_bits();
         let biased = ((bits >> 52) & 0x7ff) as u32;
         let fraction = bits & ((1 << 52) - 1);
@@ -143,6 +185,20 @@ impl ExactSum {
     /// Where the sum is below 2^-1011 (subnormal territory) it may be rounded twice, still a
     /// function of the sum alone.
     pub fn value(&mut self) -> f64 {
+        if let Some(v) = self.rounded {
+            return v;
+        }
+        let v = if self.mixed {
+            self.digits_value()
+        } else {
+            // `as` rounds to the nearest, ties to even: the exact sum rounded once.
+            self.int as f64
+        };
+        self.rounded = Some(v);
+        v
+    }
+
+    fn digits_value(&mut self) -> f64 {
         match self.infinite {
             [0, 0] => {}
             [_, 0] => return f64::INFINITY,
@@ -310,11 +366,54 @@ mod tests {
         }
     }
 
+    /// Integers (kept as an `i128`), and now and then another value (which moves the sum to
+    /// the digits), added and taken away: the same bits as a fresh sum of what is left.
+    #[test]
+    fn integer_sums_and_their_move_to_the_digits_are_exact() {
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut values = Vec::new();
+        for _ in 0..20_000 {
+            let r = next();
+            values.push(match r % 1_500 {
+                0 => (r >> 20) as f64 * 0.37,
+                1..=30 => -(((r >> 3) as i64) as f64),
+                31..=60 => 0.0,
+                61..=90 => -0.0,
+                _ => ((r >> 40) as i64 - (1 << 23)) as f64,
+            });
+        }
+        let width = 61;
+        let mut window = ExactSum::default();
+        for (i, &x) in values.iter().enumerate() {
+            window.add(x);
+            if i >= width {
+                window.sub(values[i - width]);
+            }
+            let live = &values[i.saturating_sub(width - 1)..=i];
+            assert_eq!(window.value().to_bits(), fsum(live).to_bits(), "at {i}");
+            if i % 1_000 == 999 {
+                // A fresh start: integers again.
+                window.clear();
+                for &x in live {
+                    window.add(x);
+                }
+                assert_eq!(window.value().to_bits(), fsum(live).to_bits(), "at {i}");
+            }
+        }
+    }
+
     #[test]
     fn carries_wait_without_overflow() {
         let mut s = ExactSum::default();
         // Near the top of a digit, many times over: propagation must keep cells in range.
-        let x = 4_294_967_295.0;
+        // Not an integer, so the digits are used.
+        let x = 4_294_967_295.5;
         for _ in 0..100_000 {
             s.add(x);
         }
