@@ -309,6 +309,16 @@ mod tests {
         hi
     }
 
+    /// A small deterministic generator for test values.
+    fn xorshift(mut rng: u64) -> impl FnMut() -> u64 {
+        move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        }
+    }
+
     fn of(xs: &[f64]) -> f64 {
         let mut s = ExactSum::default();
         xs.iter().for_each(|&x| s.add(x));
@@ -337,13 +347,7 @@ mod tests {
     #[test]
     fn adding_and_subtracting_equals_a_fresh_sum_of_what_is_left() {
         // A sliding window over values of wildly different magnitudes and signs.
-        let mut rng = 0x2545_f491_4f6c_dd1du64;
-        let mut next = || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng
-        };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1du64);
         let mut values = Vec::new();
         for _ in 0..20_000 {
             let r = next();
@@ -370,13 +374,7 @@ mod tests {
     /// the digits), added and taken away: the same bits as a fresh sum of what is left.
     #[test]
     fn integer_sums_and_their_move_to_the_digits_are_exact() {
-        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng
-        };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15u64);
         let mut values = Vec::new();
         for _ in 0..20_000 {
             let r = next();

@@ -30,8 +30,8 @@
 //! Window aggregates are kept incrementally, so an event costs the same however long its
 //! key's history: each window of a key is a suffix of its events, with running aggregates
 //! that take an event when it enters and give it back when it leaves (exact sums for
-//! count/sum/mean/std/ratio, monotonic queues for min/max, counted values for distinct counts
-//! and `is_new`; see [`window`]). A late event (older than its key's newest) is computed from
+//! count/sum/mean/std/ratio, monotonic queues for min/max, each value's last occurrence for
+//! distinct counts and `is_new`; see [`window`]). A late event (older than its key's newest) is computed from
 //! its window's events directly, and then taken into the running aggregates. Both ways give
 //! the same bits: a sum is exact until it is rounded once ([`exact`]), so every feature is a
 //! function of the events in its window, not of the order they came and went in.
