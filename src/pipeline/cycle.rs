@@ -181,8 +181,8 @@ impl Processor<'_> {
             stop: &self.stop,
         };
         let isolating = self.delivery.isolating();
-        // The clocks (the cycle's, and the health beat's) are read after every 16 records and
-        // every empty poll, not per record.
+        // The cycle's clock is read once per poll (it was twice), the health beat's (the wall
+        // clock) after every 16 polls and every empty one.
         let mut elapsed = Duration::ZERO;
         let mut polled: u32 = 0;
         while elapsed < t.delivery.commit_interval
@@ -196,9 +196,9 @@ impl Processor<'_> {
                 .saturating_sub(elapsed)
                 .min(Duration::from_millis(50));
             let msg = self.consumer.poll(wait);
+            elapsed = started.elapsed();
             polled = polled.wrapping_add(1);
             if msg.is_none() || polled.is_multiple_of(16) {
-                elapsed = started.elapsed();
                 health::beat();
             }
             if self.consumer.context().take_revoked() {
