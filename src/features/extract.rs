@@ -134,8 +134,7 @@ pub trait Fields {
 
     /// The field at `index`, for a caller that knows the record's [`Fields::layout`] (so needs
     /// no name to check it by).
-    fn at(&self, index: usize) -> Option<Scalar<'_>> {
-        let _ = index;
+    fn at(&self, _index: usize) -> Option<Scalar<'_>> {
         None
     }
 }

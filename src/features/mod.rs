@@ -31,9 +31,9 @@
 //! key's history: each window of a key is a suffix of its events, with running aggregates
 //! that take an event when it enters and give it back when it leaves (exact sums for
 //! count/sum/mean/std/ratio, monotonic queues for min/max, each value's last occurrence for
-//! distinct counts and `is_new`; see [`window`]). A late event (older than its key's newest) is computed from
-//! its window's events directly, and then taken into the running aggregates. Both ways give
-//! the same bits: a sum is exact until it is rounded once ([`exact`]), so every feature is a
+//! distinct counts and `is_new`; see [`window`]). A late event (older than its key's newest)
+//! is computed from its window's events directly, and then taken into the running
+//! aggregates. Both ways give the same bits: a sum is exact until it is rounded once ([`exact`]), so every feature is a
 //! function of the events in its window, not of the order they came and went in.
 //!
 //! The same code computes features online (`pipeline`) and offline (`kscore features`), so
@@ -411,9 +411,10 @@ struct KeyState {
     /// Sorted by (time, seq).
     events: VecDeque<Stored>,
     newest: i64,
-    /// The windows' running aggregates, derived from `events`: none for a key with few events,
-    /// or out of step with them (rebuilt before the next use). Boxed, so a key without them is
-    /// small (most keys of a card stream hold a few events).
+    /// The windows' running aggregates, derived from `events`: none for a key with fewer than
+    /// [`RUNNING_FROM`] events, nor after a rollback or restore (built again at its next
+    /// event). Boxed, so a key without them is small (most keys of a card stream hold a few
+    /// events).
     running: Option<Box<window::Running>>,
 }
 

@@ -19,9 +19,9 @@
 //! A late event is computed from its own window directly ([`from_scratch`]) and then enters
 //! the windows whose span it falls in (a monotonic queue is rebuilt, since the event lands in
 //! the middle, and the last occurrences are found again). A key with fewer than 16 events
-//! keeps no aggregates: its events are computed
-//! the same way. The aggregates are a cache of the events: a restored or rolled-back key drops
-//! them, and they are built from its events again at its next event.
+//! keeps no aggregates: its events are computed the same way. The aggregates are a cache of
+//! the events: a restored or rolled-back key drops them, and they are built from its events
+//! again at its next event.
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
@@ -154,7 +154,7 @@ pub(super) struct Running {
 
 /// One bit per (event, counted field), events front first: a ring of 64-bit words, `words`
 /// per event.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 struct LatestBits {
     bits: VecDeque<u64>,
     words: usize,
@@ -276,7 +276,7 @@ fn queued(x: f64, negate: bool) -> f64 {
 
 impl Running {
     /// Empty aggregates for `plan`.
-    pub(super) fn new(plan: &Plan) -> Self {
+    fn new(plan: &Plan) -> Self {
         Running {
             starts: vec![0; plan.windows.len()],
             sums: vec![ExactSum::default(); plan.sums],
@@ -293,13 +293,8 @@ impl Running {
     /// The aggregates of a key's events.
     pub(super) fn build(plan: &Plan, events: &VecDeque<Stored>) -> Self {
         let mut running = Running::new(plan);
-        running.fill(plan, events);
-        running
-    }
-
-    fn fill(&mut self, plan: &Plan, events: &VecDeque<Stored>) {
         let Some(newest) = events.back().map(|e| e.time) else {
-            return;
+            return running;
         };
         for (w, window) in plan.windows.iter().enumerate() {
             if !window.used {
@@ -310,12 +305,13 @@ impl Running {
             let start = events
                 .partition_point(|e| e.time <= from)
                 .min(events.len() - 1);
-            self.starts[w] = start;
+            running.starts[w] = start;
             for e in events.range(start..) {
-                self.enter(window, e);
+                running.enter(window, e);
             }
         }
-        self.recount(plan, events);
+        running.recount(plan, events);
+        running
     }
 
     /// Finds every counted value's last occurrence again, and each window's distinct counts.

@@ -160,12 +160,8 @@ impl Program {
             let seen = match top {
                 Top::Leaf(node) => self.leaf(node, &mut r)?,
                 Top::Union2(branches) => {
-                    let i = r.long()?;
-                    match i {
-                        0 => self.leaf(branches[0], &mut r)?,
-                        1 => self.leaf(branches[1], &mut r)?,
-                        _ => return Err(format!("union index {i} is not one of 2 branches")),
-                    }
+                    let branch = self.branch(&branches, &mut r)?;
+                    self.leaf(branch, &mut r)?
                 }
                 Top::Node(node) => self.field(node, &mut r, 0)?,
             };
