@@ -247,8 +247,10 @@ impl Processor<'_> {
         let mut committing: Option<Committing> = None;
         let mut live = true;
         while live && !self.stopping() {
-            if let Some(next) = self.reloader.take() {
+            if let Some(handover) = self.reloader.take() {
+                let next = handover.set.clone();
                 self.switch(next);
+                handover.switched(reload::rows(&self.models, self.loaded));
             }
             cycle.clear(&self.models);
             let mut next = match self.gather(&mut cycle)? {
@@ -331,7 +333,6 @@ impl Processor<'_> {
             loaded,
         }
         .emit();
-        crate::telemetry::admin::publish_models(reload::rows(&next, self.loaded));
         self.models = next;
     }
 

@@ -5,8 +5,9 @@
 //! `[[alert]]` and `[reload]` sections may differ from what the processor started with. It
 //! builds a new [`ModelSet`] beside the one scoring (each new model opened, checked against
 //! its entry and warmed up with a row that must score finite numbers) and hands it over; the
-//! loop switches to it between two cycles ([`Reloader::take`]). Anything wrong refuses the
-//! whole reload, with the reason logged and counted: the models before keep scoring.
+//! loop switches to it between two cycles ([`Reloader::take`]), and only then are `/models`
+//! and the requests that asked for it answered. Anything wrong refuses the whole reload, with
+//! the reason logged and counted: the models before keep scoring.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
@@ -24,7 +25,32 @@ use crate::topology::{self, Loaded};
 const RELOADABLE: [&str; 3] = ["model", "alert", "reload"];
 
 /// A set built and not yet switched to.
-type Built = Arc<Mutex<Option<Arc<ModelSet>>>>;
+type Built = Arc<Mutex<Option<Handover>>>;
+
+/// Where a reload request's answer goes.
+type ReplyTo = tokio::sync::oneshot::Sender<Reply>;
+
+/// A set for the loop to switch to, and the reload requests waiting for that switch.
+pub(super) struct Handover {
+    pub(super) set: Arc<ModelSet>,
+    /// Each request's reply, and whether it changed anything (`switched`, not `unchanged`).
+    waiting: Vec<(ReplyTo, bool)>,
+}
+
+impl Handover {
+    /// The loop has switched to the set: `/models` shows it (`rows`), and the requests are
+    /// answered with it.
+    pub(super) fn switched(self, rows: Vec<ModelRow>) {
+        admin::publish_models(rows.clone());
+        for (reply, changed) in self.waiting {
+            let _ = reply.send(if changed {
+                Reply::Switched(rows.clone())
+            } else {
+                Reply::Unchanged(rows.clone())
+            });
+        }
+    }
+}
 
 /// The reloading thread, and the set it built that the loop has yet to switch to.
 pub(super) struct Reloader {
@@ -70,8 +96,9 @@ impl Reloader {
         })
     }
 
-    /// A set built since the last call, to score the next cycle with.
-    pub(super) fn take(&self) -> Option<Arc<ModelSet>> {
+    /// A set built since the last call, to score the next cycle with; once switched to, the
+    /// loop calls [`Handover::switched`].
+    pub(super) fn take(&self) -> Option<Handover> {
         self.built.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 }
@@ -108,10 +135,9 @@ impl Watcher {
         loop {
             match incoming.recv_timeout(self.loaded.topology.reload.poll_interval) {
                 Ok(Request::Reload(reply)) => {
-                    let outcome = self.reload();
+                    self.reload(Some(reply));
                     seen = self.look();
                     changed = None;
-                    let _ = reply.send(outcome);
                 }
                 Ok(Request::Stop) | Err(RecvTimeoutError::Disconnected) => return,
                 Err(RecvTimeoutError::Timeout) if self.loaded.topology.reload.watch => {
@@ -120,7 +146,7 @@ impl Watcher {
                         changed = None;
                     } else if changed.as_ref() == Some(&now) {
                         // Changed, and the same for one more look: a copy has finished.
-                        let _ = self.reload();
+                        self.reload(None);
                         seen = self.look();
                         changed = None;
                     } else {
@@ -164,30 +190,43 @@ impl Watcher {
     }
 
     /// Reads the topology again and builds its models, handing the set over unless nothing
-    /// changed.
-    fn reload(&mut self) -> Reply {
+    /// changed. A request is answered once the loop has switched (or at once, when refused or
+    /// when nothing changed and no set waits for the loop).
+    fn reload(&mut self, reply: Option<ReplyTo>) {
         match self.build() {
             Ok(None) => {
                 ReloadUnchanged.emit();
-                Reply::Unchanged(rows(&self.current, &self.loaded))
+                let mut slot = self.built.lock().unwrap_or_else(|p| p.into_inner());
+                match (slot.as_mut(), reply) {
+                    (Some(pending), Some(reply)) => pending.waiting.push((reply, false)),
+                    (None, Some(reply)) => {
+                        let _ = reply.send(Reply::Unchanged(rows(&self.current, &self.loaded)));
+                    }
+                    (_, None) => {}
+                }
             }
             Ok(Some(set)) => {
-                let rows = rows(&set, &self.loaded);
-                // A newer set replaces one the loop has not taken yet (it never scored).
-                let untaken = self
-                    .built
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .replace(set.clone());
-                if let Some(old) = untaken {
-                    old.retire_unless_in(&set);
+                let mut slot = self.built.lock().unwrap_or_else(|p| p.into_inner());
+                let mut waiting = Vec::new();
+                if let Some(untaken) = slot.take() {
+                    // A newer set replaces one the loop has not taken yet (it never scored):
+                    // whoever asked for that one is answered when this one is switched to.
+                    untaken.set.retire_unless_in(&set);
+                    waiting = untaken.waiting;
                 }
+                waiting.extend(reply.map(|r| (r, true)));
+                *slot = Some(Handover {
+                    set: set.clone(),
+                    waiting,
+                });
+                drop(slot);
                 self.current = set;
-                Reply::Switched(rows)
             }
             Err(Refused(reason)) => {
                 ReloadRefused { reason: &reason }.emit();
-                Reply::Refused(reason)
+                if let Some(reply) = reply {
+                    let _ = reply.send(Reply::Refused(reason));
+                }
             }
         }
     }

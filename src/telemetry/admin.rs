@@ -35,7 +35,7 @@ pub struct ModelRow {
 /// What a reload came to.
 #[derive(Debug, Clone)]
 pub enum Reply {
-    /// A new set scores from the next cycle: its models.
+    /// A new set is switched to (it scores from this cycle on): its models.
     Switched(Vec<ModelRow>),
     /// Nothing changed: the models scoring.
     Unchanged(Vec<ModelRow>),

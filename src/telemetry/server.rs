@@ -136,7 +136,7 @@ async fn models() -> impl IntoResponse {
     Json(json!({ "models": admin::models() }))
 }
 
-/// How long a reload request waits for the models to load and be checked.
+/// How long a reload request waits for the models to be loaded, checked and switched to.
 const RELOAD_WAIT: Duration = Duration::from_secs(300);
 
 async fn reload(headers: HeaderMap) -> impl IntoResponse {
@@ -184,7 +184,7 @@ async fn reload(headers: HeaderMap) -> impl IntoResponse {
         ),
         Err(_) => answer(
             StatusCode::GATEWAY_TIMEOUT,
-            json!({"error": "the reload is still loading; see the logs and GET /models"}),
+            json!({"error": "the reload is not switched to yet (still loading, or the current cycle has not ended); see the logs and GET /models"}),
         ),
     }
 }
