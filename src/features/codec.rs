@@ -221,6 +221,7 @@ impl FeatureState {
                     events,
                     newest,
                     running: None,
+                    undo_at: (0, 0),
                 },
             );
         }

@@ -416,6 +416,9 @@ struct KeyState {
     /// event). Boxed, so a key without them is small (most keys of a card stream hold a few
     /// events).
     running: Option<Box<window::Running>>,
+    /// Where the key's entry in the open undo level is: `(level, index)`, valid while `level`
+    /// is [`FeatureState`]'s open one (so closing a level forgets every key's at once).
+    undo_at: (u64, u32),
 }
 
 impl KeyState {
@@ -496,11 +499,13 @@ impl Clone for KeyState {
             events,
             newest: self.newest,
             running: self.running.clone(),
+            undo_at: self.undo_at,
         }
     }
 }
 
-/// Equal when they hold the same events (the running aggregates are derived from them).
+/// Equal when they hold the same events (the running aggregates are derived from them, and
+/// the undo position is bookkeeping).
 impl PartialEq for KeyState {
     fn eq(&self, other: &Self) -> bool {
         self.events == other.events && self.newest == other.newest
@@ -608,14 +613,21 @@ fn median(values: &mut [i64; CLOCK_BASE]) -> i64 {
 /// opens for the next cycle; [`FeatureState::commit_sealed`] then forgets the sealed level, while
 /// [`FeatureState::rollback`] takes both back and [`FeatureState::rollback_open`] only the
 /// open one.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default)]
 pub struct FeatureState {
     keys: HashMap<String, KeyState, KeyHashing>,
     seq: u64,
     clock: EvictionClock,
     since_sweep: u64,
-    /// Keys changed since the last checkpoint (or seal), and how to take each back.
-    undo: HashMap<String, Undo, KeyHashing>,
+    /// The open undo level: each key changed since the last checkpoint (or seal), once, and
+    /// how to take it back. A key finds its entry through [`KeyState::undo_at`], so an event
+    /// looks up no map for it.
+    undo: Vec<(String, Undo)>,
+    /// How many undo levels were closed: the open level is `level + 1`.
+    level: u64,
+    /// The keys evicted in the open level, and their entries: an evicted key that comes back
+    /// in the same level goes on with its entry.
+    evicted: HashMap<String, u32, KeyHashing>,
     at_checkpoint: (u64, EvictionClock, u64),
     /// The sealed level: the changes of a cycle whose commit is under way, relative to the
     /// checkpoint before it.
@@ -634,17 +646,46 @@ const RUNNING_FROM: usize = 16;
 /// Events a partition's state takes between two sweeps for idle keys.
 pub const SWEEP_EVERY: u64 = 10_000;
 
+/// Equal when they hold the same keys, counters and undo levels (each level's entries in
+/// any order); the level count and the evicted index are bookkeeping.
+impl PartialEq for FeatureState {
+    fn eq(&self, other: &Self) -> bool {
+        self.keys == other.keys
+            && self.seq == other.seq
+            && self.clock == other.clock
+            && self.since_sweep == other.since_sweep
+            && same_undo(&self.undo, &other.undo)
+            && self.at_checkpoint == other.at_checkpoint
+            && self.sealed == other.sealed
+            && self.committed_next == other.committed_next
+            && self.restoring == other.restoring
+    }
+}
+
+/// Whether two undo levels hold the same entries, in whatever order.
+fn same_undo(a: &[(String, Undo)], b: &[(String, Undo)]) -> bool {
+    let index: HashMap<&str, &Undo> = b.iter().map(|(k, u)| (k.as_str(), u)).collect();
+    a.len() == b.len() && a.iter().all(|(k, u)| index.get(k.as_str()) == Some(&u))
+}
+
 /// A sealed undo level (see [`FeatureState`]).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 struct Sealed {
-    undo: HashMap<String, Undo, KeyHashing>,
+    undo: Vec<(String, Undo)>,
     at_checkpoint: (u64, EvictionClock, u64),
+}
+
+impl PartialEq for Sealed {
+    fn eq(&self, other: &Self) -> bool {
+        same_undo(&self.undo, &other.undo) && self.at_checkpoint == other.at_checkpoint
+    }
 }
 
 impl FeatureState {
     /// Forgets the undo log, both levels: everything so far is committed.
     pub fn checkpoint(&mut self) {
         self.undo.clear();
+        self.close_level();
         self.sealed = None;
         self.at_checkpoint = (self.seq, self.clock, self.since_sweep);
     }
@@ -654,6 +695,7 @@ impl FeatureState {
     /// since is sealed anew with both levels' changes.
     pub fn seal(&mut self) {
         let undo = std::mem::take(&mut self.undo);
+        self.close_level();
         let sealed = match self.sealed.take() {
             None => Sealed {
                 undo,
@@ -662,8 +704,14 @@ impl FeatureState {
             Some(mut older) => {
                 // Not expected (one commit is under way at a time), and kept correct anyway: the
                 // newer changes of a key go after its older ones.
+                let mut at: HashMap<String, usize, KeyHashing> = older
+                    .undo
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (k, _))| (k.clone(), i))
+                    .collect();
                 for (key, newer) in undo {
-                    match older.undo.get_mut(&key) {
+                    match at.get(&key).map(|&i| &mut older.undo[i].1) {
                         Some(u) => {
                             u.removed.extend(
                                 newer
@@ -676,7 +724,8 @@ impl FeatureState {
                         None => {
                             let mut n = newer;
                             n.removed.retain(|e| e.seq < older.at_checkpoint.0);
-                            older.undo.insert(key, n);
+                            at.insert(key.clone(), older.undo.len());
+                            older.undo.push((key, n));
                         }
                     }
                 }
@@ -734,7 +783,9 @@ impl FeatureState {
     /// Takes back the changes since the last seal (or checkpoint), keeping a sealed level.
     pub fn rollback_open(&mut self) {
         let checkpoint_seq = self.at_checkpoint.0;
-        for (key, undo) in self.undo.drain() {
+        let undo = std::mem::take(&mut self.undo);
+        self.close_level();
+        for (key, undo) in undo {
             if !undo.existed {
                 self.keys.remove(&key);
                 continue;
@@ -748,6 +799,13 @@ impl FeatureState {
             state.running = None;
         }
         (self.seq, self.clock, self.since_sweep) = self.at_checkpoint;
+    }
+
+    /// Closes the open undo level's bookkeeping: every key's position in it is forgotten at
+    /// once (its entries were taken or cleared by the caller).
+    fn close_level(&mut self) {
+        self.level += 1;
+        self.evicted.clear();
     }
 
     /// Keys changed since the last checkpoint.
@@ -793,15 +851,31 @@ impl FeatureState {
         let trimmed = state.trim(set);
         // The undo log: how to take the key back to the checkpoint, and what to changelog.
         let checkpoint_seq = self.at_checkpoint.0;
-        let undo = match self.undo.get_mut(name) {
-            Some(undo) => undo,
-            None => self.undo.entry(name.to_owned()).or_insert(Undo {
-                existed,
-                newest: newest_before,
-                removed: Vec::new(),
-                added: Default::default(),
-            }),
+        let open = self.level + 1;
+        let index = match state.undo_at {
+            (level, i) if level == open => i as usize,
+            // A key evicted in this level and back again: its entry says how it was.
+            _ => match (!existed && !self.evicted.is_empty())
+                .then(|| self.evicted.remove(name))
+                .flatten()
+            {
+                Some(i) => i as usize,
+                None => {
+                    self.undo.push((
+                        name.to_owned(),
+                        Undo {
+                            existed,
+                            newest: newest_before,
+                            removed: Vec::new(),
+                            added: Default::default(),
+                        },
+                    ));
+                    self.undo.len() - 1
+                }
+            },
         };
+        state.undo_at = (open, index as u32);
+        let undo = &mut self.undo[index].1;
         undo.added.push((t, seq));
         undo.removed
             .extend(trimmed.into_iter().filter(|e| e.seq < checkpoint_seq));
@@ -826,18 +900,30 @@ impl FeatureState {
         };
         let cutoff = now.saturating_sub(set.idle_ms);
         let checkpoint_seq = self.at_checkpoint.0;
-        let undo = &mut self.undo;
+        let open = self.level + 1;
+        let (undo, evicted) = (&mut self.undo, &mut self.evicted);
         self.keys.retain(|key, k| {
             let keep = k.newest >= cutoff;
             if !keep {
-                let entry = undo.entry(key.clone()).or_insert_with(|| Undo {
-                    existed: true,
-                    newest: k.newest,
-                    removed: Vec::new(),
-                    added: Default::default(),
-                });
+                let index = match k.undo_at {
+                    (level, i) if level == open => i as usize,
+                    _ => {
+                        undo.push((
+                            key.clone(),
+                            Undo {
+                                existed: true,
+                                newest: k.newest,
+                                removed: Vec::new(),
+                                added: Default::default(),
+                            },
+                        ));
+                        undo.len() - 1
+                    }
+                };
+                evicted.insert(key.clone(), index as u32);
                 let events = std::mem::take(&mut k.events);
-                entry
+                undo[index]
+                    .1
                     .removed
                     .extend(events.into_iter().filter(|e| e.seq < checkpoint_seq));
             }

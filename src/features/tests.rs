@@ -491,17 +491,31 @@ fn state_restored_from_its_changelog_equals_the_committed_state_and_computes_the
     };
     let mut live = FeatureState::default();
     let mut log = Vec::new();
-    for (n, chunk) in (0..2_000).step_by(250).enumerate() {
-        feed(&mut live, chunk..chunk + 250);
-        if n == 3 {
-            live.sweep(&set);
-        }
+    let mut back = 0;
+    for chunk in (0..2_000).step_by(250) {
+        // A sweep half way through each cycle: keys evicted and back within one cycle too.
+        feed(&mut live, chunk..chunk + 125);
+        let before: HashSet<String> = live.keys.keys().cloned().collect();
+        live.sweep(&set);
+        let evicted: Vec<String> = before
+            .into_iter()
+            .filter(|k| !live.keys.contains_key(k))
+            .collect();
+        feed(&mut live, chunk + 125..chunk + 250);
+        back += evicted
+            .iter()
+            .filter(|k| live.keys.contains_key(*k))
+            .count();
         log.extend(changelog_of(&live, &set, chunk as i64 + 250));
         live.commit(chunk as i64 + 250);
     }
     assert!(
         log.iter().any(|(_, v)| v.is_none()),
         "the test needs evicted keys (tombstones)"
+    );
+    assert!(
+        back > 0,
+        "the test needs keys evicted and back in one cycle"
     );
 
     let mut restored = FeatureState::default();
