@@ -24,7 +24,7 @@
 
 use std::collections::VecDeque;
 
-use super::{CLOCK_BASE, EvictionClock, FeatureSet, FeatureState, KeyState, Stored};
+use super::{CLOCK_BASE, EvictionClock, FeatureSet, FeatureState, Key, KeyState, Stored};
 
 /// Changelog key of a partition's own record. `0xFF` never occurs in UTF-8.
 pub const PARTITION_KEY: &[u8] = b"\xFFpartition";
@@ -126,7 +126,7 @@ impl FeatureState {
         let mut n = 0;
         for (key, undo) in &self.undo {
             for gone in &undo.removed {
-                event_key(&mut record_key, key, gone.seq);
+                event_key(&mut record_key, key.as_bytes(), gone.seq);
                 emit(&record_key, None)?;
                 n += 1;
             }
@@ -141,7 +141,7 @@ impl FeatureState {
                 let Some(i) = find_event(&state.events, time, seq) else {
                     continue;
                 };
-                event_key(&mut record_key, key, seq);
+                event_key(&mut record_key, key.as_bytes(), seq);
                 buf.clear();
                 encode_event(&mut buf, fingerprint, &state.events[i]);
                 emit(&record_key, Some(&buf))?;
@@ -184,7 +184,7 @@ impl FeatureState {
         let (feature_key, seq) = split_event_key(key, value)?;
         match value {
             None => {
-                if let Some(events) = self.restoring.get_mut(feature_key)
+                if let Some(events) = self.restoring.get_mut(feature_key.as_bytes())
                     && let Ok(i) = events.binary_search_by_key(&seq, |e| e.seq)
                 {
                     events.remove(i);
@@ -193,11 +193,11 @@ impl FeatureState {
             Some(value) => {
                 let event = decode_event(value, fingerprint, seq, set)?;
                 // Looked up first: a key has many records, its name is copied once.
-                match self.restoring.get_mut(feature_key) {
+                match self.restoring.get_mut(feature_key.as_bytes()) {
                     Some(events) => by_seq(events, event),
                     None => {
                         self.restoring
-                            .insert(feature_key.to_string(), VecDeque::from([event]));
+                            .insert(Key::new(feature_key.as_bytes()), VecDeque::from([event]));
                     }
                 }
             }
@@ -245,9 +245,9 @@ fn by_seq(events: &mut VecDeque<Stored>, event: Stored) {
 
 /// An event record's key: the feature key, [`SEPARATOR`], the sequence number (big-endian, so
 /// a key's records sort by it).
-fn event_key(out: &mut Vec<u8>, key: &str, seq: u64) {
+fn event_key(out: &mut Vec<u8>, key: &[u8], seq: u64) {
     out.clear();
-    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(key);
     out.push(SEPARATOR);
     out.extend_from_slice(&seq.to_be_bytes());
 }

@@ -42,6 +42,7 @@
 pub mod codec;
 pub mod exact;
 pub mod extract;
+mod key;
 pub mod offline;
 mod window;
 
@@ -54,6 +55,7 @@ use apache_avro::schema::RecordSchema;
 
 pub use codec::{CodecError, PARTITION_KEY, PartitionMark};
 pub use extract::ExtractError;
+use key::Key;
 
 use crate::reason::Reason;
 use crate::topology::config::{Aggregation, StateLimits, Topology};
@@ -615,19 +617,19 @@ fn median(values: &mut [i64; CLOCK_BASE]) -> i64 {
 /// open one.
 #[derive(Debug, Clone, Default)]
 pub struct FeatureState {
-    keys: HashMap<String, KeyState, KeyHashing>,
+    keys: HashMap<Key, KeyState, KeyHashing>,
     seq: u64,
     clock: EvictionClock,
     since_sweep: u64,
     /// The open undo level: each key changed since the last checkpoint (or seal), once, and
     /// how to take it back. A key finds its entry through [`KeyState::undo_at`], so an event
     /// looks up no map for it.
-    undo: Vec<(String, Undo)>,
+    undo: Vec<(Key, Undo)>,
     /// How many undo levels were closed: the open level is `level + 1`.
     level: u64,
     /// The keys evicted in the open level, and their entries: an evicted key that comes back
     /// in the same level goes on with its entry.
-    evicted: HashMap<String, u32, KeyHashing>,
+    evicted: HashMap<Key, u32, KeyHashing>,
     at_checkpoint: (u64, EvictionClock, u64),
     /// The sealed level: the changes of a cycle whose commit is under way, relative to the
     /// checkpoint before it.
@@ -636,7 +638,7 @@ pub struct FeatureState {
     committed_next: Option<i64>,
     /// During a restore, each key's events read so far, in seq order (the order a key's
     /// records are written in, so each is almost always appended).
-    restoring: HashMap<String, VecDeque<Stored>, KeyHashing>,
+    restoring: HashMap<Key, VecDeque<Stored>, KeyHashing>,
 }
 
 /// Keys with fewer events compute their window features from the events themselves; from
@@ -663,15 +665,15 @@ impl PartialEq for FeatureState {
 }
 
 /// Whether two undo levels hold the same entries, in whatever order.
-fn same_undo(a: &[(String, Undo)], b: &[(String, Undo)]) -> bool {
-    let index: HashMap<&str, &Undo> = b.iter().map(|(k, u)| (k.as_str(), u)).collect();
-    a.len() == b.len() && a.iter().all(|(k, u)| index.get(k.as_str()) == Some(&u))
+fn same_undo(a: &[(Key, Undo)], b: &[(Key, Undo)]) -> bool {
+    let index: HashMap<&Key, &Undo> = b.iter().map(|(k, u)| (k, u)).collect();
+    a.len() == b.len() && a.iter().all(|(k, u)| index.get(k) == Some(&u))
 }
 
 /// A sealed undo level (see [`FeatureState`]).
 #[derive(Debug, Clone)]
 struct Sealed {
-    undo: Vec<(String, Undo)>,
+    undo: Vec<(Key, Undo)>,
     at_checkpoint: (u64, EvictionClock, u64),
 }
 
@@ -704,7 +706,7 @@ impl FeatureState {
             Some(mut older) => {
                 // Not expected (one commit is under way at a time), and kept correct anyway: the
                 // newer changes of a key go after its older ones.
-                let mut at: HashMap<String, usize, KeyHashing> = older
+                let mut at: HashMap<Key, usize, KeyHashing> = older
                     .undo
                     .iter()
                     .enumerate()
@@ -833,7 +835,7 @@ impl FeatureState {
             nums,
             cats,
         } = event;
-        let name: &str = &key;
+        let name = key.as_bytes();
         let mut fresh = None;
         let (state, existed) = match self.keys.get_mut(name) {
             Some(s) => (s, true),
@@ -862,7 +864,7 @@ impl FeatureState {
                 Some(i) => i as usize,
                 None => {
                     self.undo.push((
-                        name.to_owned(),
+                        Key::new(name),
                         Undo {
                             existed,
                             newest: newest_before,
@@ -880,8 +882,7 @@ impl FeatureState {
         undo.removed
             .extend(trimmed.into_iter().filter(|e| e.seq < checkpoint_seq));
         if let Some(s) = fresh {
-            // An owned key (one formatted from a uuid) is moved, a borrowed one copied.
-            self.keys.insert(key.into_owned(), s);
+            self.keys.insert(Key::new(name), s);
         }
         self.clock.observe(t);
         self.since_sweep += 1;

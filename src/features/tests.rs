@@ -495,9 +495,9 @@ fn state_restored_from_its_changelog_equals_the_committed_state_and_computes_the
     for chunk in (0..2_000).step_by(250) {
         // A sweep half way through each cycle: keys evicted and back within one cycle too.
         feed(&mut live, chunk..chunk + 125);
-        let before: HashSet<String> = live.keys.keys().cloned().collect();
+        let before: HashSet<Key> = live.keys.keys().cloned().collect();
         live.sweep(&set);
-        let evicted: Vec<String> = before
+        let evicted: Vec<Key> = before
             .into_iter()
             .filter(|k| !live.keys.contains_key(k))
             .collect();
@@ -1158,7 +1158,7 @@ fn running_aggregates_equal_a_recomputation_bit_for_bit_over_long_histories() {
         // computed from its windows' events.
         let mut events = state
             .keys
-            .get(&sensor)
+            .get(sensor.as_bytes())
             .map(|k| k.events.clone())
             .unwrap_or_default();
         let pos = events.partition_point(|e| e.time <= at);
