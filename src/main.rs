@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use kscore::cluster::ClusterArgs;
 use kscore::telemetry::{self, LogFormat};
@@ -130,22 +131,19 @@ enum Command {
 /// How long a stop may take before the process exits regardless.
 const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// A flag set on Ctrl-C or SIGTERM, for commands that stop cleanly.
-fn stop_flag() -> Arc<AtomicBool> {
-    let stop = Arc::new(AtomicBool::new(false));
+/// Sets `stop` on Ctrl-C or SIGTERM, for commands that stop cleanly. The handlers are in place
+/// when this returns: a signal from then on sets the flag instead of ending the process at once
+/// (so this is called before anything else the command does, even its first log line).
+fn stop_on_signals(stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt =
+        signal(SignalKind::interrupt()).context("installing the Ctrl-C (SIGINT) handler")?;
     let flag = stop.clone();
     tokio::spawn(async move {
-        let term = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut s) => {
-                    s.recv().await;
-                }
-                Err(_) => std::future::pending::<()>().await,
-            }
-        };
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term => {}
+            _ = term.recv() => {}
+            _ = interrupt.recv() => {}
         }
         tracing::info!("stop requested");
         flag.store(true, Ordering::Relaxed);
@@ -157,10 +155,20 @@ fn stop_flag() -> Arc<AtomicBool> {
             std::process::exit(0);
         });
     });
-    stop
+    Ok(())
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    if matches!(
+        cli.command,
+        Command::Simulate { .. }
+            | Command::Tail { .. }
+            | Command::Run { .. }
+            | Command::Passthrough { .. }
+    ) {
+        stop_on_signals(&stop)?;
+    }
     if matches!(cli.command, Command::Run { .. }) {
         // Not ready from the endpoint's first answer: the pipeline has yet to start.
         telemetry::health::pipeline_started();
@@ -172,10 +180,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Simulate { cluster, args } => {
             tracing::info!("connecting: {}", cluster.describe());
-            kscore::tools::simulator::run(&cluster, &args, stop_flag()).await?;
+            kscore::tools::simulator::run(&cluster, &args, stop).await?;
         }
         Command::Tail { cluster, args } => {
-            kscore::tools::tail::run(&cluster, &args, stop_flag()).await?;
+            kscore::tools::tail::run(&cluster, &args, stop).await?;
         }
         Command::Run {
             cluster,
@@ -198,7 +206,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 telemetry::admin::enable(telemetry::admin::read_token(&file)?);
             }
-            let stop = stop_flag();
             if let Some(d) = duration {
                 let flag = stop.clone();
                 tokio::spawn(async move {
@@ -222,7 +229,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Passthrough { cluster, args } => {
             let rt = tokio::runtime::Handle::current();
-            let stop = stop_flag();
             let n = tokio::task::spawn_blocking(move || {
                 kscore::tools::passthrough::run(&cluster, &args, rt, stop)
             })

@@ -584,3 +584,51 @@ async fn tail_survives_extreme_event_times() {
     assert!(out.status.success(), "{logs}");
     assert!(!logs.contains("panicked"), "{logs}");
 }
+
+/// A SIGTERM that arrives while the processor is still starting (an orchestrator that changes
+/// its mind at once, a test that stops it right after starting it) stops it cleanly too: the
+/// handler is in place before its first log line, not once it has loaded its topology.
+#[test]
+fn a_sigterm_during_start_up_stops_the_processor_cleanly() {
+    let _turn = turn();
+    let dir = LogDir::new();
+    let run = common::run_id();
+    let input = format!("early-in-{run}");
+    let p = pipeline(dir.path(), &input, "early", &run);
+    let log = dir.path().join("early.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kscore"))
+        .args(["run", "--topology"])
+        .arg(&p.file)
+        .args(["--instance-id", "early"])
+        .env("RUST_LOG", "info,librdkafka=off,rdkafka=off")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // Its first line says it has started: the signal goes at once.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string(&log).unwrap_or_default().is_empty() {
+        assert!(Instant::now() < deadline, "the processor wrote nothing");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let exit = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the processor ignored SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(exit.success(), "{exit}\n{logs}");
+    assert!(logs.contains("stop requested"), "{logs}");
+    assert!(!logs.contains("panicked"), "{logs}");
+}

@@ -120,6 +120,8 @@ pub struct Instances<'a> {
     pipeline: &'a Pipeline,
     dir: PathBuf,
     running: HashMap<String, Child>,
+    /// Each running instance's log.
+    logs: HashMap<String, PathBuf>,
     starts: usize,
 }
 
@@ -129,6 +131,7 @@ impl<'a> Instances<'a> {
             pipeline,
             dir: dir.to_path_buf(),
             running: HashMap::new(),
+            logs: HashMap::new(),
             starts: 0,
         }
     }
@@ -142,8 +145,9 @@ impl<'a> Instances<'a> {
     pub fn start_with(&mut self, id: &str, extra: &[&str]) {
         assert!(!self.running.contains_key(id), "{id} is already running");
         self.starts += 1;
-        let log =
-            std::fs::File::create(self.dir.join(format!("{id}-{}.log", self.starts))).unwrap();
+        let path = self.dir.join(format!("{id}-{}.log", self.starts));
+        let log = std::fs::File::create(&path).unwrap();
+        self.logs.insert(id.to_string(), path);
         let child = Command::new(env!("CARGO_BIN_EXE_kscore"))
             .args(["run", "--topology"])
             .arg(&self.pipeline.file)
@@ -169,14 +173,26 @@ impl<'a> Instances<'a> {
     /// SIGKILL: no chance to finish a transaction or leave the group.
     pub fn kill(&mut self, id: &str) {
         let mut child = self.running.remove(id).expect("running");
+        self.logs.remove(id);
         child.kill().unwrap();
         child.wait().unwrap();
         eprintln!("[harness] SIGKILLed {id}");
     }
 
-    /// SIGTERM: the instance finishes its cycle and leaves the group.
+    /// SIGTERM: the instance finishes its cycle and leaves the group. Sent once the instance
+    /// has written its first log line: its handler is in place from then on, where a signal
+    /// before it (a process not yet at `main`) ends it as the system's default does.
     pub fn stop(&mut self, id: &str) {
         let mut child = self.running.remove(id).expect("running");
+        if let Some(log) = self.logs.remove(id) {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while std::fs::metadata(&log).map_or(0, |m| m.len()) == 0
+                && child.try_wait().unwrap().is_none()
+            {
+                assert!(Instant::now() < deadline, "{id} wrote nothing in 30 s");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
         let status = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .status()
