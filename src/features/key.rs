@@ -1,8 +1,9 @@
 //! A feature key as the state holds it: its UTF-8 bytes inline up to [`INLINE`] of them (a
 //! UUID's 36 characters fit), boxed beyond. A lookup compares the key in the map's own bucket
 //! instead of behind a pointer to a string of its own, a cache miss fewer per event; and a key
-//! held inline costs no allocation. Hashed and compared as its bytes, so a map of keys is looked
-//! up by `&[u8]`.
+//! held inline costs no allocation. Hashed as its bytes, so a map of keys can also be looked up
+//! by `&[u8]`; looked up by a `Key`, two inline keys compare as two fixed-size arrays (the bytes
+//! past a key's length are zero), with no call to compare slices.
 
 use std::borrow::Borrow;
 use std::hash::{Hash, Hasher};
@@ -10,8 +11,10 @@ use std::hash::{Hash, Hasher};
 /// Bytes held inline.
 const INLINE: usize = 38;
 
-/// A feature key's UTF-8 bytes.
-#[derive(Clone)]
+/// A feature key's UTF-8 bytes. Which variant holds a key depends only on its length, and the
+/// bytes of an inline key past its length are zero, so two keys are equal exactly when their
+/// bytes are (as `Borrow<[u8]>` requires).
+#[derive(Clone, PartialEq, Eq)]
 pub(super) enum Key {
     /// The first `len` bytes.
     Inline { len: u8, bytes: [u8; INLINE] },
@@ -21,13 +24,19 @@ pub(super) enum Key {
 
 impl Key {
     pub(super) fn new(key: &[u8]) -> Self {
+        Key::inline(key).unwrap_or_else(|| Key::Boxed(key.into()))
+    }
+
+    /// The key, where it is held inline.
+    #[inline]
+    pub(super) fn inline(key: &[u8]) -> Option<Self> {
         match u8::try_from(key.len()) {
             Ok(len) if key.len() <= INLINE => {
                 let mut bytes = [0; INLINE];
                 bytes[..key.len()].copy_from_slice(key);
-                Key::Inline { len, bytes }
+                Some(Key::Inline { len, bytes })
             }
-            _ => Key::Boxed(key.into()),
+            _ => None,
         }
     }
 
@@ -51,14 +60,6 @@ impl Hash for Key {
         self.as_bytes().hash(state);
     }
 }
-
-impl PartialEq for Key {
-    fn eq(&self, other: &Self) -> bool {
-        self.as_bytes() == other.as_bytes()
-    }
-}
-
-impl Eq for Key {}
 
 impl std::fmt::Debug for Key {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -84,10 +85,21 @@ mod tests {
         }
         assert!(matches!(Key::new(uuid.as_bytes()), Key::Inline { .. }));
         assert!(matches!(Key::new(long.as_bytes()), Key::Boxed(_)));
+        assert!(Key::inline(long.as_bytes()).is_none());
         assert_eq!(map.get(uuid.as_bytes()), Some(&2));
         assert_eq!(map.get(long.as_bytes()), Some(&4));
         assert_eq!(map.get("".as_bytes()), Some(&0));
         assert_eq!(map.get(&long.as_bytes()[..INLINE]), None);
         assert_eq!(Key::new(uuid.as_bytes()).as_bytes(), uuid.as_bytes());
+        // By a key: the same entries, and keys equal exactly when their bytes are.
+        for (i, k) in ["", "a", uuid, &"x".repeat(INLINE), &long]
+            .iter()
+            .enumerate()
+        {
+            assert_eq!(map.get(&Key::new(k.as_bytes())), Some(&(i as u32)));
+        }
+        assert_eq!(map.get(&Key::new(&uuid.as_bytes()[..35])), None);
+        assert_ne!(Key::new(b"ab"), Key::new(b"a"));
+        assert_ne!(Key::new(b"a\0"), Key::new(b"a"));
     }
 }

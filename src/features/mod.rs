@@ -836,8 +836,15 @@ impl FeatureState {
             cats,
         } = event;
         let name = key.as_bytes();
+        // Looked up by a key where it is inline (compared as arrays), else by its bytes (a
+        // longer key is copied only when it is new, to the map or to the undo level).
+        let inline = Key::inline(name);
+        let found = match &inline {
+            Some(k) => self.keys.get_mut(k),
+            None => self.keys.get_mut(name),
+        };
         let mut fresh = None;
-        let (state, existed) = match self.keys.get_mut(name) {
+        let (state, existed) = match found {
             Some(s) => (s, true),
             None => (fresh.insert(KeyState::default()), false),
         };
@@ -864,7 +871,7 @@ impl FeatureState {
                 Some(i) => i as usize,
                 None => {
                     self.undo.push((
-                        Key::new(name),
+                        inline.clone().unwrap_or_else(|| Key::new(name)),
                         Undo {
                             existed,
                             newest: newest_before,
@@ -882,7 +889,8 @@ impl FeatureState {
         undo.removed
             .extend(trimmed.into_iter().filter(|e| e.seq < checkpoint_seq));
         if let Some(s) = fresh {
-            self.keys.insert(Key::new(name), s);
+            self.keys
+                .insert(inline.unwrap_or_else(|| Key::new(name)), s);
         }
         self.clock.observe(t);
         self.since_sweep += 1;
