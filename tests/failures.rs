@@ -495,22 +495,7 @@ fn a_closed_stdout_does_not_stop_the_processor() {
     wait_committed(&cluster, &input, &p.group, Duration::from_secs(60));
     std::thread::sleep(Duration::from_secs(2));
     assert!(child.try_wait().unwrap().is_none(), "the processor died");
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(40);
-    let exit = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the processor ignored SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let exit = terminate(&mut child);
     assert!(exit.success(), "{exit}");
     let logs = std::fs::read_to_string(dir.path().join("pipe.log")).unwrap();
     assert!(!logs.contains("panicked"), "{logs}");
@@ -611,24 +596,29 @@ fn a_sigterm_during_start_up_stops_the_processor_cleanly() {
         assert!(Instant::now() < deadline, "the processor wrote nothing");
         std::thread::sleep(Duration::from_millis(1));
     }
+    let exit = terminate(&mut child);
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(exit.success(), "{exit}\n{logs}");
+    assert!(logs.contains("stop requested"), "{logs}");
+    assert!(!logs.contains("panicked"), "{logs}");
+}
+
+/// Sends `child` a SIGTERM and returns how it exited (within 40 s, or the test fails).
+fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
     let deadline = Instant::now() + Duration::from_secs(40);
-    let exit = loop {
+    loop {
         if let Some(s) = child.try_wait().unwrap() {
-            break s;
+            return s;
         }
         if Instant::now() > deadline {
             let _ = child.kill();
             panic!("the processor ignored SIGTERM");
         }
         std::thread::sleep(Duration::from_millis(50));
-    };
-    let logs = std::fs::read_to_string(&log).unwrap();
-    assert!(exit.success(), "{exit}\n{logs}");
-    assert!(logs.contains("stop requested"), "{logs}");
-    assert!(!logs.contains("panicked"), "{logs}");
+    }
 }
