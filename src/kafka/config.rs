@@ -124,6 +124,11 @@ pub fn source(
             // default of 100,000 kept its broker thread fetching twice as hard (measured:
             // 1.6 -> 0.7 CPU-s for a 200,000-event backlog) and holds more memory.
             ("queued.min.messages", "20000"),
+            // A partition whose prefetch is full is fetched again this soon after it has room.
+            // librdkafka's default, a second, left both the processor and the passthrough
+            // waiting on an empty queue with a backlog on the broker (measured, 200,000
+            // events: passthrough 119 k/s -> 287-302 k/s, processor 62-68 k/s -> 86-124 k/s).
+            ("fetch.queue.backoff.ms", "20"),
         ],
     );
     Ok(cfg)
@@ -242,6 +247,7 @@ mod tests {
         assert_eq!(cfg.get("fetch.wait.max.ms"), Some("20"));
         assert_eq!(cfg.get("group.instance.id"), Some("custom"));
         assert_eq!(cfg.get("queued.min.messages"), Some("20000"));
+        assert_eq!(cfg.get("fetch.queue.backoff.ms"), Some("20"));
         assert_eq!(cfg.get("enable.auto.commit"), Some("false"));
         let cfg = sink(&with(&[("linger.ms", "50")]), Some("kscore-g-0")).expect("valid");
         assert_eq!(cfg.get("linger.ms"), Some("50"));
