@@ -97,35 +97,12 @@ pub struct Program {
 /// How a top-level field is read.
 #[derive(Debug, Clone, Copy)]
 enum Top {
-    /// A leaf (a reference followed to its target).
-    Leaf(Quick),
+    /// A leaf at this node (a reference followed to its target).
+    Leaf(usize),
     /// A union of two leaves (`["null", "string"]`): a branch index, then that leaf.
-    Union2([Quick; 2]),
+    Union2([usize; 2]),
     /// Anything else, the general way.
     Node(usize),
-}
-
-/// A top-level leaf whose read and view are decided when the program is compiled, so reading
-/// it is one dispatch rather than one on how it is read and another on how it is seen. Each
-/// is read and refused exactly as [`leaf`] reads the node it was made from.
-#[derive(Debug, Clone, Copy)]
-enum Quick {
-    Null,
-    Boolean,
-    Int,
-    Long,
-    TimestampMillis,
-    TimestampMicros,
-    Double,
-    String,
-    UuidString,
-    /// An enum at `node` with `symbols` symbols.
-    Enum {
-        node: usize,
-        symbols: usize,
-    },
-    /// Any other leaf, by [`leaf`].
-    Other(usize),
 }
 
 /// A datum read in place: what the features see of each top-level field, borrowed from its
@@ -181,10 +158,10 @@ impl Program {
         let mut fields = Vec::with_capacity(self.top.len());
         for &top in self.top.iter() {
             let seen = match top {
-                Top::Leaf(quick) => self.quick(quick, &mut r)?,
+                Top::Leaf(node) => self.leaf(node, &mut r)?,
                 Top::Union2(branches) => {
                     let branch = self.branch(&branches, &mut r)?;
-                    self.quick(branch, &mut r)?
+                    self.leaf(branch, &mut r)?
                 }
                 Top::Node(node) => self.field(node, &mut r, 0)?,
             };
@@ -225,43 +202,15 @@ impl Program {
         }
     }
 
-    /// Reads a top-level leaf as [`leaf`] reads the node it was made from.
     #[inline(always)]
-    fn quick<'a>(&self, quick: Quick, r: &mut Reader<'a>) -> Result<Seen<'a>, String> {
-        Ok(Seen::Is(match quick {
-            Quick::Null => Scalar::Null,
-            Quick::Boolean => match r.byte()? {
-                b @ (0 | 1) => Scalar::Boolean(b == 1),
-                b => return Err(format!("invalid boolean byte {b}")),
-            },
-            Quick::Int => Scalar::Int(r.int()?),
-            Quick::Long => Scalar::Long(r.long()?),
-            Quick::TimestampMillis => Scalar::TimestampMillis(r.long()?),
-            Quick::TimestampMicros => Scalar::TimestampMicros(r.long()?),
-            Quick::Double => Scalar::Double(f64::from_le_bytes(r.array()?)),
-            Quick::String => Scalar::Str(r.str()?),
-            Quick::UuidString => {
-                let s = r.str()?;
-                Scalar::Uuid(uuid::Uuid::parse_str(s).map_err(|e| format!("not a UUID: {e}"))?)
-            }
-            Quick::Enum { node, symbols } => {
-                let i = r.int()?;
-                return match usize::try_from(i) {
-                    Ok(index) if index < symbols => Ok(Seen::Symbol { node, index }),
-                    _ => Err(format!("enum index {i} is not one of {symbols} symbols")),
-                };
-            }
-            Quick::Other(node) => {
-                return match self.nodes.get(node) {
-                    Some(n) => leaf(node, n, r),
-                    None => Err("schema node out of range".into()),
-                };
-            }
-        }))
+    fn leaf<'a>(&self, node: usize, r: &mut Reader<'a>) -> Result<Seen<'a>, String> {
+        match self.nodes.get(node) {
+            Some(n) => leaf(node, n, r),
+            None => Err("schema node out of range".into()),
+        }
     }
 
-    #[inline(always)]
-    fn branch<T: Copy>(&self, branches: &[T], r: &mut Reader<'_>) -> Result<T, String> {
+    fn branch(&self, branches: &[usize], r: &mut Reader<'_>) -> Result<usize, String> {
         let i = r.long()?;
         usize::try_from(i)
             .ok()
@@ -473,7 +422,7 @@ impl Compiler {
             is_leaf.then_some(id)
         };
         if let Some(id) = leaf(node) {
-            return Top::Leaf(self.quick(id));
+            return Top::Leaf(id);
         }
         if let Some(Node {
             op: Op::Union(branches),
@@ -482,32 +431,9 @@ impl Compiler {
             && let [a, b] = **branches
             && let (Some(a), Some(b)) = (leaf(a), leaf(b))
         {
-            return Top::Union2([self.quick(a), self.quick(b)]);
+            return Top::Union2([a, b]);
         }
         Top::Node(node)
-    }
-
-    /// How the leaf at `id` is read at the top level.
-    fn quick(&self, id: usize) -> Quick {
-        let Some(n) = self.nodes.get(id) else {
-            return Quick::Other(id);
-        };
-        match (&n.op, &n.view) {
-            (Op::Null, View::Null) => Quick::Null,
-            (Op::Boolean, View::Boolean) => Quick::Boolean,
-            (Op::Int, View::Int) => Quick::Int,
-            (Op::Long, View::Long) => Quick::Long,
-            (Op::Long, View::TimestampMillis) => Quick::TimestampMillis,
-            (Op::Long, View::TimestampMicros) => Quick::TimestampMicros,
-            (Op::Double, View::Double) => Quick::Double,
-            (Op::String, View::String) => Quick::String,
-            (Op::UuidString, View::Uuid) => Quick::UuidString,
-            (Op::Enum(symbols), View::Enum(_)) => Quick::Enum {
-                node: id,
-                symbols: *symbols,
-            },
-            _ => Quick::Other(id),
-        }
     }
 
     fn push(&mut self, op: Op, view: View) -> usize {
@@ -626,18 +552,6 @@ impl<'a> Reader<'a> {
             Some(bytes) => {
                 self.pos += n;
                 Ok(bytes)
-            }
-            None => Err(early()),
-        }
-    }
-
-    #[inline(always)]
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
-        let rest = self.buf.get(self.pos..).unwrap_or_default();
-        match rest.first_chunk::<N>() {
-            Some(bytes) => {
-                self.pos += N;
-                Ok(*bytes)
             }
             None => Err(early()),
         }
