@@ -189,7 +189,8 @@ fn failing_cycles_back_off_turn_not_ready_and_leave_the_lag_visible() {
 /// A scored record over its topic's `max.message.bytes` is refused by the broker, which fails
 /// the whole batch; the processor redoes the cycle one record per batch, finds the record,
 /// dead-letters it as `output_too_large`, and scores every other record once. (The old
-/// processor aborted the cycle for ever.)
+/// processor aborted the cycle for ever.) The limit is on the compressed batch, so the big
+/// field is random text that lz4 cannot shrink: 50,000 repeated letters would fit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_the_broker_refuses_is_found_and_dead_lettered() {
     let _turn = TURN.lock().await;
@@ -213,7 +214,13 @@ async fn a_record_the_broker_refuses_is_found_and_dead_lettered() {
     let mut big = events[150].clone();
     big.event_id = uuid::Uuid::from_u128(0xb16);
     big.card_id = "crd_big".into();
-    big.merchant_name = "m".repeat(50_000);
+    big.merchant_name = {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0xb16);
+        (0..50_000)
+            .map(|_| char::from(rng.sample(rand::distr::Alphanumeric)))
+            .collect()
+    };
     events.insert(150, big.clone());
     produce(&cluster, &t.input.topic, &encoder, &events).await;
 

@@ -136,7 +136,7 @@ pub fn source(
 
 /// The output producer's settings. Enforced: idempotence, and with `transactional_id` (exactly
 /// once) that id. Defaulted: Java clients' partitioner (the same partition for a key), a 5 ms
-/// linger, a 60 s transaction timeout.
+/// linger, lz4 compression, a 60 s transaction timeout.
 pub fn sink(
     cluster: &ClusterArgs,
     transactional_id: Option<&str>,
@@ -164,7 +164,16 @@ pub fn sink(
     }
     default(
         &mut cfg,
-        &[("partitioner", "murmur2_random"), ("linger.ms", "5")],
+        &[
+            ("partitioner", "murmur2_random"),
+            ("linger.ms", "5"),
+            // Batches are compressed (a batch that would grow is sent as it is): the scored
+            // records repeat their field names and categories, the changelog its keys. Fewer
+            // bytes for the broker to take, store and serve (measured on the stand-in, 600,000
+            // events: processor 60-68 k/s -> 85-100 k/s, broker CPU 10.5-13.5 -> 7.7-7.9 s per
+            // million events).
+            ("compression.type", "lz4"),
+        ],
     );
     Ok(cfg)
 }
@@ -253,6 +262,9 @@ mod tests {
         assert_eq!(cfg.get("linger.ms"), Some("50"));
         assert_eq!(cfg.get("transactional.id"), Some("kscore-g-0"));
         assert_eq!(cfg.get("enable.idempotence"), Some("true"));
+        assert_eq!(cfg.get("compression.type"), Some("lz4"));
+        let cfg = sink(&with(&[("compression.type", "zstd")]), None).expect("valid");
+        assert_eq!(cfg.get("compression.type"), Some("zstd"));
         let cfg = source(&with(&[]), "g", None).expect("valid");
         assert_eq!(cfg.get("group.instance.id"), None);
     }
