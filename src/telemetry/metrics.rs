@@ -83,7 +83,7 @@ pub const CONSUMER_LAG: &str = "kscore_consumer_lag";
 pub const STATE_KEYS: &str = "kscore_feature_state_keys";
 /// Changelog records written (events added, tombstones of events dropped, partition records).
 pub const CHANGELOG_RECORDS: &str = "kscore_changelog_records_total";
-/// Bytes of changelog records written, keys and values.
+/// Bytes of changelog records written, keys and values, before compression.
 pub const CHANGELOG_BYTES: &str = "kscore_changelog_bytes_total";
 /// Seconds a restore of newly assigned partitions took.
 pub const STATE_RESTORE_SECONDS: &str = "kscore_state_restore_seconds";
@@ -207,7 +207,7 @@ pub const CATALOGUE: &[Metric] = &[
     // Feature state.
     metric(STATE_KEYS, Gauge, &[], "Keys held in feature state."),
     metric(CHANGELOG_RECORDS, Counter, &[], "Changelog records written (one per event added, a tombstone per event dropped, one partition record per partition and commit)."),
-    metric(CHANGELOG_BYTES, Counter, &[], "Bytes of changelog records written, keys and values: per event, independent of how much history its key holds."),
+    metric(CHANGELOG_BYTES, Counter, &[], "Bytes of changelog records written, keys and values, before the producer compresses them: per event, independent of how much history its key holds."),
     histogram(STATE_RESTORE_SECONDS, &[], SECONDS, "Seconds a restore of newly assigned partitions took."),
     metric(STATE_RESTORE_RECORDS, Counter, &[], "Changelog records read by restores."),
     metric(STATE_RESTORE_BYTES, Counter, &[], "Changelog bytes (keys and values) read by restores."),
