@@ -118,6 +118,9 @@ impl Restorer {
         stop: &std::sync::atomic::AtomicBool,
     ) -> Result<BTreeMap<i32, Restored>, KafkaError> {
         loop {
+            // Retrying while the broker is away is the loop turning, not a stuck process: an
+            // attempt can spend its whole metadata wait (10 s) without a poll that beats.
+            crate::telemetry::health::beat();
             match self.attempt(set, partitions) {
                 Ok(Some(done)) => return Ok(done),
                 Ok(None) => {
