@@ -209,7 +209,7 @@ impl CommitFoundCommitted<'_> {
     }
 }
 
-/// The cycle in progress was discarded unpublished.
+/// The cycle in progress was discarded, what of it was published aborted.
 pub struct CycleDiscarded {
     /// Its records.
     pub records: usize,
@@ -222,7 +222,7 @@ impl CycleDiscarded {
     pub fn emit(self) {
         tracing::info!(
             records = self.records,
-            "discarding the cycle in progress (nothing of it was sent): {}",
+            "discarding the cycle in progress (aborting what of it was published): {}",
             if self.stopping {
                 "stopping"
             } else {
