@@ -213,6 +213,8 @@ impl CommitFoundCommitted<'_> {
 pub struct CycleDiscarded {
     /// Its records.
     pub records: usize,
+    /// How many of them were published (in its transaction, now aborted).
+    pub published: usize,
     /// Whether for a stop (else a rebalance).
     pub stopping: bool,
 }
@@ -222,6 +224,7 @@ impl CycleDiscarded {
     pub fn emit(self) {
         tracing::info!(
             records = self.records,
+            published = self.published,
             "discarding the cycle in progress (aborting what of it was published): {}",
             if self.stopping {
                 "stopping"
