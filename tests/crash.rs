@@ -106,9 +106,10 @@ fn instances_joining_and_leaving_the_group_publish_exactly_what_one_uninterrupte
     s.assert_same_as_reference(events);
 }
 
-/// A cycle's records are published while it is gathered. An instance joining or leaving the
-/// group revokes the partitions of a cycle that has published some (3 s cycles make that
-/// certain): its transaction is aborted, and the output is still exactly that of one
+/// A cycle's records are published while it is gathered, as their scores arrive (the models
+/// get a cycle's rows in batches of `max_rows`, 512). An instance joining or leaving the group
+/// revokes the partitions of a cycle that has published some (3 s cycles of 1,200 records make
+/// that certain): its transaction is aborted, and the output is still exactly that of one
 /// uninterrupted run.
 #[test]
 fn a_rebalance_aborts_the_records_a_cycle_published_while_gathered() {
@@ -121,7 +122,7 @@ fn a_rebalance_aborts_the_records_a_cycle_published_while_gathered() {
         text.replace(from, "commit_interval = \"3s\""),
     )
     .unwrap();
-    let (events, rate) = (3_000, 200.0);
+    let (events, rate) = (6_000, 400.0);
     let mut simulator = simulate(&s.input, events, rate, 12, None);
     let mut instances = s.instances();
     let started = Instant::now();

@@ -183,15 +183,6 @@ impl Cycle {
         Ok(())
     }
 
-    /// Hands every model the rows it has not had yet; its batcher sends them on by its own
-    /// cap and delay.
-    pub(super) fn submit(&mut self, hold: &mut dyn FnMut()) -> Result<(), BatcherError> {
-        for (b, open) in self.models.batchers().zip(&mut self.open) {
-            submit(b, open, hold)?;
-        }
-        Ok(())
-    }
-
     /// Hands every model the rows it has not had yet, and asks for their batches now.
     pub(super) fn flush(&mut self, hold: &mut dyn FnMut()) -> Result<(), BatcherError> {
         for (b, open) in self.models.batchers().zip(&mut self.open) {

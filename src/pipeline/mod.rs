@@ -353,10 +353,6 @@ impl Processor<'_> {
                 return Ok(Some(Gathered::Recovered));
             }
         }
-        // The rows gathered since go to the models (which batch them by their own cap and
-        // delay), so a slow input's records are scored, and published, during the cycle too.
-        let (consumer, pressure) = (&self.consumer, &mut self.pressure);
-        cycle.submit(&mut || pressure.hold(consumer))?;
         cycle::drain_scores(&self.results, cycle)?;
         let ready = cycle.ready();
         if ready > cycle.sent
