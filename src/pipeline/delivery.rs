@@ -480,8 +480,7 @@ pub(super) struct Committer {
     gate: Arc<CommitGate>,
     /// The counts of the commit under way, should the thread be gone.
     under_way: Option<Counts>,
-    /// A commit that could not be handed to the thread, or one that ended and was seen to
-    /// (by [`Committer::ended`]).
+    /// A commit that could not be handed to the thread.
     unsent: Option<Done>,
 }
 
@@ -526,24 +525,6 @@ impl Committer {
             return;
         }
         self.under_way = Some(counts);
-    }
-
-    /// Whether the commit under way ended (or none is): [`Delivery::finish_commit`] then
-    /// returns at once.
-    pub(super) fn ended(&mut self) -> bool {
-        if self.unsent.is_some() || self.under_way.is_none() {
-            return true;
-        }
-        match self.done.try_recv() {
-            Ok(done) => {
-                self.under_way = None;
-                self.unsent = Some(done);
-                true
-            }
-            Err(std::sync::mpsc::TryRecvError::Empty) => false,
-            // The thread died: finishing says so.
-            Err(std::sync::mpsc::TryRecvError::Disconnected) => true,
-        }
     }
 
     /// Waits for the commit under way to end.

@@ -209,12 +209,10 @@ impl CommitFoundCommitted<'_> {
     }
 }
 
-/// The cycle in progress was discarded, what of it was published aborted.
+/// The cycle in progress was discarded unpublished.
 pub struct CycleDiscarded {
     /// Its records.
     pub records: usize,
-    /// How many of them were published (in its transaction, now aborted).
-    pub published: usize,
     /// Whether for a stop (else a rebalance).
     pub stopping: bool,
 }
@@ -224,8 +222,7 @@ impl CycleDiscarded {
     pub fn emit(self) {
         tracing::info!(
             records = self.records,
-            published = self.published,
-            "discarding the cycle in progress (aborting what of it was published): {}",
+            "discarding the cycle in progress (nothing of it was sent): {}",
             if self.stopping {
                 "stopping"
             } else {
