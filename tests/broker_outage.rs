@@ -1,6 +1,7 @@
 //! The broker goes away for longer than the liveness threshold (`health::STALL`, 60 s) while a
 //! processor instance has a cycle to publish: the instance stays live the whole time (a restart
-//! would not bring the broker back), reports not ready while it cannot publish, and once the
+//! would not bring the broker back), reports not ready while it cannot publish (its commit under
+//! way for longer than `health::COMMIT_SLOW`, or its producer being re-created), and once the
 //! broker is back it publishes exactly what an uninterrupted run over the same input does.
 //! In a file of its own because it takes the shared test broker down: test binaries run one
 //! after another, so no other test sees that.
@@ -69,6 +70,7 @@ fn a_broker_outage_longer_than_the_stall_threshold_keeps_the_instance_live_and_c
         }
         std::thread::sleep(Duration::from_secs(1));
     }
+    eprintln!("[harness] not ready in {not_ready} of the outage's one-second checks");
     assert!(
         not_ready > 0,
         "the instance said it was ready all through the outage"

@@ -106,6 +106,54 @@ fn instances_joining_and_leaving_the_group_publish_exactly_what_one_uninterrupte
     s.assert_same_as_reference(events);
 }
 
+/// A cycle's records are published while it is gathered, as their scores arrive (the models
+/// get a cycle's rows in batches of `max_rows`, 512). An instance joining or leaving the group
+/// revokes the partitions of a cycle that has published some (3 s cycles of 1,200 records make
+/// that certain): its transaction is aborted, and the output is still exactly that of one
+/// uninterrupted run.
+#[test]
+fn a_rebalance_aborts_the_records_a_cycle_published_while_gathered() {
+    let s = Scenario::new("revoked");
+    let text = std::fs::read_to_string(&s.under_test.file).unwrap();
+    let from = "commit_interval = \"100ms\"";
+    assert!(text.contains(from), "fraud.toml no longer has {from}");
+    std::fs::write(
+        &s.under_test.file,
+        text.replace(from, "commit_interval = \"3s\""),
+    )
+    .unwrap();
+    let (events, rate) = (6_000, 400.0);
+    let mut simulator = simulate(&s.input, events, rate, 12, None);
+    let mut instances = s.instances();
+    let started = Instant::now();
+    // (b is stopped and started again: a static member that left for good would keep its
+    // partitions until its session timed out.)
+    let script = [
+        (0.0, "start", "a"),
+        (5.0, "start", "b"),
+        (10.0, "stop", "b"),
+        (11.0, "start", "b"),
+    ];
+    for (at, action, id) in script {
+        std::thread::sleep(Duration::from_secs_f64(at).saturating_sub(started.elapsed()));
+        instances.check_alive();
+        match action {
+            "start" => instances.start(id),
+            _ => instances.stop(id),
+        }
+    }
+    wait_input(&mut simulator, &mut instances);
+    s.finish(&mut instances, Duration::from_secs(300));
+    let discarded = instances.discarded();
+    assert!(
+        discarded
+            .iter()
+            .any(|(records, published)| *published > 0 && published <= records),
+        "no rebalance aborted a cycle with published records: {discarded:?}"
+    );
+    s.assert_same_as_reference(events);
+}
+
 /// An instance died inside a transaction that had already sent scored records and changelog
 /// records. Until someone re-initialises its `transactional.id`, `read_committed` readers
 /// cannot read past it; the instance restarted with the same id does that (which aborts the

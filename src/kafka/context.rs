@@ -3,9 +3,9 @@
 //!
 //! - A revocation first waits for a commit under way to end ([`CommitGate`]: the previous
 //!   cycle's transaction commits, or aborts, while the next cycle is gathered), so no
-//!   transaction of the partitions is open when they leave. Then it is a flag: the loop
-//!   discards the cycle in progress (nothing of it was sent; its transaction only opens after
-//!   its last poll).
+//!   committing transaction of the partitions is left when they leave. Then it is a flag: the
+//!   loop discards the cycle in progress, aborting its transaction if it began (what of it was
+//!   published; its input offsets are never sent).
 //! - An assignment pauses the new partitions at once and queues them: the loop restores their
 //!   state from the changelog before it resumes them.
 //! - The lag counts from the offsets the processor committed (its own map, set at every commit

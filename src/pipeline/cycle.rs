@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant};
 
 use apache_avro::types::Value;
@@ -15,8 +15,9 @@ use tokio::runtime::Handle;
 
 use super::backpressure::Pressure;
 use super::models::ModelSet;
+use super::publish::Counts;
 use super::restore::Restore;
-use super::{Gathered, Input, Processor, now_ms};
+use super::{Flight, Gathered, Input, Processor, now_ms};
 use crate::batcher::{BatcherError, ModelBatcher, Refused, Scored};
 use crate::features::{FeatureSet, FeatureState};
 use crate::reason::Reason;
@@ -86,6 +87,10 @@ pub(super) struct Cycle {
     /// Which cycle this is (counted by [`Cycle::clear`]): the high half of each ticket, so the
     /// scores of a discarded cycle's rows, arriving later, are known and dropped.
     generation: u32,
+    /// How many of its records (a prefix) are published already, in its open transaction.
+    pub(super) sent: usize,
+    /// What it published so far, once its transaction began.
+    pub(super) counts: Option<Counts>,
 }
 
 /// A row's ticket: its cycle's generation and its record's place in the cycle.
@@ -109,7 +114,28 @@ impl Cycle {
             outstanding: 0,
             open: Vec::new(),
             generation: 0,
+            sent: 0,
+            counts: None,
         }
+    }
+
+    /// Whether its transaction began (some of its records may be on their way).
+    pub(super) fn begun(&self) -> bool {
+        self.counts.is_some()
+    }
+
+    /// The end of the records whose fate is known: from [`Cycle::sent`] on, each is a dead
+    /// letter or has every score it waits for. They can be published (after [`settle`]).
+    pub(super) fn ready(&self) -> usize {
+        let models = &self.models;
+        let waiting = |p: &Pending| match &p.outcome {
+            Outcome::Dead { .. } => false,
+            Outcome::Scored { scores, bucket, .. } => models
+                .routes(*bucket)
+                .any(|m| scores.get(m).is_none_or(Option::is_none)),
+        };
+        let rest = self.records.get(self.sent..).unwrap_or_default();
+        self.sent + rest.iter().position(waiting).unwrap_or(rest.len())
     }
 
     /// Empties it for the next cycle, to be scored with `models`.
@@ -121,15 +147,26 @@ impl Cycle {
         self.open = vec![(Vec::new(), Vec::new()); models.members.len()];
         self.generation = self.generation.wrapping_add(1);
         self.models = models.clone();
+        self.sent = 0;
+        self.counts = None;
     }
 
     /// Takes one decoded record: its rows go to the models that score it (in batches of their
     /// `max_rows`).
-    pub(super) fn push(&mut self, p: Pending, hold: &mut dyn FnMut()) -> Result<(), BatcherError> {
+    pub(super) fn push(
+        &mut self,
+        mut p: Pending,
+        hold: &mut dyn FnMut(),
+    ) -> Result<(), BatcherError> {
         if let Outcome::Scored {
-            features, bucket, ..
-        } = &p.outcome
+            features,
+            bucket,
+            scores,
+            ..
+        } = &mut p.outcome
         {
+            // A slot per model, filled as its scores arrive.
+            scores.resize(self.models.members.len(), None);
             let ticket = ticket(self.generation, self.records.len());
             for m in self.models.routes(*bucket) {
                 let (member, open) = (&self.models.members[m], &mut self.open[m]);
@@ -163,8 +200,13 @@ const ISOLATED_CYCLE_RECORDS: usize = 1_000;
 
 impl Processor<'_> {
     /// Polls and takes records until the commit interval has passed or the cycle is full,
-    /// restoring newly assigned partitions first.
-    pub(super) fn gather(&mut self, cycle: &mut Cycle) -> anyhow::Result<Gathered> {
+    /// restoring newly assigned partitions first; meanwhile ends the commit before it and
+    /// publishes what is scored (see [`Processor::advance`]).
+    pub(super) fn gather(
+        &mut self,
+        cycle: &mut Cycle,
+        flight: &mut Flight,
+    ) -> anyhow::Result<Gathered> {
         let t = &self.loaded.topology;
         let started = Instant::now();
         let most = if self.delivery.isolating() {
@@ -172,30 +214,32 @@ impl Processor<'_> {
         } else {
             self.opts.max_cycle_records
         };
-        let restore = Restore {
-            consumer: &self.consumer,
-            restorer: &self.restorer,
-            set: &self.set,
-            topic: &t.input.topic,
-            guarantee: t.delivery.guarantee,
-            stop: &self.stop,
-        };
         let isolating = self.delivery.isolating();
         // The cycle's clock is read once per poll (it was twice), the health beat's (the wall
         // clock) after every 16 polls and every empty one.
         let mut elapsed = Duration::ZERO;
         let mut polled: u32 = 0;
+        let mut quiet = false;
         while elapsed < t.delivery.commit_interval
             && cycle.records.len() < most
             && !self.stop.load(Ordering::Relaxed)
             && !(isolating && !cycle.next.is_empty() && self.refusals.covered_by(&cycle.next))
         {
+            // Every 32 polls and after an empty one (never between a poll and its record,
+            // which borrows the consumer; a revocation, which only a poll delivers, is seen
+            // first).
+            if (quiet || polled.is_multiple_of(32))
+                && let Some(ended) = self.advance(cycle, flight)?
+            {
+                return Ok(ended);
+            }
             let wait = t
                 .delivery
                 .commit_interval
-                .saturating_sub(elapsed)
+                .saturating_sub(started.elapsed())
                 .min(Duration::from_millis(50));
             let msg = self.consumer.poll(wait);
+            quiet = msg.is_none();
             elapsed = started.elapsed();
             polled = polled.wrapping_add(1);
             if msg.is_none() || polled.is_multiple_of(16) {
@@ -206,6 +250,14 @@ impl Processor<'_> {
             }
             let assigned = self.consumer.context().take_assigned();
             if !assigned.is_empty() {
+                let restore = Restore {
+                    consumer: &self.consumer,
+                    restorer: &self.restorer,
+                    set: &self.set,
+                    topic: &t.input.topic,
+                    guarantee: t.delivery.guarantee,
+                    stop: &self.stop,
+                };
                 restore.assigned(&mut self.states, &assigned)?;
             }
             let msg = match msg {
@@ -376,82 +428,99 @@ fn fetching<'m>(
     }
 }
 
-/// Waits for every score of the cycle (`idle` between checks), and marks the rows of batches a
-/// model failed on as `scoring_failed`. A dead model is an error: its rows never come. Scores
-/// of an earlier, discarded cycle's rows are dropped.
+/// Waits for every score of the cycle (`idle` between checks). A dead model is an error: its
+/// rows never come.
 pub(super) fn wait_scores(
     results: &Receiver<Scored>,
     cycle: &mut Cycle,
     idle: &mut dyn FnMut(),
 ) -> Result<(), BatcherError> {
-    let models = cycle.models.clone();
-    let pending = &mut cycle.records;
-    for p in pending.iter_mut() {
-        if let Outcome::Scored { scores, .. } = &mut p.outcome {
-            scores.resize(models.members.len(), None);
-        }
-    }
-    let mut failures: Vec<(usize, String)> = Vec::new();
     while cycle.outstanding > 0 {
-        let batch = match results.recv_timeout(Duration::from_millis(50)) {
-            Ok(batch) => batch,
+        match results.recv_timeout(Duration::from_millis(50)) {
+            Ok(batch) => absorb(cycle, batch),
             Err(RecvTimeoutError::Timeout) => {
-                models.check()?;
+                cycle.models.check()?;
                 idle();
-                continue;
             }
-            Err(RecvTimeoutError::Disconnected) => {
-                models.check()?;
-                return Err(BatcherError::Died {
-                    model: "every model".into(),
-                    reason: "the scoring threads are gone".into(),
-                });
-            }
-        };
-        let generation = cycle.generation;
-        match batch.rows {
-            Ok(rows) => {
-                for (i, values) in rows
-                    .into_iter()
-                    .filter_map(|(t, v)| Some((place(generation, t)?, v)))
-                {
-                    cycle.outstanding = cycle.outstanding.saturating_sub(1);
-                    if let Some(Pending {
-                        outcome: Outcome::Scored { scores, .. },
-                        ..
-                    }) = pending.get_mut(i)
-                    {
-                        scores[batch.model] = Some(values);
-                    }
-                }
-            }
-            Err((tickets, e)) => {
-                for i in tickets.into_iter().filter_map(|t| place(generation, t)) {
-                    cycle.outstanding = cycle.outstanding.saturating_sub(1);
-                    failures.push((i, e.to_string()));
-                }
-            }
-        }
-    }
-    for (i, error) in failures {
-        if let Some(p) = pending.get_mut(i) {
-            p.outcome = Outcome::Dead {
-                reason: Reason::ScoringFailed,
-                error,
-                cut: Cut::Whole,
-            };
+            Err(RecvTimeoutError::Disconnected) => return Err(gone(&cycle.models)),
         }
     }
     Ok(())
 }
 
-/// Decides, before anything is published, the records that are dead letters after all: those
-/// the producer refused on an earlier try, and those with a score that is not a finite number
-/// (so only published scores reach the drift and latency metrics).
-pub(super) fn settle(cycle: &mut Cycle, poisoned: &HashMap<(i32, i64), Poison>) {
+/// Takes the scores that have arrived, without waiting.
+pub(super) fn drain_scores(
+    results: &Receiver<Scored>,
+    cycle: &mut Cycle,
+) -> Result<(), BatcherError> {
+    loop {
+        match results.try_recv() {
+            Ok(batch) => absorb(cycle, batch),
+            Err(TryRecvError::Empty) => return Ok(()),
+            Err(TryRecvError::Disconnected) => return Err(gone(&cycle.models)),
+        }
+    }
+}
+
+/// The scoring threads are gone: the model that died, if one did.
+fn gone(models: &ModelSet) -> BatcherError {
+    match models.check() {
+        Err(e) => e,
+        Ok(()) => BatcherError::Died {
+            model: "every model".into(),
+            reason: "the scoring threads are gone".into(),
+        },
+    }
+}
+
+/// One batch's scores into their records' slots; the rows of a batch the model failed on are
+/// `scoring_failed`. Scores of an earlier, discarded cycle's rows are dropped.
+fn absorb(cycle: &mut Cycle, batch: Scored) {
+    let generation = cycle.generation;
+    match batch.rows {
+        Ok(rows) => {
+            for (i, values) in rows
+                .into_iter()
+                .filter_map(|(t, v)| Some((place(generation, t)?, v)))
+            {
+                cycle.outstanding = cycle.outstanding.saturating_sub(1);
+                if let Some(Pending {
+                    outcome: Outcome::Scored { scores, .. },
+                    ..
+                }) = cycle.records.get_mut(i)
+                    && let Some(slot) = scores.get_mut(batch.model)
+                {
+                    *slot = Some(values);
+                }
+            }
+        }
+        Err((tickets, e)) => {
+            for i in tickets.into_iter().filter_map(|t| place(generation, t)) {
+                cycle.outstanding = cycle.outstanding.saturating_sub(1);
+                if let Some(p) = cycle.records.get_mut(i) {
+                    p.outcome = Outcome::Dead {
+                        reason: Reason::ScoringFailed,
+                        error: e.to_string(),
+                        cut: Cut::Whole,
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// Decides, before they are published, which of the records `from..to` are dead letters after
+/// all: those the producer refused on an earlier try, and those with a score that is not a
+/// finite number (so only published scores reach the drift and latency metrics).
+pub(super) fn settle(
+    cycle: &mut Cycle,
+    from: usize,
+    to: usize,
+    poisoned: &HashMap<(i32, i64), Poison>,
+) {
     let scores = &cycle.models.scores;
     let mut values = scores.values.clone();
-    for p in cycle.records.iter_mut() {
+    for p in cycle.records.get_mut(from..to).unwrap_or_default() {
         if let Some(poison) = poisoned.get(&(p.partition, p.offset)) {
             p.outcome = Outcome::Dead {
                 reason: poison.reason,
@@ -546,6 +615,57 @@ mod tests {
                 Outcome::Dead { .. } => None,
             })
             .collect()
+    }
+
+    /// Drains the scores that arrive until `n` rows are still to come (within 5 s).
+    fn drain_until(results: &Receiver<Scored>, cycle: &mut Cycle, n: usize) {
+        let until = Instant::now() + Duration::from_secs(5);
+        while cycle.outstanding > n && Instant::now() < until {
+            drain_scores(results, cycle).expect("scoring");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(cycle.outstanding, n);
+    }
+
+    /// Records are ready to publish in input order, each once its fate is known: a dead letter
+    /// at once, a scored record once its scores arrived, and none past a record still waiting.
+    #[test]
+    fn records_become_ready_in_order_as_their_scores_arrive() {
+        let (models, results) = models();
+        let mut cycle = Cycle::new(models.clone());
+        cycle.clear(&models);
+        let dead = Pending {
+            outcome: Outcome::Dead {
+                reason: Reason::NotConfluentFramed,
+                error: "x".into(),
+                cut: Cut::Whole,
+            },
+            ..pending(0, 0.0)
+        };
+        cycle.push(dead, &mut || ()).expect("taken");
+        // Batches of four rows: the first four go to the model at the fourth.
+        for i in 1..=6 {
+            cycle.push(pending(i, i as f64), &mut || ()).expect("taken");
+        }
+        assert_eq!(cycle.ready(), 1, "the dead letter only");
+        drain_until(&results, &mut cycle, 2);
+        assert_eq!(cycle.ready(), 5);
+        assert_eq!(
+            scores_of(&cycle)[1..5],
+            [
+                Some(vec![1.0]),
+                Some(vec![2.0]),
+                Some(vec![3.0]),
+                Some(vec![4.0])
+            ]
+        );
+        // The first five published: the rest is ready once scored.
+        cycle.sent = 5;
+        assert_eq!(cycle.ready(), 5);
+        cycle.flush(&mut || ()).expect("flushed");
+        wait_scores(&results, &mut cycle, &mut || ()).expect("scored");
+        assert_eq!(cycle.ready(), 7);
+        assert_eq!(scores_of(&cycle)[5..], [Some(vec![5.0]), Some(vec![6.0])]);
     }
 
     /// A cycle cut short (a revocation) leaves its rows with the models; their scores, arriving

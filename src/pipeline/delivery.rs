@@ -480,7 +480,8 @@ pub(super) struct Committer {
     gate: Arc<CommitGate>,
     /// The counts of the commit under way, should the thread be gone.
     under_way: Option<Counts>,
-    /// A commit that could not be handed to the thread.
+    /// A commit that could not be handed to the thread, or one that ended and was seen to
+    /// (by [`Committer::ended`]).
     unsent: Option<Done>,
 }
 
@@ -494,7 +495,9 @@ impl Committer {
             .name("kscore-commit".into())
             .spawn(move || {
                 for job in job_rx {
+                    health::committing(true);
                     let done = run(job);
+                    health::committing(false);
                     thread_gate.end();
                     if done_tx.send(done).is_err() {
                         break;
@@ -525,6 +528,24 @@ impl Committer {
             return;
         }
         self.under_way = Some(counts);
+    }
+
+    /// Whether the commit under way ended (or none is): [`Delivery::finish_commit`] then
+    /// returns at once.
+    pub(super) fn ended(&mut self) -> bool {
+        if self.unsent.is_some() || self.under_way.is_none() {
+            return true;
+        }
+        match self.done.try_recv() {
+            Ok(done) => {
+                self.under_way = None;
+                self.unsent = Some(done);
+                true
+            }
+            Err(std::sync::mpsc::TryRecvError::Empty) => false,
+            // The thread died: finishing says so.
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => true,
+        }
     }
 
     /// Waits for the commit under way to end.

@@ -12,12 +12,14 @@
 //! 3. **publish** ([`publish`]) the scored events and alerts in input order, the dead letters
 //!    and the changelog of the state the cycle changed, and **commit** with the input offsets
 //!    ([`delivery`]: one transaction under exactly-once). The commit runs on the commit thread
-//!    while the loop gathers and scores the next cycle, which is published once it ended;
+//!    while the loop gathers and scores the next cycle. Once it ended, that cycle's
+//!    transaction begins and its records are published during its gathering, in input order
+//!    as their scores arrive; the rest, its changelog and its offsets once it is gathered;
 //! 4. on success the cycle's feature state changes are committed (its sealed undo level is
 //!    forgotten); on failure the state is rolled back with the next cycle's changes too, the
 //!    consumer rewound to the cycle's first offsets, and the cycle redone after a backoff
-//!    ([`recovery`]); a revocation discards the cycle being gathered (nothing of it was sent)
-//!    once the commit under way ended.
+//!    ([`recovery`]); a revocation discards the cycle being gathered once the commit under way
+//!    ended, aborting its transaction if it began (its offsets are never sent).
 //!
 //! One record never stops the stream: one whose output the producer refuses is dead-lettered
 //! instead, and a dead letter that does not fit is cut down. Set-up is [`setup`].
@@ -235,54 +237,57 @@ enum Gathered {
     Empty,
     /// Cut short by a revocation or a stop: the cycle is discarded.
     Interrupted,
+    /// Ended by a failure, the commit before it or its own publishing, that was recovered from
+    /// (the cycle rolled back and the input rewound with it): nothing more to do.
+    Recovered,
+}
+
+/// What the loop carries from cycle to cycle: the commit under way, a spare cycle (whose
+/// capacity is reused), and whether to go on.
+struct Flight {
+    committing: Option<Committing>,
+    spare: Cycle,
+    live: bool,
 }
 
 impl Processor<'_> {
     /// The commit loop, until a stop. Each cycle is gathered (and scored) while the one before
-    /// commits, and published once that commit ended: a failed commit takes the gathered
-    /// cycle back with it.
+    /// commits; once that commit ended, the cycle's transaction begins and its records are
+    /// published as their scores arrive, the rest once it is gathered. A failed commit takes
+    /// the gathered cycle back with it.
     fn run(mut self) -> anyhow::Result<RunSummary> {
         let mut cycle = Cycle::new(self.models.clone());
-        let mut spare = Cycle::new(self.models.clone());
-        let mut committing: Option<Committing> = None;
-        let mut live = true;
-        while live && !self.stopping() {
+        let mut flight = Flight {
+            committing: None,
+            spare: Cycle::new(self.models.clone()),
+            live: true,
+        };
+        while flight.live && !self.stopping() {
             if let Some(handover) = self.reloader.take() {
                 let next = handover.set.clone();
                 self.switch(next);
                 handover.switched(reload::rows(&self.models, self.loaded));
             }
             cycle.clear(&self.models);
-            let mut next = match self.gather(&mut cycle)? {
+            let next = match self.gather(&mut cycle, &mut flight)? {
                 Gathered::Records if self.await_scores(&mut cycle)? => Next::Publish,
                 Gathered::Records | Gathered::Interrupted => Next::Discard,
-                Gathered::Empty => Next::Nothing,
+                Gathered::Empty | Gathered::Recovered => Next::Nothing,
             };
             if next == Next::Discard {
-                self.discard(&cycle);
+                self.discard(&cycle)?;
             }
-            if let Some(c) = committing.take() {
-                let done =
-                    self.delivery
-                        .finish_commit(&mut self.committer, &self.consumer, &c.offsets);
-                if done.result.is_err() && next == Next::Publish {
-                    // Computed on the failed cycle's state: taken back, and read again.
-                    self.discard(&cycle);
-                    next = Next::Nothing;
-                }
-                live = self.ended(&c, done)?;
-                spare = c.cycle;
-            }
-            if live && next == Next::Publish {
-                cycle::settle(&mut cycle, &self.refusals.poisoned);
+            // A cycle whose transaction began had no commit before it under way.
+            let ok = self.finish_commit(&mut flight, &cycle, next == Next::Publish)?;
+            if flight.live && ok && next == Next::Publish {
                 let started = Instant::now();
-                match self.publish(&cycle) {
+                match self.publish(&mut cycle) {
                     Ok(offsets) => {
                         let empty = Cycle::new(self.models.clone());
-                        committing = Some(Committing {
+                        flight.committing = Some(Committing {
                             cycle: std::mem::replace(
                                 &mut cycle,
-                                std::mem::replace(&mut spare, empty),
+                                std::mem::replace(&mut flight.spare, empty),
                             ),
                             offsets,
                             started,
@@ -290,14 +295,14 @@ impl Processor<'_> {
                     }
                     Err(failure) => {
                         let refused = self.delivery.take_refused();
-                        live = self.recover(&cycle, failure, started, refused, false)?;
+                        flight.live = self.recover(&cycle, failure, started, refused, false)?;
                     }
                 }
             }
             self.reporter.tick(&self.summary);
         }
         // The last commit under way ends before the processor does.
-        if let Some(c) = committing.take() {
+        if let Some(c) = flight.committing.take() {
             let done = self
                 .delivery
                 .finish_commit(&mut self.committer, &self.consumer, &c.offsets);
@@ -305,6 +310,59 @@ impl Processor<'_> {
         }
         tracing::info!(summary = ?self.summary, "processor stopped");
         Ok(self.summary)
+    }
+
+    /// Ends the commit under way, if any, waiting for it: `false` when it failed (recovered
+    /// from, which takes the state back to before it). `gathered`: `cycle` was gathered on the
+    /// failed cycle's state and is discarded with it.
+    fn finish_commit(
+        &mut self,
+        flight: &mut Flight,
+        cycle: &Cycle,
+        gathered: bool,
+    ) -> anyhow::Result<bool> {
+        let Some(c) = flight.committing.take() else {
+            return Ok(true);
+        };
+        let done = self
+            .delivery
+            .finish_commit(&mut self.committer, &self.consumer, &c.offsets);
+        let ok = done.result.is_ok();
+        if !ok && gathered {
+            // Computed on the failed cycle's state: taken back, and read again.
+            self.discard(cycle)?;
+        }
+        flight.live = self.ended(&c, done)?;
+        flight.spare = c.cycle;
+        Ok(ok)
+    }
+
+    /// During the gathering: once the commit before ended, the cycle's transaction begins and
+    /// its records whose scores all arrived are published. `Some` when the gathering must end:
+    /// that commit failed, or publishing did (each recovered from).
+    fn advance(
+        &mut self,
+        cycle: &mut Cycle,
+        flight: &mut Flight,
+    ) -> anyhow::Result<Option<Gathered>> {
+        if flight.committing.is_some() {
+            if !self.committer.ended() {
+                return Ok(None);
+            }
+            if !self.finish_commit(flight, cycle, true)? || !flight.live {
+                return Ok(Some(Gathered::Recovered));
+            }
+        }
+        cycle::drain_scores(&self.results, cycle)?;
+        let ready = cycle.ready();
+        if ready > cycle.sent
+            && let Err(failure) = self.send_upto(cycle, ready)
+        {
+            let refused = self.delivery.take_refused();
+            flight.live = self.recover(cycle, failure, Instant::now(), refused, false)?;
+            return Ok(Some(Gathered::Recovered));
+        }
+        Ok(None)
     }
 
     /// Between two cycles: the next is scored with `next`, a reload's set.
@@ -373,10 +431,15 @@ impl Processor<'_> {
         Ok(!revoked)
     }
 
-    /// Publishes the cycle, seals its feature state changes and starts its commit with its
-    /// input offsets (see [`Delivery::start_commit`]); the offsets, to finish it with.
-    fn publish(&mut self, cycle: &Cycle) -> Result<TopicPartitionList, Failure> {
-        self.cycles += 1;
+    /// Begins the cycle's transaction if it has not begun, and publishes its records from the
+    /// first not sent up to `to` (after [`cycle::settle`]), in input order.
+    fn send_upto(&mut self, cycle: &mut Cycle, to: usize) -> Result<(), Failure> {
+        if !cycle.begun() {
+            self.delivery.begin()?;
+            cycle.counts = Some(publish::Counts::new(&cycle.models));
+        }
+        let from = cycle.sent;
+        cycle::settle(cycle, from, to, &self.refusals.poisoned);
         let publisher = Publisher {
             outputs: &self.outputs,
             loaded: self.loaded,
@@ -384,13 +447,33 @@ impl Processor<'_> {
             instance: &self.opts.instance_id,
             set: &self.set,
         };
-        let producer = self.delivery.producer();
-        self.delivery.begin()?;
-        let mut counts = publisher
-            .send_records(producer, &cycle.records)
-            .map_err(Failure::NotCommitted)?;
+        let records = cycle.records.get(from..to).unwrap_or_default();
+        if let Some(counts) = cycle.counts.as_mut() {
+            publisher
+                .send_records(self.delivery.producer(), records, from, counts)
+                .map_err(Failure::NotCommitted)?;
+        }
+        cycle.sent = to;
+        Ok(())
+    }
+
+    /// Publishes the rest of the cycle (every score is in), seals its feature state changes
+    /// and starts its commit with its input offsets (see [`Delivery::start_commit`]); the
+    /// offsets, to finish it with.
+    fn publish(&mut self, cycle: &mut Cycle) -> Result<TopicPartitionList, Failure> {
+        self.cycles += 1;
+        let all = cycle.records.len();
+        self.send_upto(cycle, all)?;
+        let publisher = Publisher {
+            outputs: &self.outputs,
+            loaded: self.loaded,
+            models: &cycle.models,
+            instance: &self.opts.instance_id,
+            set: &self.set,
+        };
+        let mut counts = cycle.counts.clone().unwrap_or_default();
         (counts.changelog, counts.changelog_bytes) = publisher
-            .send_changelog(producer, &cycle.next, &self.states)
+            .send_changelog(self.delivery.producer(), &cycle.next, &self.states)
             .map_err(Failure::NotCommitted)?;
         let mut offsets = TopicPartitionList::new();
         for (partition, next) in &cycle.next {
@@ -566,16 +649,24 @@ impl Processor<'_> {
         Ok(true)
     }
 
-    /// A revocation or a stop cut the cycle short, or the commit before it failed: nothing of
-    /// it was sent.
-    fn discard(&mut self, cycle: &Cycle) {
+    /// A revocation or a stop cut the cycle short, or the commit before it failed: what of it
+    /// was sent is aborted with its transaction (and the producer made anew, as after any
+    /// failure).
+    fn discard(&mut self, cycle: &Cycle) -> anyhow::Result<()> {
         CycleDiscarded {
             records: cycle.records.len(),
+            published: cycle.sent,
             stopping: self.stopping(),
         }
         .emit();
+        if cycle.begun() {
+            let isolating = self.delivery.isolating();
+            let failure = Failure::NotCommitted(rdkafka::error::KafkaError::Canceled);
+            self.delivery.settle(&failure, isolating, false)?;
+        }
         self.pressure.release(&self.consumer);
         self.roll_back(cycle, false);
+        Ok(())
     }
 
     /// The cycle never happened: its state changes are taken back (`all`: with everything

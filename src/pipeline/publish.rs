@@ -48,6 +48,17 @@ pub(super) struct Counts {
     pub(super) dead: BTreeMap<Reason, u64>,
 }
 
+impl Counts {
+    /// Nothing published yet, by a cycle scored with `models`.
+    pub(super) fn new(models: &ModelSet) -> Self {
+        Counts {
+            fired: vec![0; 2 * models.rules.len()],
+            decisions: vec![[0; 3]; models.members.len()],
+            ..Counts::default()
+        }
+    }
+}
+
 /// Delivery tags: each record's place in the cycle times four, plus what it is.
 pub(super) const TAG_SCORED: usize = 0;
 pub(super) const TAG_ALERT: usize = 1;
@@ -131,18 +142,16 @@ impl Publisher<'_> {
         Ok((n, bytes))
     }
 
-    /// The cycle's scored records, alerts and dead letters, in input order.
+    /// Records of the cycle, from its `base`-th on, in input order: their scored records and
+    /// alerts, and their dead letters; what they add to `counts`.
     pub(super) fn send_records(
         &self,
         producer: &OutputProducer,
         pending: &[Pending],
-    ) -> Result<Counts, KafkaError> {
+        base: usize,
+        counts: &mut Counts,
+    ) -> Result<(), KafkaError> {
         let models = self.models;
-        let mut counts = Counts {
-            fired: vec![0; 2 * models.rules.len()],
-            decisions: vec![[0; 3]; models.members.len()],
-            ..Counts::default()
-        };
         let mut scratch = Scratch {
             values: models.scores.values.clone(),
             fired: Vec::new(),
@@ -155,7 +164,7 @@ impl Publisher<'_> {
             shadow_values: models.scores.values.clone(),
             shadow_fired: Vec::new(),
         };
-        for (i, p) in pending.iter().enumerate() {
+        for (i, p) in (base..).zip(pending) {
             let (reason, error, cut) = match &p.outcome {
                 Outcome::Dead { reason, error, cut } => (*reason, error.clone(), *cut),
                 Outcome::Scored { .. } => match self.scored(producer, p, i, &mut scratch)? {
@@ -188,7 +197,7 @@ impl Publisher<'_> {
             self.send_dead(producer, p, i, reason, &error, cut)?;
             *counts.dead.entry(reason).or_default() += 1;
         }
-        Ok(counts)
+        Ok(())
     }
 
     /// Decides, encodes and sends a scored record: `Some` dead letter instead when it cannot

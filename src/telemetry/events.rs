@@ -209,10 +209,12 @@ impl CommitFoundCommitted<'_> {
     }
 }
 
-/// The cycle in progress was discarded unpublished.
+/// The cycle in progress was discarded, what of it was published aborted.
 pub struct CycleDiscarded {
     /// Its records.
     pub records: usize,
+    /// How many of them were published (in its transaction, now aborted).
+    pub published: usize,
     /// Whether for a stop (else a rebalance).
     pub stopping: bool,
 }
@@ -222,7 +224,8 @@ impl CycleDiscarded {
     pub fn emit(self) {
         tracing::info!(
             records = self.records,
-            "discarding the cycle in progress (nothing of it was sent): {}",
+            published = self.published,
+            "discarding the cycle in progress (aborting what of it was published): {}",
             if self.stopping {
                 "stopping"
             } else {

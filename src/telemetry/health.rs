@@ -8,7 +8,9 @@
 //! * ready: live, the model sessions ran their warm-up batch, the consumer received its first
 //!   assignment, no assigned partition is still waiting for its state to be restored, the
 //!   output producer is not being re-created (as it is while the broker is unreachable: the
-//!   process stays live then, since a restart would do no better), and fewer than
+//!   process stays live then, since a restart would do no better), no commit has been under
+//!   way for longer than [`COMMIT_SLOW`] (its broker calls are failing or retried: a
+//!   commit takes milliseconds while the broker answers), and fewer than
 //!   [`FAILED_CYCLES_NOT_READY`] cycles in a row have failed to commit.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicUsize, Ordering};
@@ -26,6 +28,11 @@ static ASSIGNED: AtomicBool = AtomicBool::new(false);
 static RESTORING: AtomicUsize = AtomicUsize::new(0);
 static PRODUCER_DOWN: AtomicBool = AtomicBool::new(false);
 static FAILED_CYCLES: AtomicU32 = AtomicU32::new(0);
+/// When the commit under way began (ms since the epoch; 0: none is).
+static COMMIT_SINCE_MS: AtomicI64 = AtomicI64::new(0);
+
+/// A commit under way for longer than this makes the process not ready until it ends.
+pub const COMMIT_SLOW: Duration = Duration::from_secs(10);
 
 /// Consecutive failed cycles after which the process is reported not ready (until a cycle
 /// commits again).
@@ -44,6 +51,7 @@ pub fn pipeline_started() {
     RESTORING.store(0, Ordering::SeqCst);
     PRODUCER_DOWN.store(false, Ordering::SeqCst);
     FAILED_CYCLES.store(0, Ordering::SeqCst);
+    COMMIT_SINCE_MS.store(0, Ordering::SeqCst);
     beat();
     WATCHED.store(true, Ordering::SeqCst);
     publish();
@@ -84,6 +92,12 @@ pub fn failed_cycles(n: u32) {
     publish();
 }
 
+/// A commit began (`true`) or ended (`false`).
+pub fn committing(on: bool) {
+    COMMIT_SINCE_MS.store(if on { now_ms().max(1) } else { 0 }, Ordering::SeqCst);
+    publish();
+}
+
 /// The health of the process at this moment.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Report {
@@ -105,6 +119,8 @@ pub struct Report {
     pub producer_down: bool,
     /// Cycles in a row that failed to commit.
     pub failed_cycles: u32,
+    /// Milliseconds the commit under way has taken so far (`None`: none is under way).
+    pub commit_ms: Option<i64>,
 }
 
 /// The current report.
@@ -120,6 +136,7 @@ pub fn report() -> Report {
             restoring: 0,
             producer_down: false,
             failed_cycles: 0,
+            commit_ms: None,
         };
     }
     let ago = now_ms() - LAST_BEAT_MS.load(Ordering::Relaxed);
@@ -129,6 +146,10 @@ pub fn report() -> Report {
     let restoring = RESTORING.load(Ordering::SeqCst);
     let producer_down = PRODUCER_DOWN.load(Ordering::SeqCst);
     let failed_cycles = FAILED_CYCLES.load(Ordering::SeqCst);
+    let now = now_ms();
+    let commit_ms = Some(COMMIT_SINCE_MS.load(Ordering::SeqCst))
+        .filter(|since| *since != 0)
+        .map(|since| (now - since).max(0));
     Report {
         live,
         ready: live
@@ -136,6 +157,7 @@ pub fn report() -> Report {
             && assigned
             && restoring == 0
             && !producer_down
+            && commit_ms.is_none_or(|ms| ms <= COMMIT_SLOW.as_millis() as i64)
             && failed_cycles < FAILED_CYCLES_NOT_READY,
         pipeline: true,
         last_beat_ms_ago: Some(ago),
@@ -144,10 +166,13 @@ pub fn report() -> Report {
         restoring,
         producer_down,
         failed_cycles,
+        commit_ms,
     }
 }
 
-fn publish() {
+/// Sets the readiness gauge from the current report (also before each scrape, since a
+/// stalled loop or a slow commit changes it with no event).
+pub fn publish() {
     metrics::gauge!(names::READY).set(if report().ready { 1.0 } else { 0.0 });
 }
 
@@ -196,6 +221,18 @@ mod tests {
         );
         failed_cycles(0);
         assert!(report().ready);
+        // A commit under way: ready while it is quick, not once it has taken too long.
+        committing(true);
+        assert!(report().ready && report().commit_ms.is_some());
+        COMMIT_SINCE_MS.store(
+            now_ms() - COMMIT_SLOW.as_millis() as i64 - 1_000,
+            Ordering::SeqCst,
+        );
+        let r = report();
+        assert!(r.live && !r.ready, "{r:?}");
+        committing(false);
+        let r = report();
+        assert!(r.ready && r.commit_ms.is_none(), "{r:?}");
         // A loop that stopped turning is neither live nor ready.
         LAST_BEAT_MS.store(
             now_ms() - STALL.as_millis() as i64 - 1_000,

@@ -100,6 +100,7 @@ fn serve(
                     let process = process.clone();
                     async move {
                         process.collect();
+                        health::publish();
                         handle.render()
                     }
                 }),

@@ -234,25 +234,42 @@ impl<'a> Instances<'a> {
         }
     }
 
-    /// Restores logged by every start of every instance: (records read, keys restored).
-    pub fn restores(&self) -> Vec<(u64, u64)> {
+    /// Cycles discarded (for a rebalance or a stop) by every start of every instance: (records
+    /// gathered, records published in its aborted transaction).
+    pub fn discarded(&self) -> Vec<(u64, u64)> {
+        self.logged(
+            "discarding the cycle in progress",
+            &["records=", "published="],
+        )
+        .into_iter()
+        .map(|v| (v[0], v[1]))
+        .collect()
+    }
+
+    /// Per log line containing `what`, the numbers after each of `names`.
+    fn logged(&self, what: &str, names: &[&str]) -> Vec<Vec<u64>> {
         let mut out = Vec::new();
         for entry in std::fs::read_dir(&self.dir).unwrap() {
             let text = std::fs::read_to_string(entry.unwrap().path()).unwrap_or_default();
-            for line in text
-                .lines()
-                .filter(|l| l.contains("feature state restored"))
-            {
+            for line in text.lines().filter(|l| l.contains(what)) {
                 let num = |name: &str| -> u64 {
                     line.split_whitespace()
                         .find_map(|w| w.strip_prefix(name))
                         .and_then(|v| v.parse().ok())
                         .unwrap_or(0)
                 };
-                out.push((num("records="), num("keys=")));
+                out.push(names.iter().map(|n| num(n)).collect());
             }
         }
         out
+    }
+
+    /// Restores logged by every start of every instance: (records read, keys restored).
+    pub fn restores(&self) -> Vec<(u64, u64)> {
+        self.logged("feature state restored", &["records=", "keys="])
+            .into_iter()
+            .map(|v| (v[0], v[1]))
+            .collect()
     }
 }
 
