@@ -110,52 +110,72 @@ fn find_event(events: &VecDeque<Stored>, time: i64, seq: u64) -> Option<usize> {
 }
 
 impl FeatureState {
-    /// Calls `emit(key, value)` for every change since the last checkpoint: a record for each
-    /// event added and still held, a tombstone (value `None`) for each event held then and
-    /// gone since; then once for the partition record with `next_offset`. Returns how many
-    /// records were emitted.
+    /// Calls `emit(key, value)` for every change of the open level not written yet (see
+    /// [`FeatureState::changelog_so_far`]), then once for the partition record with
+    /// `next_offset`. Returns how many records were emitted.
     pub fn changelog<E>(
-        &self,
+        &mut self,
         set: &FeatureSet,
         next_offset: i64,
         mut emit: impl FnMut(&[u8], Option<&[u8]>) -> Result<(), E>,
     ) -> Result<usize, E> {
-        let fingerprint = set.fingerprint();
-        let mut record_key = Vec::with_capacity(64);
-        let mut buf = Vec::with_capacity(128);
-        let mut n = 0;
-        for (key, undo) in &self.undo {
-            for gone in &undo.removed {
-                event_key(&mut record_key, key.as_bytes(), gone.seq);
-                emit(&record_key, None)?;
-                n += 1;
-            }
-            let Some(state) = self.keys.get(key) else {
-                continue;
-            };
-            for &(time, seq) in &undo.added {
-                // Almost always among the key's newest few events (a key takes an event or so
-                // a cycle), so looked for from the back (a binary search would touch a cache
-                // line per step of a long history); else searched for. Added and gone again
-                // within the cycle: never written, nothing to take back.
-                let Some(i) = find_event(&state.events, time, seq) else {
-                    continue;
-                };
-                event_key(&mut record_key, key.as_bytes(), seq);
-                buf.clear();
-                encode_event(&mut buf, fingerprint, &state.events[i]);
-                emit(&record_key, Some(&buf))?;
-                n += 1;
-            }
-        }
-        buf.clear();
-        header(&mut buf, fingerprint);
+        let n = self.changelog_so_far(set, &mut emit)?;
+        let mut buf = Vec::with_capacity(64);
+        header(&mut buf, set.fingerprint());
         buf.extend_from_slice(&next_offset.to_le_bytes());
         buf.extend_from_slice(&self.seq.to_le_bytes());
         buf.extend_from_slice(&self.since_sweep.to_le_bytes());
         encode_clock(&mut buf, &self.clock);
         emit(PARTITION_KEY, Some(&buf))?;
         Ok(n + 1)
+    }
+
+    /// Calls `emit(key, value)` for each change of the open level since the last call (or
+    /// since the level opened), in order: a record for each event added and still held, a
+    /// tombstone (value `None`) for each event removed whose record was written before (in
+    /// an earlier level or call). An event added and removed between two calls is not
+    /// written at all. So a cycle's changelog can be written as the cycle goes, in its
+    /// transaction, and restores the same state as one written at its end. Returns how many
+    /// records were emitted.
+    pub fn changelog_so_far<E>(
+        &mut self,
+        set: &FeatureSet,
+        mut emit: impl FnMut(&[u8], Option<&[u8]>) -> Result<(), E>,
+    ) -> Result<usize, E> {
+        let fingerprint = set.fingerprint();
+        let below = self.written_below;
+        let mut record_key = Vec::with_capacity(64);
+        let mut buf = Vec::with_capacity(128);
+        let mut n = 0;
+        for c in &self.journal {
+            let Some((key, _)) = self.undo.get(c.entry as usize) else {
+                continue;
+            };
+            if c.put {
+                // Almost always among the key's newest few events (a key takes an event or so
+                // a cycle), so looked for from the back (a binary search would touch a cache
+                // line per step of a long history); else searched for. Gone again already (or
+                // the key evicted): never written, nothing to take back.
+                let Some(event) = self.keys.get(key).and_then(|state| {
+                    find_event(&state.events, c.time, c.seq).map(|i| &state.events[i])
+                }) else {
+                    continue;
+                };
+                event_key(&mut record_key, key.as_bytes(), c.seq);
+                buf.clear();
+                encode_event(&mut buf, fingerprint, event);
+                emit(&record_key, Some(&buf))?;
+            } else if c.seq < below {
+                event_key(&mut record_key, key.as_bytes(), c.seq);
+                emit(&record_key, None)?;
+            } else {
+                continue;
+            }
+            n += 1;
+        }
+        self.journal.clear();
+        self.written_below = self.seq;
+        Ok(n)
     }
 
     /// Applies one changelog record, read in log order. Returns the partition mark when the

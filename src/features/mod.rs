@@ -526,9 +526,16 @@ struct Undo {
     newest: i64,
     /// Its events removed since, oldest first.
     removed: Vec<Stored>,
-    /// (time, seq) of the events added since (some may be gone again), for the changelog.
-    /// One inline: most keys take one event a cycle.
-    added: smallvec::SmallVec<[(i64, u64); 1]>,
+}
+
+/// A change of the open undo level, for the changelog: an event of the key at `entry` (its
+/// index in the level) added (`put`) or removed (trimmed or evicted).
+#[derive(Debug, Clone, Copy)]
+struct Change {
+    entry: u32,
+    put: bool,
+    time: i64,
+    seq: u64,
 }
 
 /// A robust, never decreasing estimate of a partition's event time, which drives eviction: the
@@ -631,6 +638,12 @@ pub struct FeatureState {
     /// in the same level goes on with its entry.
     evicted: HashMap<Key, u32, KeyHashing>,
     at_checkpoint: (u64, EvictionClock, u64),
+    /// The open level's changes in order, for the changelog: written as a cycle goes by
+    /// [`FeatureState::changelog_so_far`], the rest by [`FeatureState::changelog`].
+    journal: Vec<Change>,
+    /// Events with a seq below this have their record in the changelog: those of earlier
+    /// levels, and the open level's written before (so removing one writes a tombstone).
+    written_below: u64,
     /// The sealed level: the changes of a cycle whose commit is under way, relative to the
     /// checkpoint before it.
     sealed: Option<Box<Sealed>>,
@@ -692,6 +705,13 @@ impl FeatureState {
         self.at_checkpoint = (self.seq, self.clock, self.since_sweep);
     }
 
+    /// Starts the open level's changelog afresh: everything before was written (or taken
+    /// back).
+    fn new_journal(&mut self) {
+        self.journal.clear();
+        self.written_below = self.seq;
+    }
+
     /// Closes the open undo level: its changes (their changelog sent) now await their commit,
     /// and later changes go to a new level. A state that was sealed already and not committed
     /// since is sealed anew with both levels' changes.
@@ -721,7 +741,6 @@ impl FeatureState {
                                     .into_iter()
                                     .filter(|e| e.seq < older.at_checkpoint.0),
                             );
-                            u.added.extend(newer.added);
                         }
                         None => {
                             let mut n = newer;
@@ -801,6 +820,7 @@ impl FeatureState {
             state.running = None;
         }
         (self.seq, self.clock, self.since_sweep) = self.at_checkpoint;
+        self.new_journal();
     }
 
     /// Closes the open undo level's bookkeeping: every key's position in it is forgotten at
@@ -808,6 +828,7 @@ impl FeatureState {
     fn close_level(&mut self) {
         self.level += 1;
         self.evicted.clear();
+        self.new_journal();
     }
 
     /// Keys changed since the last checkpoint.
@@ -876,7 +897,6 @@ impl FeatureState {
                             existed,
                             newest: newest_before,
                             removed: Vec::new(),
-                            added: Default::default(),
                         },
                     ));
                     self.undo.len() - 1
@@ -884,8 +904,20 @@ impl FeatureState {
             },
         };
         state.undo_at = (open, index as u32);
+        let entry = index as u32;
+        self.journal.push(Change {
+            entry,
+            put: true,
+            time: t,
+            seq,
+        });
+        self.journal.extend(trimmed.iter().map(|e| Change {
+            entry,
+            put: false,
+            time: e.time,
+            seq: e.seq,
+        }));
         let undo = &mut self.undo[index].1;
-        undo.added.push((t, seq));
         undo.removed
             .extend(trimmed.into_iter().filter(|e| e.seq < checkpoint_seq));
         if let Some(s) = fresh {
@@ -910,7 +942,7 @@ impl FeatureState {
         let cutoff = now.saturating_sub(set.idle_ms);
         let checkpoint_seq = self.at_checkpoint.0;
         let open = self.level + 1;
-        let (undo, evicted) = (&mut self.undo, &mut self.evicted);
+        let (undo, evicted, journal) = (&mut self.undo, &mut self.evicted, &mut self.journal);
         self.keys.retain(|key, k| {
             let keep = k.newest >= cutoff;
             if !keep {
@@ -923,7 +955,6 @@ impl FeatureState {
                                 existed: true,
                                 newest: k.newest,
                                 removed: Vec::new(),
-                                added: Default::default(),
                             },
                         ));
                         undo.len() - 1
@@ -931,6 +962,12 @@ impl FeatureState {
                 };
                 evicted.insert(key.clone(), index as u32);
                 let events = std::mem::take(&mut k.events);
+                journal.extend(events.iter().map(|e| Change {
+                    entry: index as u32,
+                    put: false,
+                    time: e.time,
+                    seq: e.seq,
+                }));
                 undo[index]
                     .1
                     .removed

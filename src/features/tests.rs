@@ -439,8 +439,8 @@ fn two_undo_levels_take_back_one_cycle_or_both() {
     serial.checkpoint();
     run(&mut serial, 700..1_000);
     assert_eq!(
-        sorted(changelog_of(&state, &set, 1_000)),
-        sorted(changelog_of(&serial, &set, 1_000))
+        sorted(changelog_of(&mut state, &set, 1_000)),
+        sorted(changelog_of(&mut serial, &set, 1_000))
     );
     // The open changes roll back to the commit; a seal on a seal keeps both.
     state.rollback();
@@ -455,7 +455,7 @@ fn two_undo_levels_take_back_one_cycle_or_both() {
 
 /// The changelog records of one commit, as the topic would hold them (in emit order).
 fn changelog_of(
-    state: &FeatureState,
+    state: &mut FeatureState,
     set: &FeatureSet,
     next: i64,
 ) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
@@ -506,7 +506,7 @@ fn state_restored_from_its_changelog_equals_the_committed_state_and_computes_the
             .iter()
             .filter(|k| live.keys.contains_key(*k))
             .count();
-        log.extend(changelog_of(&live, &set, chunk as i64 + 250));
+        log.extend(changelog_of(&mut live, &set, chunk as i64 + 250));
         live.commit(chunk as i64 + 250);
     }
     assert!(
@@ -539,6 +539,86 @@ fn state_restored_from_its_changelog_equals_the_committed_state_and_computes_the
     assert_eq!(restored, live);
 }
 
+/// A cycle's changelog written in pieces as the cycle goes (the pipeline writes it while the
+/// cycle is gathered, in its transaction) restores the same state as one written at its end:
+/// with trims by the cap, evictions, keys evicted and back, and a cycle whose pieces were
+/// written and then taken back (its transaction aborted).
+#[test]
+fn a_changelog_written_as_the_cycle_goes_restores_the_same_state() {
+    let set =
+        feature_set(&TOPOLOGY.replace("max_events_per_key = 10000", "max_events_per_key = 3"));
+    let events = payments(300, 0.01, 3_000);
+    let value = |i: usize| events[i].to_value();
+    let (mut whole, mut pieces) = (FeatureState::default(), FeatureState::default());
+    let (mut log_whole, mut log_pieces) = (Vec::new(), Vec::new());
+    let piece = |state: &mut FeatureState, log: &mut Vec<(Vec<u8>, Option<Vec<u8>>)>| {
+        state
+            .changelog_so_far(&set, |k, v| {
+                log.push((k.to_vec(), v.map(<[u8]>::to_vec)));
+                Ok::<_, ()>(())
+            })
+            .expect("emit")
+    };
+    let mut next_piece = 0;
+    let mut chunk = 0;
+    let mut aborted = false;
+    while chunk < 2_000 {
+        let log_at = log_pieces.len();
+        for i in chunk..chunk + 250 {
+            for state in [&mut whole, &mut pieces] {
+                let v = value(i);
+                state
+                    .update(&set, set.extract(&v, None).expect("extract"))
+                    .expect("features");
+                if i == chunk + 125 {
+                    state.sweep(&set);
+                }
+            }
+            // Pieces of 1 to 23 events.
+            if i >= next_piece {
+                piece(&mut pieces, &mut log_pieces);
+                next_piece = i + 1 + (i * 7_919) % 23;
+            }
+        }
+        if chunk == 1_000 && !aborted {
+            // Written, then the transaction aborted: its records are not in the log, and the
+            // cycle is redone.
+            piece(&mut pieces, &mut log_pieces);
+            log_pieces.truncate(log_at);
+            whole.rollback();
+            pieces.rollback();
+            aborted = true;
+            next_piece = chunk;
+            continue;
+        }
+        log_whole.extend(changelog_of(&mut whole, &set, chunk as i64 + 250));
+        log_pieces.extend(changelog_of(&mut pieces, &set, chunk as i64 + 250));
+        whole.commit(chunk as i64 + 250);
+        pieces.commit(chunk as i64 + 250);
+        chunk += 250;
+    }
+    assert!(
+        log_pieces.len() > log_whole.len(),
+        "the test needs events removed after their record was written ({} and {} records)",
+        log_pieces.len(),
+        log_whole.len()
+    );
+    let restore = |log: &[(Vec<u8>, Option<Vec<u8>>)]| {
+        let mut restored = FeatureState::default();
+        for (k, v) in log {
+            restored
+                .restore_record(&set, k, v.as_deref())
+                .expect("restore");
+        }
+        restored.restored();
+        restored
+    };
+    let (from_whole, from_pieces) = (restore(&log_whole), restore(&log_pieces));
+    assert_eq!(from_whole, whole);
+    assert_eq!(from_pieces, whole);
+    assert_eq!(whole, pieces);
+}
+
 #[test]
 fn a_restore_places_records_by_seq_whatever_order_they_come_in() {
     // A key's records come in seq order from the log; a restore must not depend on it. The
@@ -550,7 +630,7 @@ fn a_restore_places_records_by_seq_whatever_order_they_come_in() {
         live.update(&set, set.extract(&p.to_value(), None).expect("extract"))
             .expect("features");
     }
-    let log = changelog_of(&live, &set, 2_000);
+    let log = changelog_of(&mut live, &set, 2_000);
     live.commit(2_000);
     let (partition, records) = log.split_last().expect("records");
     assert!(records.len() > 500, "{} records", records.len());
@@ -584,7 +664,7 @@ fn a_malformed_or_foreign_changelog_value_is_an_error_not_a_panic() {
                 .into_owned(),
         )
         .expect("features");
-    let log = changelog_of(&state, &set, 1);
+    let log = changelog_of(&mut state, &set, 1);
     let (key, value) = log
         .iter()
         .find(|(k, _)| k.as_slice() != PARTITION_KEY)
@@ -956,7 +1036,7 @@ fn changelog_records_of_the_previous_format_are_refused() {
             .expect("features");
     }
     let mut fresh = FeatureState::default();
-    for (key, value) in changelog_of(&state, &set, 10) {
+    for (key, value) in changelog_of(&mut state, &set, 10) {
         let mut value = value.expect("a value");
         assert_eq!(value[0], 3, "format version");
         for old in [1, 2] {

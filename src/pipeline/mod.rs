@@ -449,9 +449,16 @@ impl Processor<'_> {
         };
         let records = cycle.records.get(from..to).unwrap_or_default();
         if let Some(counts) = cycle.counts.as_mut() {
+            let producer = self.delivery.producer();
             publisher
-                .send_records(self.delivery.producer(), records, from, counts)
+                .send_records(producer, records, from, counts)
                 .map_err(Failure::NotCommitted)?;
+            // The state's changes so far too, so few are left for the cycle's end.
+            let (n, bytes) = publisher
+                .send_changelog(producer, &cycle.next, &mut self.states, false)
+                .map_err(Failure::NotCommitted)?;
+            counts.changelog += n;
+            counts.changelog_bytes += bytes;
         }
         cycle.sent = to;
         Ok(())
@@ -472,9 +479,16 @@ impl Processor<'_> {
             set: &self.set,
         };
         let mut counts = cycle.counts.clone().unwrap_or_default();
-        (counts.changelog, counts.changelog_bytes) = publisher
-            .send_changelog(self.delivery.producer(), &cycle.next, &self.states)
+        let (n, bytes) = publisher
+            .send_changelog(
+                self.delivery.producer(),
+                &cycle.next,
+                &mut self.states,
+                true,
+            )
             .map_err(Failure::NotCommitted)?;
+        counts.changelog += n;
+        counts.changelog_bytes += bytes;
         let mut offsets = TopicPartitionList::new();
         for (partition, next) in &cycle.next {
             offsets

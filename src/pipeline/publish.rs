@@ -108,36 +108,44 @@ pub(super) struct Publisher<'a> {
 
 impl Publisher<'_> {
     /// The state each partition's records left, for restoring it after a crash or rebalance:
-    /// the events the cycle added and dropped and a partition record with `next` offset, per
-    /// partition read. Returns the records and bytes written.
+    /// the events the cycle added and dropped since the last call, per partition read, and
+    /// when `finish`, a partition record with its `next` offset. Returns the records and
+    /// bytes written.
     pub(super) fn send_changelog(
         &self,
         producer: &OutputProducer,
         next_offsets: &BTreeMap<i32, i64>,
-        states: &HashMap<i32, FeatureState>,
+        states: &mut HashMap<i32, FeatureState>,
+        finish: bool,
     ) -> Result<(u64, u64), KafkaError> {
         let (mut n, mut bytes) = (0, 0);
         for (partition, next) in next_offsets {
-            if let Some(state) = states.get(partition) {
-                n += state.changelog(self.set, *next, |key, value| {
-                    bytes += (key.len() + value.map_or(0, <[u8]>::len)) as u64;
-                    produce::send(
-                        producer,
-                        Out {
-                            topic: &self.outputs.changelog_topic,
-                            partition: Some(*partition),
-                            key: Some(key),
-                            value,
-                            headers: None,
-                            tag: TAG_CHANGELOG,
-                        },
-                    )
-                    .map_err(|e| match e {
-                        SendError::Failed(e) => e,
-                        SendError::Rejected(code) => KafkaError::MessageProduction(code),
-                    })
-                })? as u64;
-            }
+            let Some(state) = states.get_mut(partition) else {
+                continue;
+            };
+            let mut emit = |key: &[u8], value: Option<&[u8]>| {
+                bytes += (key.len() + value.map_or(0, <[u8]>::len)) as u64;
+                produce::send(
+                    producer,
+                    Out {
+                        topic: &self.outputs.changelog_topic,
+                        partition: Some(*partition),
+                        key: Some(key),
+                        value,
+                        headers: None,
+                        tag: TAG_CHANGELOG,
+                    },
+                )
+                .map_err(|e| match e {
+                    SendError::Failed(e) => e,
+                    SendError::Rejected(code) => KafkaError::MessageProduction(code),
+                })
+            };
+            n += if finish {
+                state.changelog(self.set, *next, &mut emit)?
+            } else {
+                state.changelog_so_far(self.set, &mut emit)?
+            } as u64;
         }
         Ok((n, bytes))
     }
