@@ -193,6 +193,12 @@ impl Delivery {
         &self.link().producer
     }
 
+    /// Whether a cycle's outputs are a transaction (exactly-once): what of it was sent is
+    /// aborted with it.
+    pub(super) fn transactional(&self) -> bool {
+        matches!(self, Delivery::ExactlyOnce(_))
+    }
+
     /// Whether the producer batches nothing (a cycle redone to find refused records).
     pub(super) fn isolating(&self) -> bool {
         self.link().isolating

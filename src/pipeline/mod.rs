@@ -453,12 +453,17 @@ impl Processor<'_> {
             publisher
                 .send_records(producer, records, from, counts)
                 .map_err(Failure::NotCommitted)?;
-            // The state's changes so far too, so few are left for the cycle's end.
-            let (n, bytes) = publisher
-                .send_changelog(producer, &cycle.next, &mut self.states, false)
-                .map_err(Failure::NotCommitted)?;
-            counts.changelog += n;
-            counts.changelog_bytes += bytes;
+            // The state's changes so far too, so few are left for the cycle's end: in its
+            // transaction only. Under at-least-once a cycle cut short would leave changelog
+            // records of events whose offsets were never committed, with no partition
+            // record to tell a restore (their events read again would be held twice).
+            if self.delivery.transactional() {
+                let (n, bytes) = publisher
+                    .send_changelog(producer, &cycle.next, &mut self.states, false)
+                    .map_err(Failure::NotCommitted)?;
+                counts.changelog += n;
+                counts.changelog_bytes += bytes;
+            }
         }
         cycle.sent = to;
         Ok(())

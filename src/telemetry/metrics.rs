@@ -187,7 +187,7 @@ pub const CATALOGUE: &[Metric] = &[
     metric(COMMITS, Counter, &[], "Transactions committed (cycles committed, under at-least-once)."),
     metric(ABORTS, Counter, &["reason"], "Transactions aborted, by reason (`abortable`, `fatal`, `transaction`, `produce`, `injected`, `other`)."),
     metric(FAILED_CYCLES, Gauge, &[], "Cycles in a row that failed to commit (0 once one commits); not ready from 3. Each retry waits 0.1 s after the first failure, doubling to 30 s."),
-    histogram(COMMIT_SECONDS, &[], SECONDS, "Seconds a commit took: from the end of the cycle's gathering (its records not published during it, the changelog and the offsets), until its transaction committed (on the commit thread, while the next cycle is gathered)."),
+    histogram(COMMIT_SECONDS, &[], SECONDS, "Seconds a commit took: from the end of the cycle's gathering (its records and changelog records not published during it, the partition records and the offsets), until its transaction committed (on the commit thread, while the next cycle is gathered)."),
     // Scoring.
     histogram(BATCH_ROWS, &["model"], ROWS, "Rows per model call."),
     histogram(SCORING_SECONDS, &["model"], SECONDS, "Seconds per model call."),
