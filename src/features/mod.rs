@@ -705,13 +705,6 @@ impl FeatureState {
         self.at_checkpoint = (self.seq, self.clock, self.since_sweep);
     }
 
-    /// Starts the open level's changelog afresh: everything before was written (or taken
-    /// back).
-    fn new_journal(&mut self) {
-        self.journal.clear();
-        self.written_below = self.seq;
-    }
-
     /// Closes the open undo level: its changes (their changelog sent) now await their commit,
     /// and later changes go to a new level. A state that was sealed already and not committed
     /// since is sealed anew with both levels' changes.
@@ -805,6 +798,8 @@ impl FeatureState {
     pub fn rollback_open(&mut self) {
         let checkpoint_seq = self.at_checkpoint.0;
         let undo = std::mem::take(&mut self.undo);
+        // The counters first, so the new level's changelog starts at the checkpoint's seq.
+        (self.seq, self.clock, self.since_sweep) = self.at_checkpoint;
         self.close_level();
         for (key, undo) in undo {
             if !undo.existed {
@@ -819,8 +814,6 @@ impl FeatureState {
             state.newest = undo.newest;
             state.running = None;
         }
-        (self.seq, self.clock, self.since_sweep) = self.at_checkpoint;
-        self.new_journal();
     }
 
     /// Closes the open undo level's bookkeeping: every key's position in it is forgotten at
@@ -828,7 +821,10 @@ impl FeatureState {
     fn close_level(&mut self) {
         self.level += 1;
         self.evicted.clear();
-        self.new_journal();
+        // The new level's changelog starts afresh: everything before was written (or taken
+        // back).
+        self.journal.clear();
+        self.written_below = self.seq;
     }
 
     /// Keys changed since the last checkpoint.
